@@ -1,0 +1,206 @@
+"""cpr-transfer orchestration: source QEMU -> freshly started target QEMU, as QEMU documents it.
+
+Steps (docs/devel/migration/CPR.rst): the target starts with the source's arguments plus a main
+and a cpr -incoming channel; the source gets mode=cpr-transfer and `migrate` with both channels;
+the source ends in postmigrate, the target resumes the guest by itself. Every step is timed on
+the host's wall clock (the clock QMP event timestamps use too) and bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
+from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.qemu.qmp import QmpError
+from pytest_cpr.qemu.spec import Incoming
+
+FINAL_STATES = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class TransferResult:
+    index: int
+    source: str  # "label: QEMU version"
+    target: str
+    status: str = "not started"
+    error: str | None = None
+    timeline: dict[str, float] = field(default_factory=dict)  # phase -> host wall time (s)
+    qemu: dict[str, Any] = field(default_factory=dict)  # query-migrate numbers of the source
+    probe: dict[str, Any] | None = None  # ProbeStats of this transfer's window
+    source_exit: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def ms(self, start: str, end: str) -> float | None:
+        t = self.timeline
+        return round((t[end] - t[start]) * 1000, 3) if start in t and end in t else None
+
+    @property
+    def qemu_downtime_ms(self) -> float | None:
+        return self.qemu.get("downtime")
+
+    @property
+    def qemu_total_ms(self) -> float | None:
+        return self.qemu.get("total-time")
+
+    @property
+    def blackout_ms(self) -> float | None:
+        return None if self.probe is None else float(self.probe["max_gap_ms"])
+
+    @property
+    def overhead_ratio(self) -> float | None:
+        """transfer step wall time / (target spawn-to-listening + QEMU total-time)."""
+        step = self.ms("step_start", "target_running")
+        listen = self.ms("target_spawned", "target_listening")
+        total = self.qemu_total_ms
+        if step is None or listen is None or not total:
+            return None
+        return round(step / (listen + float(total)), 3)
+
+    def numbers(self) -> dict[str, float | int | str | None]:
+        """The figures recorded on the test report (names without the cpr_ prefix)."""
+        probe = self.probe or {}
+        return {
+            "status": self.status,
+            "qemu_downtime_ms": self.qemu_downtime_ms,
+            "qemu_total_ms": self.qemu_total_ms,
+            "qemu_setup_ms": self.qemu.get("setup-time"),
+            "wall_ms": self.ms("migrate_issued", "target_running"),
+            "step_ms": self.ms("step_start", "target_running"),
+            "spawn_to_listen_ms": self.ms("target_spawned", "target_listening"),
+            "blackout_ms": self.blackout_ms,
+            "lost_probes": probe.get("lost"),
+            "reordered_probes": probe.get("reordered"),
+            "ssh_after_ms": self.ms("target_running", "ssh_answered"),
+            "overhead_ratio": self.overhead_ratio,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["numbers"] = self.numbers()
+        return data
+
+
+def _status_is(*states: str) -> Callable[[dict[str, Any]], bool]:
+    def match(event: dict[str, Any]) -> bool:
+        return event.get("event") == "MIGRATION" and event.get("data", {}).get("status") in states
+
+    return match
+
+
+def _event_time(event: dict[str, Any]) -> float:
+    ts = event.get("timestamp") or {}
+    if "seconds" in ts:
+        return float(ts["seconds"]) + float(ts.get("microseconds", 0)) / 1e6
+    return float(event["host_t"])
+
+
+class _TargetMonitor:
+    """Connects to the target's QMP as soon as the target opens it (after it read the cpr state)."""
+
+    def __init__(self, target: QemuProcess, timeout: float) -> None:
+        self.target, self.timeout = target, timeout
+        self.error: BaseException | None = None
+        self.connected_at: float | None = None
+        self._thread = threading.Thread(target=self._run, name=f"qmp-connect-{target.label}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.target.connect_qmp(self.timeout)
+            self.connected_at = time.time()
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            self.error = exc
+
+    def join(self) -> None:
+        self._thread.join(self.timeout + 5)
+        if self.error is not None:
+            raise self.error
+        if not self.target.qmp.connected:
+            raise CprTimeout(f"QMP of target {self.target.label} not connected within {self.timeout:.0f}s")
+
+
+def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
+                 result: TransferResult, timeout: float,
+                 before_migrate: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
+    """Transfer the guest from `source` to a new QEMU made by `start_target`; returns the target.
+
+    On failure raises TransferFailed (result filled in as far as it got); the source is left as
+    QEMU left it (it should be running the guest again) and the target is shut down.
+    `before_migrate` is a fault-injection hook called once the target listens.
+    """
+    t = result.timeline
+    t["step_start"] = time.time()
+    target: QemuProcess | None = None
+    try:
+        target = start_target()
+        t["target_spawned"] = target.t_spawn
+        t["target_listening"] = target.wait_for_path(incoming.cpr_socket, timeout,
+                                                     f"cpr channel of target {target.label}")
+        monitor = _TargetMonitor(target, timeout)
+        if before_migrate is not None:
+            before_migrate(target)
+        qmp = source.qmp
+        mark = len(qmp.events)
+        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        qmp.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        t["migrate_issued"] = time.time()
+        qmp.execute("migrate", {"channels": incoming.channels()})
+        final = qmp.wait_event(_status_is(*FINAL_STATES), timeout, "MIGRATION completed/failed",
+                               since=mark, alive=source.exit_reason)
+        t["migration_" + final["data"]["status"]] = _event_time(final)
+        for event in qmp.events[mark:]:
+            if event.get("event") == "STOP" and "source_stopped" not in t:
+                t["source_stopped"] = _event_time(event)
+        info = qmp.execute("query-migrate")
+        result.qemu = {k: info.get(k) for k in ("status", "downtime", "total-time", "setup-time",
+                                                "error-desc") if k in info}
+        result.qemu["ram"] = {k: info.get("ram", {}).get(k) for k in ("transferred", "total", "duplicate")}
+        result.status = str(info.get("status"))
+        if result.status != "completed":
+            raise TransferFailed(f"cpr-transfer {result.index} ended {result.status}: "
+                                 f"{info.get('error-desc', 'no error description')}", result)
+        monitor.join()
+        tq = target.qmp
+        if tq.execute("query-status")["status"] != "running":
+            ev = tq.wait_event(lambda e: e.get("event") == "RESUME", timeout, "RESUME of the target",
+                               alive=target.exit_reason)
+            t["target_running"] = _event_time(ev)
+        else:
+            resumed = [e for e in tq.events if e.get("event") == "RESUME"]
+            t["target_running"] = _event_time(resumed[0]) if resumed else time.time()
+            if not resumed:
+                result.notes.append("target was already running when its QMP answered; "
+                                    "target_running is the time of that answer")
+        status = qmp.execute("query-status")["status"]
+        if status != "postmigrate":
+            result.notes.append(f"source ended in {status}, expected postmigrate")
+        return target
+    except TransferFailed:
+        _abandon(target)
+        raise
+    except (CprError, QmpError, OSError) as exc:
+        result.status = "failed"
+        result.error = str(exc)
+        _abandon(target)
+        raise TransferFailed(f"cpr-transfer {result.index} failed: {exc}", result) from exc
+    except BaseException:
+        _abandon(target)
+        raise
+
+
+def _abandon(target: QemuProcess | None) -> None:
+    if target is not None:
+        target.shutdown(timeout=5)
+
+
+def retire_source(source: QemuProcess, result: TransferResult, timeout: float = 30.0) -> None:
+    """Shut the old QEMU down cleanly (quit), recording how it ended."""
+    source.shutdown(timeout)
+    rc = source.popen.returncode if source.popen else None
+    result.timeline["source_exited"] = time.time()
+    result.source_exit = f"exit code {rc}" if rc is not None and rc >= 0 else f"signal {-(rc or 0)}"

@@ -1,0 +1,1 @@
+"""Guest side: SSH session, traffic generators and readers of guest state."""

@@ -1,0 +1,83 @@
+"""Readers of guest state: /proc/interrupts, boot id and uptime, and the kernel log."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from pytest_cpr.guest.ssh import GuestSSH
+
+# guest kernel messages that mean a device or driver lost interrupts or DMA
+DMESG_FAILURES = re.compile(
+    r"NETDEV WATCHDOG|transmit queue \d+ timed out|nvme\S* .*(timeout|I/O \d+ .* timeout|controller is down)"
+    r"|hung_task|blocked for more than|soft lockup|hard LOCKUP|irq \d+: nobody cared|Disabling IRQ"
+    r"|virtio_net .* (error|failed)|Oops|BUG:|Call Trace|rcu_sched self-detected stall",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class IrqLine:
+    irq: str
+    counts: tuple[int, ...]
+    chip: str
+    name: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def parse_interrupts(text: str) -> dict[str, IrqLine]:
+    """Parse /proc/interrupts into lines keyed by 'irq:name' (irq alone for unnamed lines)."""
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    ncpu = len(lines[0].split())
+    out: dict[str, IrqLine] = {}
+    for line in lines[1:]:
+        if ":" not in line:
+            continue
+        irq, rest = line.split(":", 1)
+        fields = rest.split()
+        counts: list[int] = []
+        for f in fields[:ncpu]:
+            if not f.isdigit():
+                break
+            counts.append(int(f))
+        tail = fields[len(counts):]
+        if not counts:
+            continue
+        # tail: chip, hwirq/trigger ..., device name (last field); ERR/MIS have no tail
+        name = tail[-1] if tail else irq.strip()
+        chip = " ".join(tail[:-1]) if len(tail) > 1 else ""
+        key = f"{irq.strip()}:{name}"
+        out[key] = IrqLine(irq.strip(), tuple(counts), chip, name)
+    return out
+
+
+@dataclass
+class GuestSnapshot:
+    """What the guest reported at one host time."""
+
+    host_t: float
+    boot_id: str
+    uptime_s: float
+    interrupts: dict[str, IrqLine] = field(default_factory=dict)
+
+    def irq_totals(self, pattern: str) -> dict[str, int]:
+        rx = re.compile(pattern)
+        return {k: v.total for k, v in self.interrupts.items() if rx.search(v.name)}
+
+
+def snapshot(ssh: GuestSSH) -> GuestSnapshot:
+    """One SSH round trip: boot id, uptime and /proc/interrupts."""
+    host_t = time.time()
+    res = ssh.run("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime; cat /proc/interrupts")
+    boot_id, uptime, irqs = res.stdout.split("\n", 2)
+    return GuestSnapshot(host_t, boot_id.strip(), float(uptime), parse_interrupts(irqs))
+
+
+def dmesg_failures(text: str) -> list[str]:
+    return [line for line in text.splitlines() if DMESG_FAILURES.search(line)]

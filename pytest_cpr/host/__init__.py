@@ -1,0 +1,1 @@
+"""Host side: network namespaces and taps, VFIO probing and device binding."""

@@ -1,0 +1,112 @@
+"""A registry on disk of what a run has started (QEMU processes, network namespaces, device bindings).
+
+Each record names the harness process that owns it. At session start, records whose owner is gone
+are cleaned (processes killed, namespaces deleted, bindings restored by their own module), so a
+run killed with SIGKILL never breaks the runs after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STATE_DIR = Path(os.environ.get("CPR_STATE_DIR", "/run/pytest-cpr"))
+
+# kind -> cleaner(record) -> description of what was cleaned; other modules register theirs
+_CLEANERS: dict[str, Callable[[dict[str, Any]], str]] = {}
+
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _write(name: str, record: dict[str, Any]) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    record.update(owner=os.getpid(), owner_start=_proc_start_time(os.getpid()), t=time.time())
+    tmp = STATE_DIR / f".{name}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(STATE_DIR / f"{name}.json")
+
+
+def _forget(name: str) -> None:
+    (STATE_DIR / f"{name}.json").unlink(missing_ok=True)
+
+
+def record(kind: str, key: str, **data: Any) -> None:
+    _write(f"{kind}-{key}", {"kind": kind, "key": key, **data})
+
+
+def forget(kind: str, key: str) -> None:
+    _forget(f"{kind}-{key}")
+
+
+def record_process(pid: int, argv: list[str]) -> None:
+    record("proc", str(pid), pid=pid, start=_proc_start_time(pid), argv0=argv[0])
+
+
+def forget_process(pid: int) -> None:
+    forget("proc", str(pid))
+
+
+def register_cleaner(kind: str, cleaner: Callable[[dict[str, Any]], str]) -> None:
+    _CLEANERS[kind] = cleaner
+
+
+def _owner_alive(rec: dict[str, Any]) -> bool:
+    owner = int(rec.get("owner", 0))
+    return owner > 0 and _proc_start_time(owner) == rec.get("owner_start")
+
+
+def _clean_process(rec: dict[str, Any]) -> str:
+    pid = int(rec["pid"])
+    if _proc_start_time(pid) != rec.get("start"):
+        return f"process {pid} already gone"
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(200):
+        if _proc_start_time(pid) is None:
+            break
+        time.sleep(0.01)
+    return f"killed stale QEMU process {pid} ({rec.get('argv0')})"
+
+
+register_cleaner("proc", _clean_process)
+
+
+def records() -> list[dict[str, Any]]:
+    if not STATE_DIR.is_dir():
+        return []
+    out = []
+    for path in sorted(STATE_DIR.glob("*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    return out
+
+
+def clean_stale() -> list[str]:
+    """Clean every record whose owning harness process is gone; returns what was done."""
+    done = []
+    # processes first: they hold taps and device fds
+    for rec in sorted(records(), key=lambda r: r.get("kind") != "proc"):
+        if _owner_alive(rec):
+            continue
+        cleaner = _CLEANERS.get(rec.get("kind", ""))
+        if cleaner is None:
+            continue
+        try:
+            done.append(cleaner(rec))
+        except Exception as exc:  # noqa: BLE001 - report, never crash the session start
+            done.append(f"could not clean {rec.get('kind')} {rec.get('key')}: {exc}")
+            continue
+        _forget(f"{rec['kind']}-{rec['key']}")
+    return done

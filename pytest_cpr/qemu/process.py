@@ -1,0 +1,189 @@
+"""One QEMU process: launch, logs, console, QMP, and a shutdown that always cleans up.
+
+Shutdown is quit over QMP, then SIGTERM, then SIGKILL, each bounded. Every process started here
+is recorded in the leftovers registry until it is reaped, so a later run can clean up after a
+killed one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pexpect
+from pexpect import fdpexpect
+
+from pytest_cpr import leftovers
+from pytest_cpr.errors import CprTimeout, QemuExited
+from pytest_cpr.qemu.qmp import QmpSession
+
+
+def tail(path: Path, lines: int = 12) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Console:
+    """The guest serial console over QEMU's chardev socket, driven with pexpect."""
+
+    def __init__(self, sock: socket.socket, log_path: Path) -> None:
+        self._sock = sock
+        self.log_path = log_path
+        self.child = fdpexpect.fdspawn(sock.fileno(), encoding="utf-8", codec_errors="replace",
+                                       timeout=30)
+
+    def expect(self, pattern: str, timeout: float, what: str) -> str:
+        """Wait for a regex on the console; returns the first group (or the whole match)."""
+        try:
+            self.child.expect(pattern, timeout=timeout)
+        except pexpect.TIMEOUT:
+            raise CprTimeout(f"console: {what} not seen within {timeout:.0f}s; console log: "
+                             f"{self.log_path}\n{tail(self.log_path)}") from None
+        except pexpect.EOF:
+            raise QemuExited(f"console closed while waiting for {what}; console log: {self.log_path}\n"
+                             f"{tail(self.log_path)}") from None
+        match = self.child.match
+        return str(match.group(1) if match.groups() else match.group(0))
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run a shell command on the console shell; returns (exit code, output)."""
+        self.child.sendline("")
+        self.child.sendline(f'{command}; echo "@@CPR-RC=$?@@"')
+        try:
+            self.child.expect(r"@@CPR-RC=(\d+)@@", timeout=timeout)
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            raise CprTimeout(f"console: no answer to {command!r} within {timeout:.0f}s; console log: "
+                             f"{self.log_path}") from None
+        output = str(self.child.before)
+        # drop the echoed command line itself
+        lines = [ln for ln in output.splitlines() if "@@CPR-RC=" not in ln]
+        return int(self.child.match.group(1)), "\n".join(lines).strip()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+
+class QemuProcess:
+    """A QEMU process of one VM generation (0 = the first boot, n = after n transfers)."""
+
+    def __init__(self, binary: str, argv: list[str], label: str, rundir: Path, artifacts: Path,
+                 qmp_socket: Path, console_socket: Path, console_log: Path,
+                 pass_fds: tuple[int, ...] = ()) -> None:
+        self.binary, self.argv, self.label = binary, argv, label
+        self.rundir, self.artifacts = rundir, artifacts
+        self.qmp_socket, self.console_socket, self.console_log = qmp_socket, console_socket, console_log
+        self.stderr_path = artifacts / f"qemu-{label}.stderr"
+        self.pass_fds = pass_fds
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.qmp = QmpSession(label, artifacts / "qmp-transcript.jsonl")
+        self.console: Console | None = None
+        self.t_spawn = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> None:
+        (self.artifacts / f"qemu-{self.label}.cmdline").write_text(
+            " ".join(_quote(a) for a in self.argv) + "\n")
+        with self.stderr_path.open("wb") as err:
+            self.t_spawn = time.time()
+            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                          pass_fds=self.pass_fds, start_new_session=True)
+        leftovers.record_process(self.popen.pid, self.argv)
+
+    def exit_reason(self) -> str | None:
+        """None while running; else a sentence with the exit status and the stderr tail."""
+        if self.popen is None or self.popen.poll() is None:
+            return None
+        rc = self.popen.returncode
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        return f"QEMU {self.label} exited ({how}); stderr {self.stderr_path}:\n{tail(self.stderr_path)}"
+
+    def wait_for_path(self, path: Path, timeout: float, what: str) -> float:
+        """Wait until QEMU creates a socket path; returns the time it appeared."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if (reason := self.exit_reason()) is not None:
+                raise QemuExited(f"while waiting for {what}: {reason}")
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"{what} ({path}) did not appear within {timeout:.0f}s; QEMU stderr: "
+                                 f"{self.stderr_path}")
+            time.sleep(0.002)
+        return time.time()
+
+    def connect_qmp(self, timeout: float) -> None:
+        self.wait_for_path(self.qmp_socket, timeout, f"QMP socket of QEMU {self.label}")
+        try:
+            self.qmp.connect(self.qmp_socket, timeout)
+        except Exception as exc:
+            if self.popen is not None:
+                try:
+                    self.popen.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
+            reason = self.exit_reason()
+            raise QemuExited(reason or f"QMP connect to QEMU {self.label} failed: {exc}") from exc
+
+    def connect_console(self, timeout: float) -> Console:
+        self.wait_for_path(self.console_socket, timeout, f"console socket of QEMU {self.label}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.console_socket))
+        self.console = Console(sock, self.console_log)
+        return self.console
+
+    def wait_exit(self, timeout: float) -> int | None:
+        assert self.popen is not None
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """quit over QMP, then SIGTERM, then SIGKILL; always reaps and closes everything."""
+        try:
+            if self.popen is not None and self.popen.poll() is None:
+                if self.qmp.connected:
+                    try:
+                        self.qmp.execute("quit", timeout=timeout)
+                    except Exception:  # noqa: BLE001 - fall through to signals
+                        pass
+                if self.wait_exit(timeout) is None:
+                    self._signal(signal.SIGTERM)
+                    if self.wait_exit(timeout) is None:
+                        self._signal(signal.SIGKILL)
+                        self.wait_exit(timeout)
+        finally:
+            if self.console is not None:
+                self.console.close()
+            self.qmp.close()
+            if self.popen is not None:
+                leftovers.forget_process(self.popen.pid)
+
+    def kill(self) -> None:
+        """SIGKILL now (fault injection and last-resort cleanup)."""
+        self._signal(signal.SIGKILL)
+        if self.popen is not None:
+            self.popen.wait(10)
+
+    def _signal(self, signum: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in " \"{}*$") else arg

@@ -1,0 +1,111 @@
+"""The VM spec: plain data from which both the source and the target command lines are built.
+
+The target of a cpr-transfer is the same spec plus the incoming channels, so the two command
+lines cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A virtio-net NIC on a tap whose fd the harness owns and hands to every QEMU process."""
+
+    netdev_id: str
+    mac: str
+    tap_fd: int
+    guest_cidr: str  # address/prefix the guest configures on this NIC
+    vnet_hdr: bool = False
+
+    def args(self) -> list[str]:
+        # vnet_hdr follows the tap's IFF_VNET_HDR flag: QEMU rejects vnet_hdr= together with fd=
+        return ["-netdev", f"tap,id={self.netdev_id},fd={self.tap_fd}",
+                "-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},id=nic-{self.netdev_id}"]
+
+    def kernel_arg(self, index: int) -> str:
+        return f"cpr.net{index}={self.mac},{self.guest_cidr}"
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """cpr-transfer channels of a target QEMU: main migration stream and cpr (fd) channel."""
+
+    main_socket: Path
+    cpr_socket: Path
+
+    def main_addr(self) -> dict[str, str]:
+        return {"transport": "socket", "type": "unix", "path": str(self.main_socket)}
+
+    def cpr_addr(self) -> dict[str, str]:
+        return {"transport": "socket", "type": "unix", "path": str(self.cpr_socket)}
+
+    def channels(self) -> list[dict[str, object]]:
+        return [{"channel-type": "main", "addr": self.main_addr()},
+                {"channel-type": "cpr", "addr": self.cpr_addr()}]
+
+    def args(self) -> list[str]:
+        cpr = json.dumps({"channel-type": "cpr", "addr": self.cpr_addr()}, separators=(",", ":"))
+        return ["-incoming", f"unix:{self.main_socket}", "-incoming", cpr]
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    name: str
+    accel: str  # "kvm" or "tcg"
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    cmdline: tuple[str, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    extra_args: tuple[str, ...] = ()  # further devices (vfio-pci, iommufd objects), appended verbatim
+    ram_file: Path | None = None  # None: memfd; else a file (e.g. on /dev/shm) shared with the target
+    extra_fds: tuple[int, ...] = field(default=())
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return tuple(n.tap_fd for n in self.nics) + self.extra_fds
+
+    def append_line(self) -> str:
+        nets = [nic.kernel_arg(i) for i, nic in enumerate(self.nics)]
+        return " ".join(["console=ttyS0", "quiet", "panic=-1", *nets, *self.cmdline])
+
+    def ram_backend(self) -> str:
+        size = f"size={self.memory_mib}M"
+        if self.ram_file is None:
+            return f"memory-backend-memfd,id=ram0,{size},share=on"
+        return f"memory-backend-file,id=ram0,{size},share=on,mem-path={self.ram_file}"
+
+    def argv(self, binary: str, console_socket: Path, console_log: Path, qmp_socket: Path,
+             incoming: Incoming | None = None, paused: bool = False) -> list[str]:
+        """Command line of one QEMU process of this VM (source when incoming is None)."""
+        accel = "tcg,thread=multi" if self.accel == "tcg" else "kvm"
+        cpu = "host" if self.accel == "kvm" else "max"
+        args = [
+            binary, "-name", f"{self.name},debug-threads=on",
+            "-accel", accel, "-cpu", cpu,
+            "-machine", "q35,memory-backend=ram0,aux-ram-share=on",
+            "-object", self.ram_backend(),
+            "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append_line(),
+            "-drive", f"file={self.rootfs},if=none,id=root,format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=root,id=rootdisk",
+            "-device", "virtio-rng-pci,id=rng0",
+            "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off,logfile={console_log}",
+            "-serial", "chardev:console0",
+            "-chardev", f"socket,id=qmp0,path={qmp_socket},server=on,wait=off",
+            "-mon", "chardev=qmp0,mode=control",
+        ]
+        for nic in self.nics:
+            args += nic.args()
+        args += list(self.extra_args)
+        if incoming is not None:
+            args += incoming.args()
+        elif paused:
+            args.append("-S")
+        return args

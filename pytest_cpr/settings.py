@@ -1,0 +1,178 @@
+"""Every pytest-cpr setting in one table, with one precedence rule: CLI > environment > ini > default.
+
+The same table drives the pytest options, the ini keys, the environment variables, the report header
+and validation, so a setting cannot exist in one place and not another.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_cpr.errors import CprSettingError
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # ini key and attribute name, e.g. "qemu"
+    help: str
+    default: str | None
+    parse: Callable[[str], Any] = str
+    fix: str = ""  # what a user should write instead, shown in errors
+
+    @property
+    def ini(self) -> str:
+        return f"cpr_{self.key}"
+
+    @property
+    def option(self) -> str:
+        return "--cpr-" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return f"CPR_{self.key.upper()}"
+
+    def names(self) -> str:
+        return f"{self.option} / {self.env} / ini {self.ini}"
+
+
+_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_mib(text: str) -> int:
+    """'512M', '2G', '1024' (MiB) -> MiB."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size")
+    n, unit = int(m.group(1)), m.group(2).upper()
+    mib = {"": n, "K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
+    if mib < 64:
+        raise ValueError(f"{text!r} is below 64 MiB, too small to boot a guest")
+    return mib
+
+
+def parse_positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"{n} is not positive")
+    return n
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"{value} is not a positive number of seconds")
+    return value
+
+
+def parse_optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "off") else float(text)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("qemu", "source QEMU binary (the build that boots the guest)", "qemu-system-x86_64",
+            fix="a qemu-system-x86_64 path or name on PATH"),
+    Setting("target_qemu", "target QEMU binary the guest is transferred to (default: the source binary)",
+            None, fix="a qemu-system-x86_64 path or name on PATH"),
+    Setting("accel", "accelerator: auto (KVM where it boots a guest, else TCG), kvm or tcg", "auto",
+            choice("auto", "kvm", "tcg"), fix="auto, kvm or tcg"),
+    Setting("image", "guest image directory (vmlinuz, initrd.img, rootfs.img); default: the cached "
+            "build of images/guest", None, fix="a directory made by `cpr-image build guest`"),
+    Setting("cache_dir", "cache for built images", str(Path.home() / ".cache" / "pytest-cpr"),
+            fix="a writable directory"),
+    Setting("memory", "guest memory", "512M", parse_mib, fix="a size such as 512M or 2G"),
+    Setting("cpus", "guest vCPUs", "1", parse_positive_int, fix="a whole number >= 1"),
+    Setting("boot_timeout", "seconds from QEMU start to SSH ready", "240", parse_seconds,
+            fix="a positive number of seconds"),
+    Setting("transfer_timeout", "seconds for one cpr-transfer to complete", "120", parse_seconds,
+            fix="a positive number of seconds"),
+    Setting("command_timeout", "seconds for one guest command over SSH", "60", parse_seconds,
+            fix="a positive number of seconds"),
+    Setting("artifacts", "directory for per-test artifacts (logs, console, QMP transcript, plots)",
+            "artifacts/cpr", fix="a writable directory"),
+    Setting("keep_artifacts", "keep per-test artifacts: on-failure or always", "always",
+            choice("on-failure", "always"), fix="on-failure or always"),
+    Setting("vnet_hdr", "open the shared tap with IFF_VNET_HDR (offloads on, but the target QEMU "
+            "resets the header length under the running source: frames are lost)", "off", parse_bool,
+            fix="on or off"),
+    Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", float,
+            fix="a number of milliseconds, e.g. 5"),
+    Setting("max_blackout_ms", "fail a transfer whose guest-visible blackout exceeds this (none: record "
+            "only)", None, parse_optional_float, fix="milliseconds, or none"),
+    Setting("max_lost_probes", "fail a transfer that loses more probes than this (none: record only)",
+            None, parse_optional_float, fix="a count, or none"),
+    Setting("host_config", "host config file (TOML) describing passthrough devices", None,
+            fix="the path of a TOML host config file"),
+    Setting("strict", "turn 'host cannot serve this test' skips into failures (hardware CI)", "off",
+            parse_bool, fix="on or off"),
+)
+
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+@dataclass
+class CprSettings:
+    """Resolved settings; `source` tells where each value came from (cli, env, ini, default)."""
+
+    values: dict[str, Any]
+    source: dict[str, str] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def target_qemu_binary(self) -> str:
+        return str(self.values["target_qemu"] or self.values["qemu"])
+
+    def header_lines(self) -> list[str]:
+        return [f"  {s.key} = {self.values[s.key]!r} ({self.source[s.key]})" for s in SETTINGS]
+
+
+def resolve(cli: Mapping[str, str | None], env: Mapping[str, str] | None = None,
+            ini: Mapping[str, str | None] | None = None) -> CprSettings:
+    """Pick each setting from CLI, then environment, then ini, then default; parse and validate it."""
+    env = os.environ if env is None else env
+    ini = ini or {}
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for s in SETTINGS:
+        raw, where = s.default, "default"
+        for origin, mapping, name in (("cli", cli, s.key), ("env", env, s.env), ("ini", ini, s.ini)):
+            candidate = mapping.get(name)
+            if candidate is not None and candidate != "":
+                raw, where = candidate, origin
+                break
+        if raw is None:
+            values[s.key], source[s.key] = None, where
+            continue
+        try:
+            values[s.key] = s.parse(raw)
+        except ValueError as exc:
+            raise CprSettingError(f"setting {s.names()} from {where}: {exc}; use {s.fix}") from None
+        source[s.key] = where
+    return CprSettings(values, source)

@@ -1,0 +1,285 @@
+"""A guest under test: its network, its QEMU generations, its SSH session, its transfers.
+
+Usable without pytest:
+
+    with CprVM(config) as vm:
+        vm.boot()
+        with vm.traffic():
+            result = vm.transfer()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
+from pytest_cpr.errors import CprTimeout, TransferFailed
+from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
+from pytest_cpr.guest.state import GuestSnapshot, snapshot
+from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
+from pytest_cpr.host.netns import GuestNetwork
+from pytest_cpr.images import GuestImage
+from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.process import Console, QemuProcess
+from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+
+
+@dataclass
+class VmConfig:
+    """Everything needed to boot and transfer one guest."""
+
+    name: str
+    image: GuestImage
+    source: QemuBuild
+    target: QemuBuild
+    accel: str
+    memory_mib: int = 512
+    cpus: int = 1
+    boot_timeout: float = 240.0
+    transfer_timeout: float = 120.0
+    command_timeout: float = 60.0
+    artifacts: Path = Path("artifacts/cpr")
+    key_dir: Path | None = None
+    vnet_hdr: bool = False
+    probe_interval_ms: float = 5.0
+    extra_args: tuple[str, ...] = ()
+    on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)
+
+
+class Traffic:
+    """Probe stream + TCP stream running while the caller transfers the guest."""
+
+    def __init__(self, vm: CprVM, tcp: bool = True) -> None:
+        self.vm = vm
+        self.probe = IcmpProbe(vm.network, vm.guest_ip, vm.config.probe_interval_ms)
+        self.stream: TcpStream | None = TcpStream(vm.network, vm.ssh) if tcp else None
+        self.stream_result: StreamResult | None = None
+
+    def __enter__(self) -> Traffic:
+        self.probe.__enter__()
+        if self.stream is not None:
+            self.stream.start()
+        self.vm.traffic_now = self
+        self.wait_answers(20, 30.0)
+        return self
+
+    def wait_answers(self, count: int, timeout: float, since: float | None = None) -> int:
+        """Wait until `count` probes sent after `since` (default: now) were answered."""
+        since = time.time() if since is None else since
+        deadline = time.monotonic() + timeout
+        while True:
+            got = sum(1 for p in self.probe.snapshot() if p.t_send >= since and p.t_recv is not None)
+            if got >= count:
+                return got
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"only {got} of {count} probes to {self.vm.guest_ip} answered within "
+                                 f"{timeout:.0f}s (guest network down?); logs: {self.vm.artifacts}")
+            time.sleep(self.probe.interval_ms / 1000)
+
+    def finish_stream(self) -> StreamResult | None:
+        if self.stream is not None and self.stream_result is None:
+            self.stream_result = self.stream.finish(self.vm.config.command_timeout)
+        return self.stream_result
+
+    def __exit__(self, *exc: object) -> None:
+        self.vm.traffic_now = None
+        try:
+            if exc[0] is None:
+                self.finish_stream()
+        finally:
+            self.probe.stop()
+
+
+class CprVM:
+    """One guest: boot it, talk to it, transfer it; close() leaves nothing behind."""
+
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.artifacts = config.artifacts
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.rundir = Path(tempfile.mkdtemp(prefix="cpr-", dir="/tmp"))  # short: UNIX socket paths
+        os.chmod(self.rundir, 0o700)
+        self.network = GuestNetwork(f"{os.getpid()}-{self.rundir.name[4:]}")
+        self.key = SessionKey(config.key_dir or self.rundir / "ssh")
+        self.generations: list[QemuProcess] = []
+        self.transfers: list[TransferResult] = []
+        self.spec: VmSpec | None = None
+        self.ssh: GuestSSH | None = None
+        self.host_key: str | None = None
+        self.traffic_now: Traffic | None = None
+        self.boot_seconds: float | None = None
+        self.ssh_ready_seconds: float | None = None
+        self._builds: dict[str, QemuBuild] = {"g0": config.source}
+        self._failed: list[QemuProcess] = []  # targets of failed transfers, reaped on close
+
+    # ---- lifecycle
+    def __enter__(self) -> CprVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def current(self) -> QemuProcess:
+        return self.generations[-1]
+
+    @property
+    def guest_ip(self) -> str:
+        return self.network.guest_ips[0]
+
+    def _build_spec(self) -> VmSpec:
+        self.network.create()
+        tap_fd = self.network.add_tap(self.config.vnet_hdr)
+        nic = Nic("n0", "52:54:00:77:00:02", tap_fd, f"{self.guest_ip}/{self.network.prefixlen}",
+                  vnet_hdr=self.config.vnet_hdr)
+        img = self.config.image
+        return VmSpec(name=self.config.name, accel=self.config.accel, memory_mib=self.config.memory_mib,
+                      cpus=self.config.cpus, kernel=img.kernel, initrd=img.initrd, rootfs=img.rootfs,
+                      cmdline=(f"cpr.sshkey={self.key.public_base64}",), nics=(nic,),
+                      extra_args=self.config.extra_args)
+
+    def _process(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
+        assert self.spec is not None
+        label = f"g{generation}"
+        qmp_sock = self.rundir / f"qmp-{label}.sock"
+        con_sock = self.rundir / f"console-{label}.sock"
+        con_log = self.artifacts / f"console-{label}.log"
+        argv = self.spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming,
+                              paused=incoming is None)
+        proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
+                           con_log, pass_fds=self.spec.pass_fds())
+        proc.start()
+        self.generations.append(proc)
+        return proc
+
+    def boot(self) -> float:
+        """Boot generation 0 and wait for SSH; returns boot-to-SSH seconds."""
+        self.spec = self._build_spec()
+        t0 = time.monotonic()
+        proc = self._process(0, self.config.source, None)
+        timeout = self.config.boot_timeout
+        proc.connect_qmp(timeout)
+        console = proc.connect_console(timeout)
+        proc.qmp.execute("cont")
+        self.host_key = console.expect(r"CPR-HOSTKEY (ssh-ed25519 [A-Za-z0-9+/=]+)\r?\n", timeout,
+                                       "the guest's SSH host key (CPR-HOSTKEY line)")
+        self.boot_seconds = time.monotonic() - t0
+        self.ssh = GuestSSH(self.guest_ip, self.key, self.host_key,
+                            lambda to: self.network.connect_tcp(self.guest_ip, 22, to),
+                            self.config.command_timeout)
+        self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
+        self.ssh.run("true")
+        self.ssh_ready_seconds = time.monotonic() - t0
+        return self.ssh_ready_seconds
+
+    # ---- guest access
+    def run(self, command: str, timeout: float | None = None, check: bool = True) -> CommandResult:
+        assert self.ssh is not None, "boot() first"
+        return self.ssh.run(command, timeout, check)
+
+    def snapshot(self) -> GuestSnapshot:
+        assert self.ssh is not None, "boot() first"
+        return snapshot(self.ssh)
+
+    def console(self) -> Console:
+        proc = self.current
+        return proc.console if proc.console is not None else proc.connect_console(10)
+
+    def traffic(self, tcp: bool = True) -> Traffic:
+        return Traffic(self, tcp)
+
+    # ---- cpr
+    def transfer(self, target: QemuBuild | None = None,
+                 before_migrate: Callable[[QemuProcess], None] | None = None) -> TransferResult:
+        """cpr-transfer the guest to a new QEMU process (of `target`, default: the configured target
+        build). The old process is retired; the new one owns the guest. With traffic running,
+        waits for the probe stream to come back and records the guest-visible blackout."""
+        build = target or self.config.target
+        source = self.current
+        index = len(self.transfers) + 1
+        gen = len(self.generations)
+        incoming = Incoming(self.rundir / f"mig-g{gen}.sock", self.rundir / f"cpr-g{gen}.sock")
+        result = TransferResult(index, f"{source.label}: QEMU {self._builds[source.label].version_text}",
+                                f"g{gen}: QEMU {build.version_text}")
+        self.transfers.append(result)
+        try:
+            new = cpr_transfer(source, lambda: self._process(gen, build, incoming), incoming, result,
+                               self.config.transfer_timeout, before_migrate)
+        except TransferFailed:
+            self._failed_generation_cleanup(gen)
+            self._record(result)
+            raise
+        self._builds[new.label] = build
+        retire_source(source, result)
+        self._after_transfer(result)
+        return result
+
+    def _failed_generation_cleanup(self, gen: int) -> None:
+        if len(self.generations) > gen:
+            failed = self.generations.pop(gen)
+            failed.shutdown(5)
+            self._failed.append(failed)
+
+    def _after_transfer(self, result: TransferResult) -> None:
+        t = result.timeline
+        traffic = self.traffic_now
+        if traffic is not None:
+            try:
+                traffic.wait_answers(20, 15.0, since=t["target_running"])
+            except CprTimeout as exc:
+                result.notes.append(f"probe stream did not recover: {exc}")
+            answers = [p.t_recv for p in traffic.probe.snapshot()
+                       if p.t_recv is not None and p.t_recv >= t["target_running"]]
+            if answers:
+                t["first_probe_after"] = min(answers)
+            stats = traffic.probe.stats(t["step_start"], time.time())
+            result.probe = stats.as_dict()
+        try:
+            assert self.ssh is not None
+            self.ssh.run("true", timeout=self.config.command_timeout)
+            t["ssh_answered"] = time.time()
+        except Exception as exc:  # noqa: BLE001 - recorded; connectivity checks judge it
+            result.notes.append(f"SSH after transfer failed: {exc}")
+        self._record(result)
+
+    def _record(self, result: TransferResult) -> None:
+        for hook in self.config.on_transfer:
+            hook(result)
+        (self.artifacts / "transfers.json").write_text(
+            json.dumps([r.as_dict() for r in self.transfers], indent=1, default=str))
+
+    # ---- diagnostics and cleanup
+    def collect_dmesg(self) -> str:
+        """Guest kernel log, over SSH if it works, else over the serial console; saved to artifacts."""
+        text = ""
+        with contextlib.suppress(Exception):
+            assert self.ssh is not None and self.ssh.is_active()
+            text = self.ssh.run("dmesg", timeout=20).stdout
+        if not text:
+            with contextlib.suppress(Exception):
+                text = self.console().run("dmesg", timeout=30)[1]
+        if text:
+            (self.artifacts / "guest-dmesg.log").write_text(text)
+        return text
+
+    def close(self) -> None:
+        errors: list[str] = []
+        if self.ssh is not None:
+            self.ssh.close()
+        for proc in reversed(self.generations + self._failed):
+            try:
+                proc.shutdown(10)
+            except Exception as exc:  # noqa: BLE001 - keep cleaning
+                errors.append(f"{proc.label}: {exc}")
+        self.network.destroy()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        if errors:
+            raise RuntimeError("cleanup of " + self.config.name + " had errors: " + "; ".join(errors))
