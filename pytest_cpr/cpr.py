@@ -34,6 +34,7 @@ class TransferResult:
     probe: dict[str, Any] | None = None  # ProbeStats of this transfer's window
     source_exit: str | None = None
     notes: list[str] = field(default_factory=list)
+    interrupts: dict[str, dict[str, int]] | None = None  # vectors that fired before / after
 
     def ms(self, start: str, end: str) -> float | None:
         t = self.timeline

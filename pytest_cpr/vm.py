@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
-from pytest_cpr.guest.state import GuestSnapshot, snapshot
+from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
@@ -70,6 +71,15 @@ class Traffic:
         self.vm.traffic_now = self
         self.wait_answers(20, 30.0)
         return self
+
+    def wait_sent(self, count: int, timeout: float = 30.0) -> None:
+        """Wait until `count` more probes were sent (answered or not)."""
+        start = len(self.probe.snapshot())
+        deadline = time.monotonic() + timeout
+        while len(self.probe.snapshot()) < start + count:
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"probe sender stalled: fewer than {count} probes sent in {timeout:.0f}s")
+            time.sleep(self.probe.interval_ms / 1000)
 
     def wait_answers(self, count: int, timeout: float, since: float | None = None) -> int:
         """Wait until `count` probes sent after `since` (default: now) were answered."""
@@ -185,9 +195,40 @@ class CprVM:
         assert self.ssh is not None, "boot() first"
         return self.ssh.run(command, timeout, check)
 
-    def snapshot(self) -> GuestSnapshot:
+    def snapshot(self, via: str = "ssh") -> GuestSnapshot:
+        """Boot id, uptime and interrupts, over SSH or (when the network is down) the serial console."""
+        if via == "console":
+            host_t = time.time()
+            code, out = self.console().run(SNAPSHOT_COMMAND, timeout=60)
+            return parse_snapshot(host_t, out)
         assert self.ssh is not None, "boot() first"
         return snapshot(self.ssh)
+
+    def nic_irq_pattern(self, ifname: str = "eth0") -> str:
+        """Regex of the guest interrupt lines of a NIC (virtio-net: virtioN-input/output)."""
+        dev = self.run(f"basename $(readlink /sys/class/net/{ifname}/device)").stdout.strip()
+        return rf"^{dev}-(input|output)"
+
+    def live_update(self, traffic: Traffic, target: QemuBuild | None = None, window: int = 100,
+                    max_blackout_ms: float | None = None, max_lost_probes: float | None = None,
+                    irq_pattern: str | None = None) -> TransferResult:
+        """One checked transfer under traffic: interrupt windows before and after (`window` answered
+        probes each), then every check: completed, connectivity, same boot, interrupts, thresholds."""
+        pattern = irq_pattern or self.nic_irq_pattern()
+        logs = self.artifacts
+        s0 = self.snapshot()
+        traffic.wait_answers(window, 120.0)
+        s1 = self.snapshot()
+        result = self.transfer(target)
+        checks.assert_completed(result, logs)
+        checks.assert_connectivity(result, logs)
+        s2 = self.snapshot()
+        traffic.wait_answers(window, 120.0)
+        s3 = self.snapshot()
+        checks.assert_same_boot(s1, s2, logs=logs)
+        result.interrupts = checks.assert_interrupts((s0, s1), (s2, s3), pattern, logs)
+        checks.assert_thresholds(result, max_blackout_ms, max_lost_probes, logs)
+        return result
 
     def console(self) -> Console:
         proc = self.current
@@ -244,7 +285,7 @@ class CprVM:
             result.probe = stats.as_dict()
         try:
             assert self.ssh is not None
-            self.ssh.run("true", timeout=self.config.command_timeout)
+            self.ssh.run("true", timeout=min(self.config.command_timeout, 20.0))
             t["ssh_answered"] = time.time()
         except Exception as exc:  # noqa: BLE001 - recorded; connectivity checks judge it
             result.notes.append(f"SSH after transfer failed: {exc}")

@@ -71,12 +71,24 @@ class GuestSnapshot:
         return {k: v.total for k, v in self.interrupts.items() if rx.search(v.name)}
 
 
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+SNAPSHOT_COMMAND = "cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime; cat /proc/interrupts"
+
+
+def parse_snapshot(host_t: float, text: str) -> GuestSnapshot:
+    lines = [ln.strip() for ln in text.strip().splitlines()]
+    start = next((i for i, ln in enumerate(lines) if _UUID.match(ln)), None)
+    if start is None or start + 1 >= len(lines):
+        raise ValueError(f"no boot id and uptime in guest output: {text[:200]!r}")
+    boot_id, uptime = lines[start], lines[start + 1]
+    lines = lines[start:]
+    return GuestSnapshot(host_t, boot_id, float(uptime), parse_interrupts("\n".join(lines[2:])))
+
+
 def snapshot(ssh: GuestSSH) -> GuestSnapshot:
     """One SSH round trip: boot id, uptime and /proc/interrupts."""
     host_t = time.time()
-    res = ssh.run("cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime; cat /proc/interrupts")
-    boot_id, uptime, irqs = res.stdout.split("\n", 2)
-    return GuestSnapshot(host_t, boot_id.strip(), float(uptime), parse_interrupts(irqs))
+    return parse_snapshot(host_t, ssh.run(SNAPSHOT_COMMAND).stdout)
 
 
 def dmesg_failures(text: str) -> list[str]:

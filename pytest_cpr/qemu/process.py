@@ -38,6 +38,7 @@ class Console:
         self.log_path = log_path
         self.child = fdpexpect.fdspawn(sock.fileno(), encoding="utf-8", codec_errors="replace",
                                        timeout=30)
+        self._quiet = False
 
     def expect(self, pattern: str, timeout: float, what: str) -> str:
         """Wait for a regex on the console; returns the first group (or the whole match)."""
@@ -52,9 +53,16 @@ class Console:
         match = self.child.match
         return str(match.group(1) if match.groups() else match.group(0))
 
+    def _quiet_shell(self, timeout: float) -> None:
+        """Turn off echo and the prompt so output is exactly what commands print."""
+        self.child.sendline("stty -echo; PS1=''; echo '@@CPR-'QUIET@@")
+        self.expect(r"@@CPR-QUIET@@\r?\n", timeout, "the console shell (stty -echo)")
+        self._quiet = True
+
     def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
         """Run a shell command on the console shell; returns (exit code, output)."""
-        self.child.sendline("")
+        if not self._quiet:
+            self._quiet_shell(timeout)
         self.child.sendline(f'{command}; echo "@@CPR-RC=$?@@"')
         try:
             self.child.expect(r"@@CPR-RC=(\d+)@@", timeout=timeout)

@@ -1,0 +1,103 @@
+"""The assertions tests call after a transfer. Each failure message says what was expected, what
+was seen, and where the logs are."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
+from pytest_cpr.guest.traffic import StreamResult
+
+
+class CheckFailed(AssertionError):
+    """A live-update property did not hold."""
+
+
+def _where(logs: object) -> str:
+    return f" (logs: {logs})" if logs else ""
+
+
+def assert_completed(result: TransferResult, logs: object = None) -> None:
+    if result.status != "completed":
+        raise CheckFailed(f"transfer {result.index} ended {result.status!r}, expected 'completed': "
+                          f"{result.error or result.qemu.get('error-desc')}{_where(logs)}")
+
+
+def assert_same_boot(before: GuestSnapshot, after: GuestSnapshot, max_pause_s: float = 30.0,
+                     logs: object = None) -> None:
+    """Same boot id, and uptime continued: it advanced, and by no more than host time allows."""
+    if before.boot_id != after.boot_id:
+        raise CheckFailed(f"guest rebooted: boot_id {before.boot_id} became {after.boot_id}{_where(logs)}")
+    host = after.host_t - before.host_t
+    guest = after.uptime_s - before.uptime_s
+    if guest <= 0:
+        raise CheckFailed(f"guest uptime went from {before.uptime_s}s to {after.uptime_s}s: not continuous"
+                          f"{_where(logs)}")
+    if guest > host + 2.0 or guest < host - max_pause_s:
+        raise CheckFailed(f"guest uptime advanced {guest:.2f}s while {host:.2f}s passed on the host "
+                          f"(allowed pause {max_pause_s}s){_where(logs)}")
+
+
+def assert_connectivity(result: TransferResult, logs: object = None) -> None:
+    """The SSH session opened before the transfer answered after it, and probes came back."""
+    if "ssh_answered" not in result.timeline:
+        notes = "; ".join(result.notes) or "no answer"
+        raise CheckFailed(f"transfer {result.index}: the SSH session opened before the transfer did not "
+                          f"run a command after it: {notes}{_where(logs)}")
+    if result.probe is not None and "first_probe_after" not in result.timeline:
+        raise CheckFailed(f"transfer {result.index}: no probe was answered after the target resumed "
+                          f"(probe stats {result.probe}){_where(logs)}")
+
+
+def assert_stream_intact(stream: StreamResult | None, logs: object = None) -> None:
+    if stream is None:
+        raise CheckFailed("no TCP stream result: the stream was not started or not finished")
+    if not stream.intact:
+        raise CheckFailed(f"TCP stream not intact: sent {stream.bytes_sent} bytes sha256 {stream.sha256_sent}, "
+                          f"guest received {stream.bytes_received} bytes sha256 {stream.sha256_received}"
+                          f"{_where(logs)}")
+
+
+def active_vectors(first: GuestSnapshot, second: GuestSnapshot, pattern: str) -> dict[str, int]:
+    """Vectors matching `pattern` that fired between two snapshots, with how often."""
+    a, b = first.irq_totals(pattern), second.irq_totals(pattern)
+    return {k: b[k] - a.get(k, 0) for k in b if b[k] > a.get(k, 0)}
+
+
+def assert_interrupts(pre: Sequence[GuestSnapshot], post: Sequence[GuestSnapshot], pattern: str,
+                      logs: object = None) -> dict[str, dict[str, int]]:
+    """Per-vector counts never go backwards across the transfer, and every vector that fired in the
+    window before it (pre[0] -> pre[1]) fires again in the window after it (post[0] -> post[1])."""
+    if not pre[-1].irq_totals(pattern):
+        raise CheckFailed(f"no interrupt line in the guest matches {pattern!r}; lines: "
+                          f"{sorted(v.name for v in pre[-1].interrupts.values())}{_where(logs)}")
+    last, first_after = pre[-1].irq_totals(pattern), post[0].irq_totals(pattern)
+    backwards = {k: (last[k], first_after.get(k)) for k in last if first_after.get(k, -1) < last[k]}
+    if backwards:
+        raise CheckFailed(f"interrupt counts went backwards across the transfer (before, after): {backwards}"
+                          f"{_where(logs)}")
+    fired_before = active_vectors(pre[0], pre[1], pattern)
+    fired_after = active_vectors(post[0], post[1], pattern)
+    silent = {k: n for k, n in fired_before.items() if k not in fired_after}
+    if silent:
+        raise CheckFailed("vectors that fired before the transfer stayed silent after it while traffic "
+                          f"flowed: {silent} (fired before: {fired_before}, after: {fired_after}){_where(logs)}")
+    return {"before": fired_before, "after": fired_after}
+
+
+def assert_clean_dmesg(text: str, logs: object = None) -> None:
+    bad = dmesg_failures(text)
+    if bad:
+        raise CheckFailed("guest kernel log reports driver trouble:\n  " + "\n  ".join(bad[:10]) + _where(logs))
+
+
+def assert_thresholds(result: TransferResult, max_blackout_ms: float | None,
+                      max_lost_probes: float | None, logs: object = None) -> None:
+    probe = result.probe or {}
+    if max_blackout_ms is not None and (result.blackout_ms is None or result.blackout_ms > max_blackout_ms):
+        raise CheckFailed(f"transfer {result.index}: guest-visible blackout {result.blackout_ms} ms exceeds "
+                          f"{max_blackout_ms} ms{_where(logs)}")
+    if max_lost_probes is not None and probe.get("lost", 0) > max_lost_probes:
+        raise CheckFailed(f"transfer {result.index}: {probe.get('lost')} probes lost, more than "
+                          f"{max_lost_probes}{_where(logs)}")

@@ -1,0 +1,189 @@
+"""pytest fixtures of pytest-cpr. Each is thin: it reads settings, yields a helper object that works
+without pytest, and cleans up. Override any of them in a conftest.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.errors import CprSettingError
+from pytest_cpr.guest.ssh import SessionKey
+from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
+from pytest_cpr.settings import CprSettings
+from pytest_cpr.vm import CprVM, VmConfig
+
+SETTINGS_KEY = pytest.StashKey[CprSettings]()
+REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+def host_unavailable(reason: str, settings: CprSettings) -> None:
+    """Skip (or, with --cpr-strict, fail) a test the host cannot serve."""
+    if settings.strict:
+        pytest.fail(f"[cpr-strict] {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def cpr_settings(pytestconfig: pytest.Config) -> CprSettings:
+    """The resolved pytest-cpr settings (CLI > environment > ini > default)."""
+    return pytestconfig.stash[SETTINGS_KEY]
+
+
+def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
+    try:
+        return probe(binary, option)
+    except CprSettingError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def cpr_source_build(cpr_settings: CprSettings) -> QemuBuild:
+    """The source QEMU build (--cpr-qemu / CPR_QEMU), probed once per session."""
+    return _build(cpr_settings, cpr_settings.qemu, "--cpr-qemu / CPR_QEMU")
+
+
+@pytest.fixture(scope="session")
+def cpr_target_build(cpr_settings: CprSettings) -> QemuBuild:
+    """The target QEMU build (--cpr-target-qemu / CPR_TARGET_QEMU; default: the source binary)."""
+    return _build(cpr_settings, cpr_settings.target_qemu_binary, "--cpr-target-qemu / CPR_TARGET_QEMU")
+
+
+@pytest.fixture(scope="session")
+def cpr_image(cpr_settings: CprSettings) -> GuestImage:
+    """The guest image: --cpr-image, else the cached build of images/guest. Never built here."""
+    if cpr_settings.image:
+        return GuestImage.load(Path(cpr_settings.image), "--cpr-image / CPR_IMAGE")
+    try:
+        path = cached_path("guest", Path(cpr_settings.cache_dir))
+    except CprSettingError as exc:
+        raise pytest.UsageError(f"{exc}; or give a built image with --cpr-image") from None
+    if not path.exists():
+        host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
+                         "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
+    return GuestImage.load(path, "--cpr-image / CPR_IMAGE")
+
+
+@pytest.fixture(scope="session")
+def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild, cpr_image: GuestImage) -> str:
+    """The accelerator in use: --cpr-accel, or auto: KVM if it boots a guest kernel here, else TCG."""
+    if cpr_settings.accel != "auto":
+        return str(cpr_settings.accel)
+    if "kvm" in cpr_source_build.accels:
+        ok, _ = kvm_boots(cpr_source_build.binary, cpr_image.kernel)
+        if ok:
+            return "kvm"
+    return "tcg"
+
+
+@pytest.fixture(scope="session")
+def cpr_session_key() -> Iterator[SessionKey]:
+    """An ed25519 key generated for this session, in a private directory removed at the end."""
+    directory = Path(tempfile.mkdtemp(prefix="cpr-key-"))
+    try:
+        yield SessionKey(directory / "ssh")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def cpr_artifacts(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> Iterator[Path]:
+    """This test's artifacts folder (QEMU stderr, console, QMP transcript, guest dmesg, transfers.json).
+    With keep_artifacts=on-failure it is removed when the test passed."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid).strip("_")[-150:]
+    path = Path(cpr_settings.artifacts).resolve() / name
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    request.node.user_properties.append(("cpr_artifacts", str(path)))
+    yield path
+    report = request.node.stash.get(REPORT_KEY, {}).get("call")
+    if cpr_settings.keep_artifacts == "on-failure" and report is not None and report.passed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _record_transfer(node: pytest.Item) -> Callable[[TransferResult], None]:
+    def record(result: TransferResult) -> None:
+        for name, value in result.numbers().items():
+            node.user_properties.append((f"cpr_t{result.index}_{name}", value))
+
+    return record
+
+
+@pytest.fixture
+def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
+                   cpr_target_build: QemuBuild, cpr_image: GuestImage, cpr_accel: str,
+                   cpr_session_key: SessionKey, cpr_artifacts: Path) -> Iterator[Callable[..., CprVM]]:
+    """Make guests (not yet booted): `vm = cpr_vm_factory(memory_mib=1024)`. All are shut down and their
+    networks removed at teardown; the guest dmesg and the transfer numbers are saved."""
+    marker = request.node.get_closest_marker("cpr")
+    mode = (marker.kwargs.get("mode") or (marker.args[0] if marker.args else None)) if marker else None
+    for build in (cpr_source_build, cpr_target_build):
+        if (reason := build.missing(mode or "cpr-transfer")) is not None:
+            host_unavailable(reason, cpr_settings)
+    made: list[CprVM] = []
+
+    def make(**overrides: Any) -> CprVM:
+        name = overrides.pop("name", f"vm{len(made)}")
+        config = VmConfig(
+            name=name, image=cpr_image, source=cpr_source_build, target=cpr_target_build, accel=cpr_accel,
+            memory_mib=cpr_settings.memory, cpus=cpr_settings.cpus, boot_timeout=cpr_settings.boot_timeout,
+            transfer_timeout=cpr_settings.transfer_timeout, command_timeout=cpr_settings.command_timeout,
+            artifacts=cpr_artifacts / name if made else cpr_artifacts, key_dir=cpr_session_key.path.parent,
+            vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        config.on_transfer.append(_record_transfer(request.node))
+        vm = CprVM(config)
+        made.append(vm)
+        return vm
+
+    yield make
+    errors = []
+    for vm in made:
+        if vm.ssh is not None or vm.generations:
+            vm.collect_dmesg()
+        summary = [r.as_dict() for r in vm.transfers]
+        request.node.user_properties.append(("cpr_transfers_json", json.dumps(
+            [{"test": request.node.nodeid, "vm": vm.config.name, **s["numbers"], "index": s["index"],
+              "source": s["source"], "target": s["target"]} for s in summary])))
+        if vm.ssh_ready_seconds is not None:
+            request.node.user_properties.append(("cpr_boot_to_ssh_s", round(vm.ssh_ready_seconds, 3)))
+        try:
+            vm.close()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("; ".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def cpr_vm(cpr_vm_factory: Callable[..., CprVM]) -> CprVM:
+    """A booted guest reachable over SSH (`vm.run(...)`), ready for `vm.transfer()`."""
+    vm = cpr_vm_factory()
+    vm.boot()
+    return vm
+
+
+@pytest.fixture
+def cpr_thresholds(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> dict[str, float | None]:
+    """max_blackout_ms / max_lost_probes in force: the cpr_thresholds marker, else the settings."""
+    values: dict[str, float | None] = {"max_blackout_ms": cpr_settings.max_blackout_ms,
+                                       "max_lost_probes": cpr_settings.max_lost_probes}
+    marker = request.node.get_closest_marker("cpr_thresholds")
+    if marker is not None:
+        for key, value in marker.kwargs.items():
+            if key not in values:
+                raise pytest.UsageError(f"cpr_thresholds marker: unknown key {key!r}; use {sorted(values)}")
+            values[key] = value
+    return values
+
+

@@ -1,0 +1,97 @@
+"""pytest hooks of pytest-cpr (fixtures live in fixtures.py, logic in the modules they call)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from pytest_cpr import leftovers, report
+from pytest_cpr.errors import CprError, CprSettingError
+from pytest_cpr.fixtures import REPORT_KEY, SETTINGS_KEY
+from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by import
+    cpr_accel,
+    cpr_artifacts,
+    cpr_image,
+    cpr_session_key,
+    cpr_settings,
+    cpr_source_build,
+    cpr_target_build,
+    cpr_thresholds,
+    cpr_vm,
+    cpr_vm_factory,
+)
+from pytest_cpr.qemu.probe import probe
+from pytest_cpr.settings import SETTINGS, resolve
+
+MARKERS = (
+    "cpr(mode='cpr-transfer'): the test performs CPR in `mode`; skipped where a QEMU build lacks it",
+    "cpr_thresholds(max_blackout_ms=None, max_lost_probes=None): per-test limits on what the guest may "
+    "lose during a transfer (override --cpr-max-blackout-ms / --cpr-max-lost-probes)",
+    "vfio(role='nic', backend=None, count=1): needs `count` passthrough devices of `role` from the host "
+    "config, on `backend` (legacy or iommufd; default: every backend the host supports)",
+    "iommufd: needs the iommufd backend (/dev/iommu and a QEMU with iommufd objects)",
+    "virtual_host: runs inside the virtual hardware host (nested L1 VM with emulated VT-d)",
+    "slow: takes minutes; deselect with -m 'not slow'",
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cpr", "pytest-cpr: QEMU live update (cpr-transfer) tests")
+    for s in SETTINGS:
+        default = f" (default: {s.default})" if s.default is not None else ""
+        group.addoption(s.option, dest=f"cpr_{s.key}", default=None,
+                        help=f"{s.help}{default}; env {s.env}, ini {s.ini}")
+        parser.addini(s.ini, f"pytest-cpr: {s.help}", default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for marker in MARKERS:
+        config.addinivalue_line("markers", marker)
+    cli = {s.key: config.getoption(f"cpr_{s.key}") for s in SETTINGS}
+    ini = {s.ini: config.getini(s.ini) for s in SETTINGS}
+    try:
+        config.stash[SETTINGS_KEY] = resolve(cli, os.environ, ini)
+    except CprSettingError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    settings = config.stash[SETTINGS_KEY]
+    lines = ["pytest-cpr settings:", *settings.header_lines()]
+    for label, binary in (("source", settings.qemu), ("target", settings.target_qemu_binary)):
+        try:
+            build = probe(binary)
+            modes = ",".join(sorted(build.migration_modes))
+            lines.append(f"  {label} QEMU: {build.describe()}; migration modes: {modes}; "
+                         f"vfio-pci: {'vfio-pci' in build.device_types}; iommufd: "
+                         f"{'iommufd' in build.object_types}; VFIO CPR: {build.has_vfio_cpr}")
+        except CprError as exc:
+            lines.append(f"  {label} QEMU: unusable: {exc}")
+    return lines
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # xdist workers: the controller cleans once
+    try:
+        cleaned = leftovers.clean_stale()
+    except PermissionError:
+        cleaned = []
+    session.config.stash[report.CLEANED_KEY] = cleaned
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, Any]:
+    rep = yield
+    item.stash.setdefault(REPORT_KEY, {})[rep.when] = rep
+    return rep
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    report.terminal_summary(terminalreporter, config)
+
+
