@@ -50,6 +50,19 @@ class GuestImage:
     rootfs: Path
     manifest: dict[str, object]
 
+    def boot_files(self, flavor: str = "cloud") -> tuple[Path, Path]:
+        """(kernel, initrd) of a kernel flavour: "cloud" (virtio only, fastest boot) or "full"
+        (Debian's generic kernel with NVMe, igb/igbvf and e1000e drivers, for passthrough guests)."""
+        if flavor == "cloud":
+            return self.kernel, self.initrd
+        if flavor == "full":
+            kernel, initrd = self.directory / "vmlinuz-full", self.directory / "initrd-full.img"
+            if kernel.is_file() and initrd.is_file():
+                return kernel, initrd
+            raise CprSettingError(f"guest image {self.directory} has no 'full' kernel (vmlinuz-full): rebuild "
+                                  "it with `cpr-image build guest --force`")
+        raise CprSettingError(f"unknown kernel flavour {flavor!r}: use cloud or full")
+
     @classmethod
     def load(cls, directory: Path, setting: str = "--cpr-image") -> GuestImage:
         """Validate an image directory; every problem names the setting and the fix."""

@@ -52,6 +52,7 @@ class VmConfig:
     vnet_hdr: bool = False
     probe_interval_ms: float = 5.0
     extra_args: tuple[str, ...] = ()
+    kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
     on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)
 
 
@@ -151,8 +152,9 @@ class CprVM:
         nic = Nic("n0", "52:54:00:77:00:02", tap_fd, f"{self.guest_ip}/{self.network.prefixlen}",
                   vnet_hdr=self.config.vnet_hdr)
         img = self.config.image
+        kernel, initrd = img.boot_files(self.config.kernel_flavor)
         return VmSpec(name=self.config.name, accel=self.config.accel, memory_mib=self.config.memory_mib,
-                      cpus=self.config.cpus, kernel=img.kernel, initrd=img.initrd, rootfs=img.rootfs,
+                      cpus=self.config.cpus, kernel=kernel, initrd=initrd, rootfs=img.rootfs,
                       cmdline=(f"cpr.sshkey={self.key.public_base64}",), nics=(nic,),
                       extra_args=self.config.extra_args)
 
@@ -248,8 +250,8 @@ class CprVM:
         index = len(self.transfers) + 1
         gen = len(self.generations)
         incoming = Incoming(self.rundir / f"mig-g{gen}.sock", self.rundir / f"cpr-g{gen}.sock")
-        result = TransferResult(index, f"{source.label}: QEMU {self._builds[source.label].version_text}",
-                                f"g{gen}: QEMU {build.version_text}")
+        result = TransferResult(index, f"{source.label} {self._builds[source.label].short_version}",
+                                f"g{gen} {build.short_version}")
         self.transfers.append(result)
         try:
             new = cpr_transfer(source, lambda: self._process(gen, build, incoming), incoming, result,

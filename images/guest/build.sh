@@ -7,7 +7,6 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SUITE=${CPR_GUEST_SUITE:-bookworm}
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-KERNEL_PKG=linux-image-cloud-amd64
 PACKAGES=openssh-server,iproute2,iputils-ping,procps,busybox
 ROOTFS_SIZE=${CPR_GUEST_ROOTFS_SIZE:-768M}
 WORK="$OUT/work"
@@ -17,7 +16,7 @@ for tool in debootstrap mke2fs busybox cpio depmod modprobe apt-get dpkg-deb; do
   command -v "$tool" >/dev/null || { echo "missing tool: $tool (apt-get install debootstrap e2fsprogs busybox-static cpio kmod)" >&2; exit 2; }
 done
 [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q 'statically' || true
-mkdir -p "$WORK/rootfs" "$WORK/kernel" "$WORK/initrd"
+mkdir -p "$WORK/rootfs"
 
 step "debootstrap $SUITE minbase with $PACKAGES"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$WORK/rootfs" "$MIRROR" \
@@ -25,34 +24,43 @@ debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$WORK/rootfs" "$MI
   | awk 'NR % 25 == 1 || /Base system/' || true
 [ -x "$WORK/rootfs/usr/sbin/sshd" ] || { echo "debootstrap failed: no sshd in rootfs" >&2; exit 1; }
 
-step "kernel: $KERNEL_PKG from $SUITE"
-( cd "$WORK/kernel"
-  chroot "$WORK/rootfs" true
-  # resolve the versioned image package inside the new rootfs's own apt lists
-  cp /etc/resolv.conf "$WORK/rootfs/etc/resolv.conf" 2>/dev/null || true
-  chroot "$WORK/rootfs" apt-get -q update >/dev/null
-  pkg=$(chroot "$WORK/rootfs" apt-cache depends "$KERNEL_PKG" | awk '/Depends: linux-image-/{print $2; exit}')
+# Two kernels share the rootfs: "cloud" (virtio only, the fastest boot: the default) and "full"
+# (Debian's generic kernel with NVMe, igb/igbvf and e1000e drivers, for passthrough guests).
+fetch_kernel() {  # $1 package; prints the kernel release; leaves the tree in $WORK/k-$1/x
+  local pkg dir="$WORK/k-$1"
+  mkdir -p "$dir"
+  pkg=$(chroot "$WORK/rootfs" apt-cache depends "$1" | awk '/Depends: linux-image-/{print $2; exit}')
   chroot "$WORK/rootfs" sh -c "cd /tmp && apt-get -q download $pkg" >/dev/null
-  mv "$WORK/rootfs/tmp/${pkg}"_*.deb .
-  dpkg-deb -x ./"${pkg}"_*.deb x
-  echo "$pkg $(dpkg-deb -f ./"${pkg}"_*.deb Version)" > pkg.txt )
-KVER=$(ls "$WORK/kernel/x/lib/modules")
-cp "$WORK/kernel/x/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
-
-step "initrd: busybox + virtio modules for $KVER"
-I="$WORK/initrd"
-mkdir -p "$I"/{bin,dev,proc,sys,newroot,lib/mods}
-cp "$(command -v busybox)" "$I/bin/busybox"
-depmod -b "$WORK/kernel/x" "$KVER"
-for m in virtio_pci virtio_blk virtio_net virtio_rng; do
-  modprobe -d "$WORK/kernel/x" -S "$KVER" --show-depends "$m" | awk '$1=="insmod"{print $2}'
-done | awk '!seen[$0]++' | while read -r f; do
-  b=$(basename "$f"); b=${b%.xz}; b=${b%.zst}
-  case $f in *.xz) xz -dc "$f" ;; *.zst) zstd -qdc "$f" ;; *) cat "$f" ;; esac > "$I/lib/mods/$b"
-  echo "$b" >> "$I/lib/mods/order"
-done
-install -m 0755 "$HERE/initrd-init" "$I/init"
-(cd "$I" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initrd.img"
+  mv "$WORK/rootfs/tmp/${pkg}"_*.deb "$dir/"
+  dpkg-deb -x "$dir/${pkg}"_*.deb "$dir/x"
+  echo "$pkg $(dpkg-deb -f "$dir/${pkg}"_*.deb Version)" >> "$OUT/kernels.txt"
+  ls "$dir/x/lib/modules"
+}
+make_initrd() {  # $1 package, $2 kernel release, $3 output suffix, $4... modules
+  local tree="$WORK/k-$1/x" kver=$2 suffix=$3 I="$WORK/initrd-$3"; shift 3
+  mkdir -p "$I"/{bin,dev,proc,sys,newroot,lib/mods}
+  cp "$(command -v busybox)" "$I/bin/busybox"
+  depmod -b "$tree" "$kver"
+  for m in "$@"; do
+    modprobe -d "$tree" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'
+  done | awk '!seen[$0]++' | while read -r f; do
+    b=$(basename "$f"); b=${b%.xz}; b=${b%.zst}
+    case $f in *.xz) xz -dc "$f" ;; *.zst) zstd -qdc "$f" ;; *) cat "$f" ;; esac > "$I/lib/mods/$b"
+    echo "$b" >> "$I/lib/mods/order"
+  done
+  install -m 0755 "$HERE/initrd-init" "$I/init"
+  (cd "$I" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initrd$suffix.img"
+  cp "$tree/boot/vmlinuz-$kver" "$OUT/vmlinuz$suffix"
+}
+cp /etc/resolv.conf "$WORK/rootfs/etc/resolv.conf" 2>/dev/null || true
+chroot "$WORK/rootfs" apt-get -q update >/dev/null
+step "kernel cloud: linux-image-cloud-amd64 (virtio)"
+KVER=$(fetch_kernel linux-image-cloud-amd64)
+make_initrd linux-image-cloud-amd64 "$KVER" "" virtio_pci virtio_blk virtio_net virtio_rng
+step "kernel full: linux-image-amd64 (virtio, nvme, igb, igbvf, e1000e)"
+KVER_FULL=$(fetch_kernel linux-image-amd64)
+make_initrd linux-image-amd64 "$KVER_FULL" "-full" virtio_pci virtio_blk virtio_net virtio_rng ext4 \
+  crc32c_generic nvme igb igbvf e1000e
 
 step "rootfs: busybox init, sshd on tmpfs keys, read-only root"
 R="$WORK/rootfs"
@@ -64,9 +72,9 @@ echo cprguest > "$R/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 cprguest\n' > "$R/etc/hosts"
 : > "$R/etc/machine-id"
 chroot "$R" dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
-cat "$WORK/kernel/pkg.txt" >> "$OUT/packages.txt"
+cat "$OUT/kernels.txt" >> "$OUT/packages.txt"
 rm -rf "$R"/var/cache/apt/archives/*.deb "$R"/var/lib/apt/lists/* "$R"/usr/share/doc "$R"/usr/share/man "$R"/usr/share/locale
 mke2fs -q -t ext4 -L cprroot -d "$R" "$OUT/rootfs.img" "$ROOTFS_SIZE"
-echo "$KVER" > "$OUT/kernel-release"
+printf '%s\n%s\n' "$KVER" "$KVER_FULL" > "$OUT/kernel-release"
 rm -rf "$WORK"
 step "done: $(du -sh --apparent-size "$OUT" | cut -f1)"

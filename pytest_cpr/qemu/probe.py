@@ -38,6 +38,10 @@ class QemuBuild:
     def version_text(self) -> str:
         return ".".join(map(str, self.version)) + (f" ({self.package.strip()})" if self.package.strip() else "")
 
+    @property
+    def short_version(self) -> str:
+        return ".".join(map(str, self.version))
+
     def describe(self) -> str:
         return f"{self.binary} (QEMU {self.version_text})"
 
