@@ -47,7 +47,7 @@ class ProbeStats:
 
 
 @dataclass
-class _Probe:
+class Probe:
     seq: int
     t_send: float
     t_recv: float | None = None
@@ -61,7 +61,7 @@ class IcmpProbe:
     network: GuestNetwork
     target: str
     interval_ms: float = 5.0
-    probes: list[_Probe] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._ident = os.getpid() & 0xFFFF
@@ -92,7 +92,7 @@ class IcmpProbe:
         seq = 0
         while not self._stop.is_set():
             with self._lock:
-                self.probes.append(_Probe(seq, time.time()))
+                self.probes.append(Probe(seq, time.time()))
             try:
                 self._sock.sendto(self._packet(seq), (self.target, 0))
             except OSError:
@@ -141,33 +141,38 @@ class IcmpProbe:
                     thread.join(2)
             self._sock.close()
 
-    def snapshot(self) -> list[_Probe]:
+    def snapshot(self) -> list[Probe]:
         with self._lock:
             return list(self.probes)
 
     def stats(self, t_from: float, t_to: float, grace_s: float = 0.5) -> ProbeStats:
-        """Statistics of probes sent in [t_from, t_to]; a probe counts as lost if no answer came
-        within `grace_s` (the last `grace_s` of the window is not judged)."""
-        probes = [p for p in self.snapshot() if t_from <= p.t_send <= t_to]
-        judged = [p for p in probes if p.t_send <= t_to - grace_s or p.t_recv is not None]
-        answered = sorted((p for p in judged if p.t_recv is not None), key=lambda p: p.t_recv or 0.0)
-        lost = sum(1 for p in judged if p.t_recv is None)
-        reordered = 0
-        highest = -1
-        for p in answered:
-            if p.seq < highest:
-                reordered += 1
-            highest = max(highest, p.seq)
-        max_gap, gap_start, gap_end = 0.0, None, None
-        for a, b in zip(answered, answered[1:], strict=False):
-            assert a.t_recv is not None and b.t_recv is not None
-            if b.t_recv - a.t_recv > max_gap:
-                max_gap, gap_start, gap_end = b.t_recv - a.t_recv, a.t_recv, b.t_recv
-        rtts = sorted((p.t_recv - p.t_send) * 1000 for p in answered if p.t_recv is not None)
-        return ProbeStats(sent=len(judged), answered=len(answered), lost=lost, reordered=reordered,
-                          max_gap_ms=round(max_gap * 1000, 3), gap_start=gap_start, gap_end=gap_end,
-                          rtt_median_ms=round(rtts[len(rtts) // 2], 3) if rtts else None,
-                          interval_ms=self.interval_ms)
+        return probe_stats(self.snapshot(), t_from, t_to, self.interval_ms, grace_s)
+
+
+def probe_stats(all_probes: list[Probe], t_from: float, t_to: float, interval_ms: float,
+                grace_s: float = 0.5) -> ProbeStats:
+    """Statistics of probes sent in [t_from, t_to]; a probe counts as lost if no answer came
+    within `grace_s` (the last `grace_s` of the window is not judged)."""
+    probes = [p for p in all_probes if t_from <= p.t_send <= t_to]
+    judged = [p for p in probes if p.t_send <= t_to - grace_s or p.t_recv is not None]
+    answered = sorted((p for p in judged if p.t_recv is not None), key=lambda p: p.t_recv or 0.0)
+    lost = sum(1 for p in judged if p.t_recv is None)
+    reordered = 0
+    highest = -1
+    for p in answered:
+        if p.seq < highest:
+            reordered += 1
+        highest = max(highest, p.seq)
+    max_gap, gap_start, gap_end = 0.0, None, None
+    for a, b in zip(answered, answered[1:], strict=False):
+        assert a.t_recv is not None and b.t_recv is not None
+        if b.t_recv - a.t_recv > max_gap:
+            max_gap, gap_start, gap_end = b.t_recv - a.t_recv, a.t_recv, b.t_recv
+    rtts = sorted((p.t_recv - p.t_send) * 1000 for p in answered if p.t_recv is not None)
+    return ProbeStats(sent=len(judged), answered=len(answered), lost=lost, reordered=reordered,
+                      max_gap_ms=round(max_gap * 1000, 3), gap_start=gap_start, gap_end=gap_end,
+                      rtt_median_ms=round(rtts[len(rtts) // 2], 3) if rtts else None,
+                      interval_ms=interval_ms)
 
 
 @dataclass

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import pytest
+
+from pytest_cpr.checks import CheckFailed, assert_interrupts, assert_same_boot, assert_thresholds
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures, parse_interrupts, parse_snapshot
+from pytest_cpr.guest.traffic import Probe, probe_stats
+
+INTERRUPTS = """\
+            CPU0       CPU1
+  0:         43          0   IO-APIC   2-edge      timer
+ 24:          0          0   PCI-MSI 16384-edge      virtio0-config
+ 27:        436         12   PCI-MSI 49153-edge      virtio2-input.0
+ 28:        467          0   PCI-MSI 49154-edge      virtio2-output.0
+ 40:          7          1   PCI-MSIX-0000:00:10.0   0-edge      nvme0q0
+NMI:          0          0   Non-maskable interrupts
+ERR:          0
+"""
+
+
+def test_parse_interrupts_keys_counts_and_names() -> None:
+    lines = parse_interrupts(INTERRUPTS)
+    assert lines["27:virtio2-input.0"].counts == (436, 12)
+    assert lines["27:virtio2-input.0"].total == 448
+    assert lines["40:nvme0q0"].chip.startswith("PCI-MSIX-0000:00:10.0")
+    assert lines["ERR:ERR"].total == 0
+    assert "NMI:interrupts" in lines
+
+
+def snap(t: float, uptime: float, counts: dict[str, int], boot: str = "b1") -> GuestSnapshot:
+    text = "            CPU0\n" + "".join(
+        f" {i}:  {n}  PCI-MSI {i}-edge  {name}\n" for i, (name, n) in enumerate(counts.items(), 24))
+    return GuestSnapshot(t, boot, uptime, parse_interrupts(text))
+
+
+PAT = r"^virtio2-(input|output)"
+
+
+def test_interrupts_pass_when_active_vectors_fire_again() -> None:
+    pre = (snap(0, 10, {"virtio2-input.0": 10, "virtio2-output.0": 5}),
+           snap(1, 11, {"virtio2-input.0": 20, "virtio2-output.0": 9}))
+    post = (snap(2, 12, {"virtio2-input.0": 21, "virtio2-output.0": 9}),
+            snap(3, 13, {"virtio2-input.0": 30, "virtio2-output.0": 12}))
+    fired = assert_interrupts(pre, post, PAT)
+    assert fired["before"] == {"24:virtio2-input.0": 10, "25:virtio2-output.0": 4}
+
+
+def test_interrupts_fail_when_a_vector_goes_silent() -> None:
+    pre = (snap(0, 10, {"virtio2-input.0": 10, "virtio2-output.0": 5}),
+           snap(1, 11, {"virtio2-input.0": 20, "virtio2-output.0": 9}))
+    post = (snap(2, 12, {"virtio2-input.0": 21, "virtio2-output.0": 9}),
+            snap(3, 13, {"virtio2-input.0": 30, "virtio2-output.0": 9}))
+    with pytest.raises(CheckFailed, match="stayed silent.*virtio2-output.0"):
+        assert_interrupts(pre, post, PAT)
+
+
+def test_interrupts_fail_when_counts_reset() -> None:
+    pre = (snap(0, 10, {"virtio2-input.0": 10}), snap(1, 11, {"virtio2-input.0": 20}))
+    post = (snap(2, 12, {"virtio2-input.0": 3}), snap(3, 13, {"virtio2-input.0": 9}))
+    with pytest.raises(CheckFailed, match="went backwards"):
+        assert_interrupts(pre, post, PAT)
+
+
+def test_interrupts_fail_when_nothing_matches() -> None:
+    s = snap(0, 1, {"virtio0-config": 1})
+    with pytest.raises(CheckFailed, match="no interrupt line"):
+        assert_interrupts((s, s), (s, s), PAT)
+
+
+def test_same_boot_detects_reboot_and_discontinuity() -> None:
+    assert_same_boot(snap(100, 50, {}), snap(110, 60, {}))
+    with pytest.raises(CheckFailed, match="rebooted"):
+        assert_same_boot(snap(100, 50, {}), snap(110, 3, {}, boot="b2"))
+    with pytest.raises(CheckFailed, match="not continuous"):
+        assert_same_boot(snap(100, 50, {}), snap(110, 40, {}))
+
+
+def test_parse_snapshot_skips_console_noise() -> None:
+    text = "junk\r\n1b4e28ba-2fa1-11d2-883f-0016d3cca427\r\n12.34\r\n" + INTERRUPTS
+    s = parse_snapshot(5.0, text)
+    assert s.boot_id == "1b4e28ba-2fa1-11d2-883f-0016d3cca427" and s.uptime_s == 12.34
+    assert s.irq_totals(PAT) == {"27:virtio2-input.0": 448, "28:virtio2-output.0": 467}
+
+
+def test_probe_stats_gap_loss_and_reorder() -> None:
+    probes = [Probe(i, 100 + i * 0.005, 100 + i * 0.005 + 0.001) for i in range(100)]
+    for p in probes[40:50]:  # 10 probes lost during a blackout
+        p.t_recv = None
+    probes[60].t_recv, probes[61].t_recv = probes[61].t_recv, probes[60].t_recv  # reordered pair
+    stats = probe_stats(probes, 100, 101, 5.0, grace_s=0.0)
+    assert stats.lost == 10 and stats.answered == 90 and stats.reordered == 1
+    assert stats.max_gap_ms == pytest.approx(55.0, abs=0.01)
+
+
+def test_thresholds() -> None:
+    r = TransferResult(1, "g0", "g1", status="completed", probe={"max_gap_ms": 80.0, "lost": 3})
+    assert_thresholds(r, 100, 5)
+    with pytest.raises(CheckFailed, match="blackout 80.0 ms exceeds 50"):
+        assert_thresholds(r, 50, None)
+    with pytest.raises(CheckFailed, match="3 probes lost"):
+        assert_thresholds(r, None, 2)
+
+
+def test_dmesg_failures() -> None:
+    log = "[1.0] ok\n[2.0] NETDEV WATCHDOG: eth0 (igb): transmit queue 0 timed out\n" \
+          "[3.0] nvme nvme0: I/O 12 QID 1 timeout, aborting\n"
+    assert len(dmesg_failures(log)) == 2
+
+
+def test_transfer_numbers_and_overhead_ratio() -> None:
+    r = TransferResult(1, "g0", "g1", status="completed", qemu={"downtime": 3, "total-time": 40})
+    r.timeline = {"step_start": 10.0, "target_spawned": 10.01, "target_listening": 10.03,
+                  "migrate_issued": 10.04, "target_running": 10.09}
+    n = r.numbers()
+    assert n["wall_ms"] == pytest.approx(50.0) and n["spawn_to_listen_ms"] == pytest.approx(20.0)
+    assert r.overhead_ratio == pytest.approx(90 / 60, abs=0.01)

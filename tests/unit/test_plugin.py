@@ -1,0 +1,79 @@
+"""The plugin's own behaviour, through pytester (real pytest runs in a temp dir)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def test_markers_are_registered_with_signatures(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.cpr(mode='cpr-transfer'):*",
+                                 "@pytest.mark.cpr_thresholds(*",
+                                 "@pytest.mark.vfio(role='nic', backend=None, count=1):*"])
+
+
+def test_fixtures_are_documented(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--fixtures")
+    for name in ("cpr_vm ", "cpr_vm_factory", "cpr_settings", "cpr_artifacts", "cpr_accel", "cpr_image"):
+        result.stdout.fnmatch_lines([f"{name}*"])
+    assert "no docstring available" not in result.stdout.str().split("fixtures defined from pytest_cpr")[-1]
+
+
+def test_header_shows_settings_with_their_source(pytester: pytest.Pytester,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CPR_CPUS", "2")
+    pytester.makeini("[pytest]\ncpr_memory = 1G\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("--cpr-accel=tcg")
+    result.stdout.fnmatch_lines(["pytest-cpr settings:", "*accel = 'tcg' (cli)*", "*memory = 1024 (ini)*",
+                                 "*cpus = 2 (env)*", "*source QEMU: *"])
+    assert result.ret == 0
+
+
+def test_bad_setting_is_a_one_line_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("--cpr-memory=lots")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: setting --cpr-memory / CPR_MEMORY / ini cpr_memory from cli: "
+                                 "'lots' is not a size; use a size such as 512M or 2G"])
+    assert "Traceback" not in result.stderr.str()
+
+
+TEST_USING_VM = """
+import pytest
+
+@pytest.mark.cpr(mode="cpr-transfer")
+def test_needs_vm(cpr_vm):
+    pass
+"""
+
+
+def test_missing_image_skips_with_the_build_command(pytester: pytest.Pytester, tmp_path) -> None:
+    pytester.makepyfile(TEST_USING_VM)
+    result = pytester.runpytest(f"--cpr-cache-dir={tmp_path}/empty", "-rs", "--cpr-accel=tcg")
+    result.stdout.fnmatch_lines(["*SKIPPED*guest image not built*run `cpr-image build guest`*"])
+    result.assert_outcomes(skipped=1)
+
+
+def test_strict_turns_host_skips_into_failures(pytester: pytest.Pytester, tmp_path) -> None:
+    pytester.makepyfile(TEST_USING_VM)
+    result = pytester.runpytest(f"--cpr-cache-dir={tmp_path}/empty", "--cpr-strict=on", "--cpr-accel=tcg")
+    result.stdout.fnmatch_lines(["*?cpr-strict? guest image not built*"])
+    result.assert_outcomes(errors=1)
+
+
+def test_unknown_mode_marker_skips_with_build_and_version(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.cpr(mode="cpr-exec")
+def test_exec(cpr_vm_factory):
+    pass
+""")
+    result = pytester.runpytest("-rs", "--cpr-accel=tcg")
+    out = result.stdout.str()
+    if "guest image not built" in out:
+        pytest.skip("guest image not built on this machine")
+    result.stdout.fnmatch_lines(["*SKIPPED*(QEMU 10.*) lacks migration mode cpr-exec (QEMU >= 10.2)*"])

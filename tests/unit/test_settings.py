@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from pytest_cpr.errors import CprSettingError
+from pytest_cpr.settings import BY_KEY, SETTINGS, parse_mib, resolve
+
+
+def test_precedence_cli_over_env_over_ini_over_default() -> None:
+    ini = {"cpr_memory": "1G", "cpr_cpus": "2", "cpr_accel": "kvm"}
+    env = {"CPR_MEMORY": "768M", "CPR_CPUS": "3"}
+    cli = {"memory": "2G"}
+    s = resolve(cli, env, ini)
+    assert (s.memory, s.source["memory"]) == (2048, "cli")
+    assert (s.cpus, s.source["cpus"]) == (3, "env")
+    assert (s.accel, s.source["accel"]) == ("kvm", "ini")
+    assert (s.qemu, s.source["qemu"]) == ("qemu-system-x86_64", "default")
+
+
+def test_target_defaults_to_source_binary() -> None:
+    s = resolve({}, {"CPR_QEMU": "/opt/a/qemu"}, {})
+    assert s.target_qemu_binary == "/opt/a/qemu"
+    s = resolve({}, {"CPR_QEMU": "/opt/a/qemu", "CPR_TARGET_QEMU": "/opt/b/qemu"}, {})
+    assert s.target_qemu_binary == "/opt/b/qemu"
+
+
+@pytest.mark.parametrize(("key", "value", "fix"), [
+    ("memory", "lots", "512M or 2G"),
+    ("memory", "16M", "512M or 2G"),
+    ("cpus", "0", "whole number"),
+    ("accel", "hvf", "auto, kvm or tcg"),
+    ("boot_timeout", "-5", "positive number"),
+    ("vnet_hdr", "maybe", "on or off"),
+])
+def test_bad_values_name_the_setting_and_the_fix(key: str, value: str, fix: str) -> None:
+    with pytest.raises(CprSettingError) as err:
+        resolve({key: value}, {}, {})
+    msg = str(err.value)
+    assert BY_KEY[key].option in msg and BY_KEY[key].env in msg and fix in msg
+    assert "\n" not in msg
+
+
+def test_every_setting_has_three_names_and_a_fix() -> None:
+    for s in SETTINGS:
+        assert s.option.startswith("--cpr-") and s.env.startswith("CPR_") and s.ini.startswith("cpr_")
+        assert s.fix, s.key
+
+
+@pytest.mark.parametrize(("text", "mib"), [("512M", 512), ("2G", 2048), ("1024", 1024), ("1GiB", 1024)])
+def test_parse_mib(text: str, mib: int) -> None:
+    assert parse_mib(text) == mib
+
+
+def test_header_shows_every_setting_and_its_source() -> None:
+    lines = resolve({"cpus": "2"}, {}, {}).header_lines()
+    assert len(lines) == len(SETTINGS)
+    assert any("cpus = 2 (cli)" in ln for ln in lines)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+
+
+def spec(**kw: object) -> VmSpec:
+    base = dict(name="t", accel="tcg", memory_mib=512, cpus=1, kernel=Path("/k"), initrd=Path("/i"),
+                rootfs=Path("/r"), nics=(Nic("n0", "52:54:00:00:00:02", 7, "10.77.0.2/24"),))
+    base.update(kw)
+    return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def argv(s: VmSpec, incoming: Incoming | None = None) -> list[str]:
+    return s.argv("qemu", Path("/run/c.sock"), Path("/a/c.log"), Path("/run/q.sock"), incoming, paused=True)
+
+
+def test_source_uses_shared_memfd_and_aux_ram_share() -> None:
+    a = argv(spec())
+    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in a
+    assert "q35,memory-backend=ram0,aux-ram-share=on" in a
+    assert "-S" in a and "-incoming" not in a
+    assert "tap,id=n0,fd=7" in a
+
+
+def test_target_is_source_plus_incoming_channels() -> None:
+    inc = Incoming(Path("/run/mig.sock"), Path("/run/cpr.sock"))
+    src, tgt = argv(spec()), argv(spec(), inc)
+    assert tgt[: len(src) - 1] == src[:-1]  # identical but for -S and the channels
+    i = tgt.index("-incoming")
+    assert tgt[i + 1] == "unix:/run/mig.sock"
+    cpr = json.loads(tgt[i + 3])
+    assert cpr == {"channel-type": "cpr", "addr": {"transport": "socket", "type": "unix", "path": "/run/cpr.sock"}}
+    assert [c["channel-type"] for c in inc.channels()] == ["main", "cpr"]
+
+
+def test_no_tcp_listeners_in_argv() -> None:
+    inc = Incoming(Path("/run/mig.sock"), Path("/run/cpr.sock"))
+    joined = " ".join(argv(spec(), inc))
+    assert "tcp:" not in joined and "host=" not in joined and '"inet"' not in joined
+
+
+def test_kvm_uses_host_cpu_and_file_backend() -> None:
+    a = argv(spec(accel="kvm", ram_file=Path("/dev/shm/g")))
+    assert a[a.index("-cpu") + 1] == "host" and a[a.index("-accel") + 1] == "kvm"
+    assert "memory-backend-file,id=ram0,size=512M,share=on,mem-path=/dev/shm/g" in a
+
+
+def test_kernel_cmdline_carries_nic_addresses() -> None:
+    s = spec(cmdline=("cpr.sshkey=AAAA",))
+    assert "cpr.net0=52:54:00:00:00:02,10.77.0.2/24" in s.append_line()
+    assert s.append_line().endswith("cpr.sshkey=AAAA")
