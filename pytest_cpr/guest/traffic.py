@@ -168,6 +168,12 @@ def probe_stats(all_probes: list[Probe], t_from: float, t_to: float, interval_ms
         assert a.t_recv is not None and b.t_recv is not None
         if b.t_recv - a.t_recv > max_gap:
             max_gap, gap_start, gap_end = b.t_recv - a.t_recv, a.t_recv, b.t_recv
+    if judged and judged[-1].t_recv is None:
+        # no answer since the last one: the blackout lasts at least until the last judged probe
+        last_answer = answered[-1].t_recv if answered else t_from
+        assert last_answer is not None
+        if judged[-1].t_send - last_answer > max_gap:
+            max_gap, gap_start, gap_end = judged[-1].t_send - last_answer, last_answer, None
     rtts = sorted((p.t_recv - p.t_send) * 1000 for p in answered if p.t_recv is not None)
     return ProbeStats(sent=len(judged), answered=len(answered), lost=lost, reordered=reordered,
                       max_gap_ms=round(max_gap * 1000, 3), gap_start=gap_start, gap_end=gap_end,

@@ -115,3 +115,10 @@ def test_transfer_numbers_and_overhead_ratio() -> None:
     n = r.numbers()
     assert n["wall_ms"] == pytest.approx(50.0) and n["spawn_to_listen_ms"] == pytest.approx(20.0)
     assert r.overhead_ratio == pytest.approx(90 / 60, abs=0.01)
+
+
+def test_probe_stats_blackout_runs_to_the_window_end_when_answers_stop() -> None:
+    probes = [Probe(i, 100 + i * 0.005, 100 + i * 0.005 + 0.001 if i < 20 else None) for i in range(200)]
+    stats = probe_stats(probes, 100, 101, 5.0, grace_s=0.0)
+    assert stats.lost == 180 and stats.gap_end is None
+    assert stats.max_gap_ms == pytest.approx((199 - 19) * 5 - 1, abs=0.01)

@@ -1,0 +1,44 @@
+"""The checks must fail when live update breaks the guest: a test that passes on a broken guest is
+worthless. Here the guest's NIC link goes down across the transfer (set on the source just before
+migrate; virtio-net migrates its link state), so the target resumes a guest whose network is dead."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_cpr import checks
+from pytest_cpr.checks import CheckFailed
+from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.vm import CprVM
+
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+
+
+def test_connectivity_and_interrupt_checks_catch_a_dead_nic(cpr_vm: CprVM) -> None:
+    source = cpr_vm.current
+    pattern = cpr_vm.nic_irq_pattern()
+
+    def link_down(_target: QemuProcess) -> None:
+        source.qmp.execute("set_link", {"name": "n0", "up": False})
+
+    with cpr_vm.traffic(tcp=False) as traffic:
+        s0 = cpr_vm.snapshot()
+        traffic.wait_answers(100, 60.0)
+        s1 = cpr_vm.snapshot()
+        result = cpr_vm.transfer(before_migrate=link_down)
+        checks.assert_completed(result)  # QEMU itself reports success...
+        with pytest.raises(CheckFailed, match="did not run a command after it"):
+            checks.assert_connectivity(result)  # ...but the guest is unreachable
+        s2 = cpr_vm.snapshot(via="console")
+        traffic.wait_sent(400)
+        s3 = cpr_vm.snapshot(via="console")
+        with pytest.raises(CheckFailed, match=r"stayed silent after it.*input"):
+            checks.assert_interrupts((s0, s1), (s2, s3), pattern)
+        checks.assert_same_boot(s1, s2)  # the guest itself survived
+        assert result.probe is not None and "first_probe_after" not in result.timeline
+
+        # positive control: with the link back up the same SSH session and the probes recover,
+        # so it was the link (what the checks are for) and not the harness that failed
+        cpr_vm.current.qmp.execute("set_link", {"name": "n0", "up": True})
+        traffic.wait_answers(50, 60.0)
+        assert cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == s0.boot_id
