@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up this host for pytest-cpr from scratch: QEMU >= 10.0 (Debian 12: bookworm-backports), the
+# image tools, a virtualenv with the plugin, and the images (each cached by a hash of its recipe).
+# Run as root. Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "ci/bootstrap.sh: run as root (apt, debootstrap, network namespaces)" >&2; exit 1; }
+log() { printf '[bootstrap %(%H:%M:%S)T] %s\n' -1 "$*"; }
+export DEBIAN_FRONTEND=noninteractive
+. /etc/os-release
+QEMU_SUITE=()
+if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+  # bookworm's own QEMU is 7.2 (no cpr-transfer); backports has 10.0.x
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    log "adding bookworm-backports"
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      > /etc/apt/sources.list.d/bookworm-backports.sources
+  fi
+  QEMU_SUITE=(-t bookworm-backports)
+elif [ "${ID:-}" != debian ] && [ "${ID_LIKE:-}" != debian ]; then
+  echo "ci/bootstrap.sh knows Debian and Ubuntu; elsewhere install QEMU >= 10.0, debootstrap, busybox (static)," \
+       "cpio, kmod, e2fsprogs and iproute2 by hand, then run the pip and cpr-image steps below" >&2
+  exit 1
+fi
+log "apt: QEMU and image tools"
+apt-get update -q >/dev/null || log "apt-get update reported errors (continuing with the lists it has)"
+apt-get install -y -q --no-install-recommends "${QEMU_SUITE[@]}" qemu-system-x86 qemu-utils >/dev/null
+apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd \
+  e2fsprogs iproute2 ca-certificates >/dev/null
+qemu-system-x86_64 --version | head -1
+log "python: virtualenv .venv with pytest-cpr and its dev tools"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import pytest_cpr, qemu.qmp, paramiko, pexpect, pyroute2' 
+log "images"
+.venv/bin/cpr-image build guest
+for recipe in images/*/; do
+  name=$(basename "$recipe")
+  [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] || .venv/bin/cpr-image build "$name"
+done
+log "ready"
