@@ -35,6 +35,10 @@ class TransferResult:
     source_exit: str | None = None
     notes: list[str] = field(default_factory=list)
     interrupts: dict[str, dict[str, int]] | None = None  # vectors that fired before / after
+    # Longest stall of a guest DMA stream (e.g. NVMe I/O) across the transfer; filled by the code
+    # that runs such a stream (None: no DMA stream measured).
+    dma_stall_ms: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
 
     def ms(self, start: str, end: str) -> float | None:
         t = self.timeline
@@ -78,6 +82,8 @@ class TransferResult:
             "reordered_probes": probe.get("reordered"),
             "ssh_after_ms": self.ms("target_running", "ssh_answered"),
             "overhead_ratio": self.overhead_ratio,
+            "dma_stall_ms": self.dma_stall_ms,
+            "probe_send_stall_ms": probe.get("max_send_gap_ms"),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,21 +133,28 @@ class _TargetMonitor:
 
 def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
                  result: TransferResult, timeout: float,
-                 before_migrate: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
+                 before_migrate: Callable[[QemuProcess], None] | None = None,
+                 after_spawn: Callable[[QemuProcess], None] | None = None,
+                 after_migrate: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
     """Transfer the guest from `source` to a new QEMU made by `start_target`; returns the target.
 
     On failure raises TransferFailed (result filled in as far as it got); the source is left as
     QEMU left it (it should be running the guest again) and the target is shut down.
-    `before_migrate` is a fault-injection hook called once the target listens.
+    Fault-injection hooks, each called with the target: `after_spawn` right after it was started,
+    `before_migrate` once it listens, `after_migrate` once the source accepted `migrate`.
+    A source that was not running (paused guest) leaves the target paused too, as QEMU does.
     """
     t = result.timeline
+    source_status = source.qmp.execute("query-status")["status"]
     t["step_start"] = time.time()
     target: QemuProcess | None = None
     try:
         target = start_target()
         t["target_spawned"] = target.t_spawn
+        if after_spawn is not None:
+            after_spawn(target)
         t["target_listening"] = target.wait_for_path(incoming.cpr_socket, timeout,
-                                                     f"cpr channel of target {target.label}")
+                                                     f"cpr channel of target {target.label}", listening=True)
         monitor = _TargetMonitor(target, timeout)
         if before_migrate is not None:
             before_migrate(target)
@@ -151,6 +164,8 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
         qmp.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
         t["migrate_issued"] = time.time()
         qmp.execute("migrate", {"channels": incoming.channels()})
+        if after_migrate is not None:
+            after_migrate(target)
         final = qmp.wait_event(_status_is(*FINAL_STATES), timeout, "MIGRATION completed/failed",
                                since=mark, alive=source.exit_reason)
         t["migration_" + final["data"]["status"]] = _event_time(final)
@@ -163,11 +178,19 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
         result.qemu["ram"] = {k: info.get("ram", {}).get(k) for k in ("transferred", "total", "duplicate")}
         result.status = str(info.get("status"))
         if result.status != "completed":
+            result.error = str(info.get("error-desc", f"migration {result.status}"))
+            why = _target_exit(target)
+            if why:
+                result.notes.append(why)
             raise TransferFailed(f"cpr-transfer {result.index} ended {result.status}: "
-                                 f"{info.get('error-desc', 'no error description')}", result)
+                                 f"{info.get('error-desc', 'no error description')}"
+                                 + (f"; {why}" if why else ""), result)
         monitor.join()
         tq = target.qmp
-        if tq.execute("query-status")["status"] != "running":
+        if source_status != "running":
+            result.notes.append(f"source was {source_status} before migrate; the target is left "
+                                f"{tq.execute('query-status')['status']} (no target_running)")
+        elif tq.execute("query-status")["status"] != "running":
             ev = tq.wait_event(lambda e: e.get("event") == "RESUME", timeout, "RESUME of the target",
                                alive=target.exit_reason)
             t["target_running"] = _event_time(ev)
@@ -192,6 +215,12 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
     except BaseException:
         _abandon(target)
         raise
+
+
+def _target_exit(target: QemuProcess, grace: float = 2.0) -> str | None:
+    """Why the target went away, if it did (it usually exits right after a failed load)."""
+    target.wait_exit(grace)
+    return target.exit_reason()
 
 
 def _abandon(target: QemuProcess | None) -> None:

@@ -3,6 +3,7 @@ without pytest, and cleans up. Override any of them in a conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from pytest_cpr.cpr import TransferResult
-from pytest_cpr.errors import CprSettingError
+from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path
 from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
@@ -23,6 +24,18 @@ from pytest_cpr.vm import CprVM, VmConfig
 
 SETTINGS_KEY = pytest.StashKey[CprSettings]()
 REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@contextlib.contextmanager
+def one_line_errors(what: str) -> Iterator[None]:
+    """Report pytest-cpr's own errors as a one-line failure (no traceback into the plugin): a
+    CprSettingError names the setting and the fix already; others are prefixed with `what`."""
+    try:
+        yield
+    except CprSettingError as exc:
+        raise pytest.fail.Exception(f"[pytest-cpr] {exc}", pytrace=False) from None
+    except CprError as exc:
+        raise pytest.fail.Exception(f"[pytest-cpr] {what}: {exc}", pytrace=False) from None
 
 
 def host_unavailable(reason: str, settings: CprSettings) -> None:
@@ -39,10 +52,9 @@ def cpr_settings(pytestconfig: pytest.Config) -> CprSettings:
 
 
 def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
-    try:
+    with one_line_errors(f"probing {binary}"):
         return probe(binary, option)
-    except CprSettingError as exc:
-        raise pytest.UsageError(str(exc)) from None
+    raise AssertionError("unreachable")  # pragma: no cover - pytest.fail raises
 
 
 @pytest.fixture(scope="session")
@@ -60,16 +72,18 @@ def cpr_target_build(cpr_settings: CprSettings) -> QemuBuild:
 @pytest.fixture(scope="session")
 def cpr_image(cpr_settings: CprSettings) -> GuestImage:
     """The guest image: --cpr-image, else the cached build of images/guest. Never built here."""
-    if cpr_settings.image:
-        return GuestImage.load(Path(cpr_settings.image), "--cpr-image / CPR_IMAGE")
-    try:
-        path = cached_path("guest", Path(cpr_settings.cache_dir))
-    except CprSettingError as exc:
-        raise pytest.UsageError(f"{exc}; or give a built image with --cpr-image") from None
-    if not path.exists():
-        host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
-                         "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
-    return GuestImage.load(path, "--cpr-image / CPR_IMAGE")
+    with one_line_errors("guest image"):
+        if cpr_settings.image:
+            return GuestImage.load(Path(cpr_settings.image), "--cpr-image / CPR_IMAGE")
+        try:
+            path = cached_path("guest", Path(cpr_settings.cache_dir))
+        except CprSettingError as exc:
+            raise CprSettingError(f"{exc}; or give a built image with --cpr-image") from None
+        if not path.exists():
+            host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
+                             "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
+        return GuestImage.load(path, "--cpr-image / CPR_IMAGE")
+    raise AssertionError("unreachable")  # pragma: no cover - pytest.fail raises
 
 
 @pytest.fixture(scope="session")
@@ -100,9 +114,14 @@ def cpr_artifacts(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> 
     With keep_artifacts=on-failure it is removed when the test passed."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid).strip("_")[-150:]
     path = Path(cpr_settings.artifacts).resolve() / name
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    try:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise pytest.fail.Exception(f"[pytest-cpr] --cpr-artifacts / CPR_ARTIFACTS / ini cpr_artifacts: "
+                                    f"cannot create {path}: {exc.strerror}; use a writable directory",
+                                    pytrace=False) from None
     request.node.user_properties.append(("cpr_artifacts", str(path)))
     yield path
     report = request.node.stash.get(REPORT_KEY, {}).get("call")
@@ -126,9 +145,9 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
     networks removed at teardown; the guest dmesg and the transfer numbers are saved."""
     marker = request.node.get_closest_marker("cpr")
     mode = (marker.kwargs.get("mode") or (marker.args[0] if marker.args else None)) if marker else None
-    for build in (cpr_source_build, cpr_target_build):
+    for build, option in ((cpr_source_build, "--cpr-qemu"), (cpr_target_build, "--cpr-target-qemu")):
         if (reason := build.missing(mode or "cpr-transfer")) is not None:
-            host_unavailable(reason, cpr_settings)
+            host_unavailable(f"{reason}; set {option} to a build that has it", cpr_settings)
     made: list[CprVM] = []
 
     def make(**overrides: Any) -> CprVM:
@@ -169,7 +188,9 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
 def cpr_vm(cpr_vm_factory: Callable[..., CprVM]) -> CprVM:
     """A booted guest reachable over SSH (`vm.run(...)`), ready for `vm.transfer()`."""
     vm = cpr_vm_factory()
-    vm.boot()
+    with one_line_errors(f"guest {vm.config.name} did not boot (--cpr-boot-timeout "
+                         f"{vm.config.boot_timeout:g}s; logs: {vm.artifacts})"):
+        vm.boot()
     return vm
 
 

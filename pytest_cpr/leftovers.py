@@ -66,6 +66,11 @@ def _owner_alive(rec: dict[str, Any]) -> bool:
     return owner > 0 and _proc_start_time(owner) == rec.get("owner_start")
 
 
+def is_stale(rec: dict[str, Any]) -> bool:
+    """True when the harness process that wrote the record is gone (what clean_stale() cleans)."""
+    return not _owner_alive(rec)
+
+
 def _clean_process(rec: dict[str, Any]) -> str:
     pid = int(rec["pid"])
     if _proc_start_time(pid) != rec.get("start"):
@@ -95,10 +100,19 @@ def records() -> list[dict[str, Any]]:
 
 def clean_stale() -> list[str]:
     """Clean every record whose owning harness process is gone; returns what was done."""
+    return _clean(is_stale)
+
+
+def clean_own() -> list[str]:
+    """Clean every record this process wrote, now (a second Ctrl-C: kill what is left)."""
+    return _clean(lambda rec: int(rec.get("owner", 0)) == os.getpid())
+
+
+def _clean(select: Callable[[dict[str, Any]], bool]) -> list[str]:
     done = []
     # processes first: they hold taps and device fds
     for rec in sorted(records(), key=lambda r: r.get("kind") != "proc"):
-        if _owner_alive(rec):
+        if not select(rec):
             continue
         cleaner = _CLEANERS.get(rec.get("kind", ""))
         if cleaner is None:

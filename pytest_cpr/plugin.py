@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
+import warnings
 from collections.abc import Generator
 from typing import Any
 
 import pytest
 
-from pytest_cpr import leftovers, report
+from pytest_cpr import leftovers, report, vfio_fixtures
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.fixtures import REPORT_KEY, SETTINGS_KEY
 from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by import
@@ -25,7 +29,8 @@ from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by imp
     cpr_vm_factory,
 )
 from pytest_cpr.qemu.probe import probe
-from pytest_cpr.settings import SETTINGS, resolve
+from pytest_cpr.settings import SETTINGS, resolve, unknown_ini_keys
+from pytest_cpr.vfio_fixtures import cpr_host, cpr_vfio, cpr_vfio_backend, cpr_vfio_guest  # noqa: F401
 
 MARKERS = (
     "cpr(mode='cpr-transfer'): the test performs CPR in `mode`; skipped where a QEMU build lacks it",
@@ -53,10 +58,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     cli = {s.key: config.getoption(f"cpr_{s.key}") for s in SETTINGS}
     ini = {s.ini: config.getini(s.ini) for s in SETTINGS}
+    with warnings.catch_warnings():  # config.inicfg: deprecated in pytest 9, no public successor yet
+        warnings.simplefilter("ignore")
+        ini_keys = list(getattr(config, "inicfg", {}))
+    if unknown := unknown_ini_keys(ini_keys):
+        raise pytest.UsageError("; ".join(unknown))
     try:
         config.stash[SETTINGS_KEY] = resolve(cli, os.environ, ini)
     except CprSettingError as exc:
         raise pytest.UsageError(str(exc)) from None
+    vfio_fixtures.configure(config, config.stash[SETTINGS_KEY])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -71,10 +82,48 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                          f"{'iommufd' in build.object_types}; VFIO CPR: {build.has_vfio_cpr}")
         except CprError as exc:
             lines.append(f"  {label} QEMU: unusable: {exc}")
-    return lines
+    return lines + vfio_fixtures.header_lines(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    vfio_fixtures.generate_tests(metafunc)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    vfio_fixtures.group_items(config, items)
+
+
+def _second_interrupt_kills_leftovers() -> None:
+    """Ctrl-C once: KeyboardInterrupt as usual, teardown shuts every QEMU down. Ctrl-C again (the
+    teardown would be cut short): first SIGKILL this run's QEMU processes and delete its namespaces."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+    interrupts = 0
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts > 1:
+            done = leftovers.clean_own()
+            sys.stderr.write("\npytest-cpr: second Ctrl-C: " + ("; ".join(done) or "nothing left to kill")
+                             + "\n")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    _restore.append(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+
+
+_restore: list[Any] = []
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _restore:
+        _restore.pop()()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    _second_interrupt_kills_leftovers()
     if hasattr(session.config, "workerinput"):
         return  # xdist workers: the controller cleans once
     try:
@@ -88,7 +137,21 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, Any]:
     rep = yield
     item.stash.setdefault(REPORT_KEY, {})[rep.when] = rep
+    if rep.failed and call.excinfo is not None and call.excinfo.errisinstance(CprError):
+        rep.longrepr = _without_plugin_frames(call.excinfo)
     return rep
+
+
+def _without_plugin_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> Any:
+    """A pytest-cpr error as the user's own frames plus the message: the message names what failed,
+    the setting and the fix, so frames inside the plugin only hide it."""
+    package = os.path.dirname(__file__)
+
+    def user_frames(info: pytest.ExceptionInfo[BaseException]) -> Any:
+        tb = info.traceback.filter(info)
+        return tb.filter(lambda entry: not str(entry.path).startswith(package))
+
+    return excinfo.getrepr(style="short", tbfilter=user_frames, chain=False)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -10,12 +10,17 @@ import pytest
 
 CLEANED_KEY = pytest.StashKey[list[str]]()
 
-COLUMNS = (("test", "test"), ("#", "index"), ("source -> target", "path"), ("status", "status"),
-           ("QEMU downtime ms", "qemu_downtime_ms"), ("blackout ms", "blackout_ms"),
-           ("lost", "lost_probes"), ("wall ms", "wall_ms"), ("result", "outcome"))
+# (header, row key, numeric); optional columns are shown only when some row has a value.
+COLUMNS = (("test", "test", False), ("#", "index", True), ("QEMU source -> target", "path", False),
+           ("status", "status", False), ("QEMU downtime ms", "qemu_downtime_ms", True),
+           ("QEMU total ms", "qemu_total_ms", True), ("guest blackout ms", "blackout_ms", True),
+           ("lost probes", "lost_probes", True), ("DMA stall ms", "dma_stall_ms", True),
+           ("result", "outcome", False))
+OPTIONAL = ("dma_stall_ms",)
 
 
 def collect_rows(terminalreporter: Any) -> list[dict[str, Any]]:
+    """One row per transfer of the run, from the cpr_transfers_json property of each test."""
     rows: list[dict[str, Any]] = []
     for reports in terminalreporter.stats.values():
         for rep in reports:
@@ -34,7 +39,7 @@ def collect_rows(terminalreporter: Any) -> list[dict[str, Any]]:
                 outcomes[rep.nodeid] = key if rep.when == "call" else "error"
     for row in rows:
         row["outcome"] = outcomes.get(row["test"], "?")
-    return sorted(rows, key=lambda r: (r["test"], r["index"]))
+    return sorted(rows, key=lambda r: (r["test"], r.get("vm", ""), r["index"]))
 
 
 def _cell(value: Any) -> str:
@@ -45,18 +50,51 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _test_name(row: dict[str, Any]) -> str:
+    name = str(row["test"]).split("::")[-1]
+    vm = row.get("vm")
+    return f"{name} ({vm})" if vm and vm != "vm0" else name
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    return [c for c in COLUMNS if c[1] not in OPTIONAL or any(r.get(c[1]) is not None for r in rows)]
+
+
 def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    header = [c[0] for c in COLUMNS]
-    body = [[_cell(r.get(key)) if key != "test" else r["test"].split("::")[-1] for _, key in COLUMNS]
-            for r in rows]
+    """The summary table: aligned plain text for the terminal, or GitHub Markdown."""
+    columns = _columns(rows)
+    header = [c[0] for c in columns]
+    body = [[_test_name(r) if key == "test" else _cell(r.get(key)) for _, key, _ in columns] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---:" if numeric else "---" for _, _, numeric in columns) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    aligns = [">" if numeric else "<" for _, _, numeric in columns]
+    fmt = "  ".join(f"{{:{a}{w}}}" for a, w in zip(aligns, widths, strict=True))
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)),
-                      *(fmt.format(*row) for row in body)])
+                      *(fmt.format(*row).rstrip() for row in body)])
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def overview(rows: list[dict[str, Any]]) -> str:
+    """One line: how many transfers, and median / max of QEMU downtime and guest blackout."""
+    done = [r for r in rows if r.get("status") == "completed"]
+    parts = [f"{len(rows)} transfer(s), {len(done)} completed"]
+    for label, key in (("QEMU downtime", "qemu_downtime_ms"), ("guest blackout", "blackout_ms")):
+        values = [float(r[key]) for r in done if r.get(key) is not None]
+        if values:
+            parts.append(f"{label} median {_median(values):.1f} ms, max {max(values):.1f} ms")
+    lost = [int(r["lost_probes"]) for r in done if r.get("lost_probes") is not None]
+    if lost:
+        parts.append(f"probes lost {sum(lost)}")
+    return "; ".join(parts)
 
 
 def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -70,7 +108,15 @@ def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
         return
     terminalreporter.write_sep("=", "cpr-transfer summary")
     terminalreporter.write_line(table(rows))
+    terminalreporter.write_line(overview(rows))
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
         with open(summary_file, "a", encoding="utf-8") as fh:
-            fh.write("## cpr-transfer summary\n\n" + table(rows, markdown=True) + "\n\n")
+            fh.write(markdown_summary(rows))
+
+
+def markdown_summary(rows: list[dict[str, Any]]) -> str:
+    """The section appended to $GITHUB_STEP_SUMMARY."""
+    return ("## cpr-transfer summary\n\n" + overview(rows) + "\n\n" + table(rows, markdown=True) + "\n\n"
+            "Times in ms; guest blackout = longest interval between two answered probes (host side, "
+            "ICMP every few ms); QEMU downtime/total from query-migrate on the source.\n\n")

@@ -6,9 +6,10 @@ and validation, so a setting cannot exist in one place and not another.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,17 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def unknown_ini_keys(keys: Iterable[str]) -> list[str]:
+    """One line per cpr_* ini key that is no setting (a typo is otherwise silently ignored)."""
+    known = [s.ini for s in SETTINGS]
+    lines = []
+    for key in sorted(k for k in keys if k.startswith("cpr_") and k not in known):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"pytest-cpr ini keys: {', '.join(known)}"
+        lines.append(f"unknown pytest-cpr ini key {key}: {hint}")
+    return lines
 
 
 @dataclass

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_cpr import checks
+from pytest_cpr import checks, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
@@ -53,16 +53,22 @@ class VmConfig:
     probe_interval_ms: float = 5.0
     extra_args: tuple[str, ...] = ()
     kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
+    cmdline: tuple[str, ...] = ()  # more guest kernel args, e.g. cpr.net1=<guest PCI addr>,<ip/prefix>
     on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)
+    plots: bool = True  # draw timeline-t<i>.png/.svg per transfer (needs matplotlib)
 
 
 class Traffic:
     """Probe stream + TCP stream running while the caller transfers the guest."""
 
-    def __init__(self, vm: CprVM, tcp: bool = True) -> None:
+    def __init__(self, vm: CprVM, tcp: bool = True, target: str | None = None,
+                 host_ip: str | None = None) -> None:
+        """`target`: the guest address probed (default: the virtio NIC's); `host_ip`: the namespace
+        address the guest streams to (default: the bridge's), e.g. a passthrough NIC and its peer."""
         self.vm = vm
-        self.probe = IcmpProbe(vm.network, vm.guest_ip, vm.config.probe_interval_ms)
-        self.stream: TcpStream | None = TcpStream(vm.network, vm.ssh) if tcp else None
+        self.target = target or vm.guest_ip
+        self.probe = IcmpProbe(vm.network, self.target, vm.config.probe_interval_ms)
+        self.stream: TcpStream | None = TcpStream(vm.network, vm.ssh, host_ip=host_ip) if tcp else None
         self.stream_result: StreamResult | None = None
 
     def __enter__(self) -> Traffic:
@@ -91,7 +97,7 @@ class Traffic:
             if got >= count:
                 return got
             if time.monotonic() > deadline:
-                raise CprTimeout(f"only {got} of {count} probes to {self.vm.guest_ip} answered within "
+                raise CprTimeout(f"only {got} of {count} probes to {self.target} answered within "
                                  f"{timeout:.0f}s (guest network down?); logs: {self.vm.artifacts}")
             time.sleep(self.probe.interval_ms / 1000)
 
@@ -155,12 +161,15 @@ class CprVM:
         kernel, initrd = img.boot_files(self.config.kernel_flavor)
         return VmSpec(name=self.config.name, accel=self.config.accel, memory_mib=self.config.memory_mib,
                       cpus=self.config.cpus, kernel=kernel, initrd=initrd, rootfs=img.rootfs,
-                      cmdline=(f"cpr.sshkey={self.key.public_base64}",), nics=(nic,),
+                      machine=self.config.source.q35_machine,
+                      cmdline=(f"cpr.sshkey={self.key.public_base64}", *self.config.cmdline), nics=(nic,),
                       extra_args=self.config.extra_args)
 
     def _process(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
         assert self.spec is not None
         label = f"g{generation}"
+        if retries := sum(1 for p in self._failed if p.label.split("-")[0] == label):
+            label += f"-retry{retries}"  # a failed target of this generation keeps its own logs
         qmp_sock = self.rundir / f"qmp-{label}.sock"
         con_sock = self.rundir / f"console-{label}.sock"
         con_log = self.artifacts / f"console-{label}.log"
@@ -236,12 +245,14 @@ class CprVM:
         proc = self.current
         return proc.console if proc.console is not None else proc.connect_console(10)
 
-    def traffic(self, tcp: bool = True) -> Traffic:
-        return Traffic(self, tcp)
+    def traffic(self, tcp: bool = True, target: str | None = None, host_ip: str | None = None) -> Traffic:
+        return Traffic(self, tcp, target, host_ip)
 
     # ---- cpr
     def transfer(self, target: QemuBuild | None = None,
-                 before_migrate: Callable[[QemuProcess], None] | None = None) -> TransferResult:
+                 before_migrate: Callable[[QemuProcess], None] | None = None,
+                 after_spawn: Callable[[QemuProcess], None] | None = None,
+                 after_migrate: Callable[[QemuProcess], None] | None = None) -> TransferResult:
         """cpr-transfer the guest to a new QEMU process (of `target`, default: the configured target
         build). The old process is retired; the new one owns the guest. With traffic running,
         waits for the probe stream to come back and records the guest-visible blackout."""
@@ -253,9 +264,11 @@ class CprVM:
         result = TransferResult(index, f"{source.label} {self._builds[source.label].short_version}",
                                 f"g{gen} {build.short_version}")
         self.transfers.append(result)
+        for stale in (incoming.main_socket, incoming.cpr_socket):
+            stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
         try:
             new = cpr_transfer(source, lambda: self._process(gen, build, incoming), incoming, result,
-                               self.config.transfer_timeout, before_migrate)
+                               self.config.transfer_timeout, before_migrate, after_spawn, after_migrate)
         except TransferFailed:
             self._failed_generation_cleanup(gen)
             self._record(result)
@@ -273,18 +286,11 @@ class CprVM:
 
     def _after_transfer(self, result: TransferResult) -> None:
         t = result.timeline
-        traffic = self.traffic_now
-        if traffic is not None:
-            try:
-                traffic.wait_answers(20, 15.0, since=t["target_running"])
-            except CprTimeout as exc:
-                result.notes.append(f"probe stream did not recover: {exc}")
-            answers = [p.t_recv for p in traffic.probe.snapshot()
-                       if p.t_recv is not None and p.t_recv >= t["target_running"]]
-            if answers:
-                t["first_probe_after"] = min(answers)
-            stats = traffic.probe.stats(t["step_start"], time.time())
-            result.probe = stats.as_dict()
+        if "target_running" not in t:  # source was paused: so is the target, nothing to wait for
+            self._record(result)
+            return
+        if self.traffic_now is not None:
+            self._measure_probes(result, self.traffic_now)
         try:
             assert self.ssh is not None
             self.ssh.run("true", timeout=min(self.config.command_timeout, 20.0))
@@ -293,11 +299,56 @@ class CprVM:
             result.notes.append(f"SSH after transfer failed: {exc}")
         self._record(result)
 
+    @staticmethod
+    def _measure_probes(result: TransferResult, traffic: Traffic) -> None:
+        """Probe statistics of the window from the step start to 20 answers after the target resumed.
+        Every probe of the window is judged: one still unanswered once probes sent after the window
+        came back is lost."""
+        t = result.timeline
+        try:
+            traffic.wait_answers(20, 15.0, since=t["target_running"])
+            window_end = time.time()
+            traffic.wait_answers(3, 5.0, since=window_end)
+        except CprTimeout as exc:
+            result.notes.append(f"probe stream did not recover: {exc}")
+            window_end = time.time()
+        probes = traffic.probe.snapshot()
+        answers = [p.t_recv for p in probes if p.t_recv is not None and p.t_recv >= t["target_running"]]
+        if answers:
+            t["first_probe_after"] = min(answers)
+        stats = traffic.probe.stats(t["step_start"], window_end, grace_s=0.0)
+        series = plot.ProbeSeries.of(probes, t["step_start"], window_end, traffic.probe.interval_ms)
+        result.probe = {**stats.as_dict(), **series.send_stall(stats.gap_start, stats.gap_end)}
+
     def _record(self, result: TransferResult) -> None:
+        self._save_measurements(result)
         for hook in self.config.on_transfer:
             hook(result)
         (self.artifacts / "transfers.json").write_text(
             json.dumps([r.as_dict() for r in self.transfers], indent=1, default=str))
+
+    def _save_measurements(self, result: TransferResult) -> None:
+        """probe-t<i>.json (every probe of the transfer window), timeline-t<i>.json and the
+        timeline-t<i>.png/.svg picture, in the artifacts; their paths go to result.files."""
+        t, i = result.timeline, result.index
+        series = None
+        traffic = self.traffic_now
+        if traffic is not None and "step_start" in t:
+            series = plot.ProbeSeries.of(traffic.probe.snapshot(), t["step_start"] - plot.CONTEXT_BEFORE_S,
+                                         time.time(), traffic.probe.interval_ms)
+            result.files["probe_series"] = str(series.save(self.artifacts / f"probe-t{i}.json"))
+        if series is not None and self.config.plots:
+            try:
+                drawn = plot.plot_transfer(result.as_dict(), series, self.artifacts / f"timeline-t{i}")
+            except Exception as exc:  # a picture must not fail a transfer
+                result.notes.append(f"timeline plot failed: {exc!r}")
+            else:
+                result.files.update({f"plot_{p.suffix[1:]}": str(p) for p in drawn})
+                if not drawn:
+                    result.notes.append(plot.MISSING_MATPLOTLIB)
+        path = self.artifacts / f"timeline-t{i}.json"
+        result.files["timeline"] = str(path)
+        path.write_text(json.dumps(plot.timeline_document(result.as_dict()), indent=1, default=str))
 
     # ---- diagnostics and cleanup
     def collect_dmesg(self) -> str:

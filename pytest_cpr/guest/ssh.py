@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paramiko
 
-from pytest_cpr.errors import CprTimeout
+from pytest_cpr.errors import CprError, CprTimeout
 
 
 @dataclass
@@ -82,6 +82,15 @@ class GuestSSH:
                 client.connect(self.address, username="root", pkey=self.key.key, sock=sock,
                                timeout=10, banner_timeout=20, auth_timeout=20, look_for_keys=False,
                                allow_agent=False)
+            except paramiko.AuthenticationException as exc:
+                client.close()
+                raise CprError(f"SSH to {self.address}: the guest refused the session key ({exc}): its "
+                               "authorized key is not this session's (cpr.sshkey= on the kernel command "
+                               "line must carry the session's public key)") from None
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise CprError(f"SSH to {self.address}: host key differs from the one the guest printed "
+                               f"on its console ({exc}): another machine answers on this address") from None
             except (OSError, paramiko.SSHException) as exc:
                 client.close()
                 last = exc

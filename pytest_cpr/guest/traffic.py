@@ -199,12 +199,13 @@ class TcpStream:
     byte count and SHA-256: complete and in order, or the check fails."""
 
     def __init__(self, network: GuestNetwork, ssh: GuestSSH, lines_per_tick: int = 64,
-                 tick_s: float = 0.01) -> None:
+                 tick_s: float = 0.01, host_ip: str | None = None) -> None:
         self.network, self.ssh = network, ssh
+        self.host_ip = host_ip or network.host_ip  # the guest connects here (another NIC's peer if given)
         self.lines_per_tick, self.tick_s = lines_per_tick, tick_s
         self._listener = network.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((network.host_ip, 0))
+        self._listener.bind((self.host_ip, 0))
         self._listener.listen(1)
         self.port = self._listener.getsockname()[1]
         self._hash = hashlib.sha256()
@@ -217,14 +218,14 @@ class TcpStream:
         self.error: BaseException | None = None
 
     def start(self, timeout: float = 30.0) -> TcpStream:
-        cmd = (f"f=/tmp/cpr-stream-$$; cat < /dev/tcp/{self.network.host_ip}/{self.port} > $f; "
+        cmd = (f"f=/tmp/cpr-stream-$$; cat < /dev/tcp/{self.host_ip}/{self.port} > $f; "
                f'echo "CPR-STREAM $(wc -c < $f) $(sha256sum < $f | cut -d" " -f1)"; rm -f $f')
         self._channel = self.ssh.start(f"bash -c '{cmd}'")
         self._listener.settimeout(timeout)
         try:
             self._conn, _ = self._listener.accept()
         except TimeoutError:
-            raise CprTimeout(f"guest did not open the TCP stream to {self.network.host_ip}:{self.port} "
+            raise CprTimeout(f"guest did not open the TCP stream to {self.host_ip}:{self.port} "
                              f"within {timeout:.0f}s") from None
         self._thread = threading.Thread(target=self._send_loop, name="tcp-stream", daemon=True)
         self._thread.start()

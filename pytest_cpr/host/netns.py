@@ -8,6 +8,7 @@ short-lived thread that has entered it (setns affects only the calling thread).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -66,8 +67,9 @@ def open_tap(name: str, vnet_hdr: bool) -> int:
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except PermissionError:
-        raise CprSettingError("no permission to open /dev/net/tun: run as root or grant CAP_NET_ADMIN "
-                              "(taps for guest networking are created by the harness)") from None
+        raise CprSettingError("no permission to open /dev/net/tun (the harness creates the guest's tap): "
+                              "run as root, or give this user read/write access to /dev/net/tun "
+                              "and CAP_NET_ADMIN") from None
     except FileNotFoundError:
         raise CprSettingError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
     flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
@@ -90,6 +92,7 @@ class GuestNetwork:
         self.host_ip = str(hosts[0])
         self.guest_ips = [str(h) for h in hosts[1:9]]
         self.tap_fds: list[int] = []
+        self.adopted: list[str] = []  # host interfaces moved in by adopt_interface()
         self.created = False
 
     def __enter__(self) -> GuestNetwork:
@@ -140,7 +143,41 @@ class GuestNetwork:
 
         return run_in_netns(self.name, go)
 
+    def adopt_interface(self, ifname: str, cidr: str) -> None:
+        """Move host interface `ifname` (e.g. the port cabled to a passthrough NIC) from the root
+        namespace into this one, with address `cidr`; destroy() moves it back."""
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ip:
+            found = ip.link_lookup(ifname=ifname)
+            if not found:
+                raise CprSettingError(f"peer interface {ifname} not found in the root network namespace "
+                                      "(in use by another run, or renamed?): check `ip link`")
+            leftovers.record("netns", self.name, name=self.name, adopted=[*self.adopted, ifname])
+            ip.link("set", index=found[0], state="down")
+            ip.link("set", index=found[0], net_ns_fd=self.name)
+        self.adopted.append(ifname)
+        iface = ipaddress.ip_interface(cidr)
+        with NetNS(self.name) as ns:
+            idx = ns.link_lookup(ifname=ifname)[0]
+            ns.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            ns.link("set", index=idx, state="up")
+
+    def release_interfaces(self) -> None:
+        """Move adopted interfaces back to the root namespace (down, without addresses)."""
+        while self.adopted:
+            ifname = self.adopted.pop()
+            with NetNS(self.name) as ns:
+                found = ns.link_lookup(ifname=ifname)
+                if found:
+                    ns.flush_addr(index=found[0])
+                    ns.link("set", index=found[0], state="down")
+                    ns.link("set", index=found[0], net_ns_pid=1)
+
     def destroy(self) -> None:
+        if self.created:
+            with contextlib.suppress(Exception):  # deleting the namespace returns physical ports anyway
+                self.release_interfaces()
         for fd in self.tap_fds:
             try:
                 os.close(fd)

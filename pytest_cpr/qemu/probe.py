@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError, CprUnsupported
+from pytest_cpr.qemu.process import unix_listening
 from pytest_cpr.qemu.qmp import QmpSession
 
 CPR_TRANSFER_MIN = (10, 0)
@@ -33,6 +34,7 @@ class QemuBuild:
     device_types: frozenset[str]
     object_types: frozenset[str]
     accels: frozenset[str] = field(default=frozenset())
+    q35_machine: str = "q35"  # the versioned machine type "q35" stands for in this build
 
     @property
     def version_text(self) -> str:
@@ -113,11 +115,13 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
         qmp = QmpSession("probe", Path(tmp) / "transcript.jsonl")
         try:
             deadline = time.monotonic() + timeout
-            while not sock.exists():
+            while not unix_listening(sock):  # the file appears at bind(), connects work after listen()
                 if proc.poll() is not None:
                     out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                    said = out.strip()[:300] or "no output"
                     raise CprSettingError(f"{setting}: {path} is not a working QEMU system emulator "
-                                          f"(exit code {proc.returncode}): {out.strip()[:300]}")
+                                          f"(exit code {proc.returncode}: {said}); "
+                                          "give the path of a qemu-system-x86_64 >= 10.0")
                 if time.monotonic() > deadline:
                     raise CprSettingError(f"{setting}: {path} did not open its QMP socket within {timeout:.0f}s")
                 time.sleep(0.005)
@@ -127,6 +131,7 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
             devices = qmp.execute("qom-list-types", {"implements": "device", "abstract": False})
             objects = qmp.execute("qom-list-types", {"abstract": False})
             accels = qmp.execute("qom-list-types", {"implements": "accel", "abstract": False})
+            machines = qmp.execute("query-machines")
             qmp.execute("quit")
         finally:
             qmp.close()
@@ -144,6 +149,7 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
         device_types=frozenset(d["name"] for d in devices),
         object_types=frozenset(o["name"] for o in objects),
         accels=frozenset(re.sub(r"-accel$", "", a["name"]) for a in accels),
+        q35_machine=next((m["name"] for m in machines if m.get("alias") == "q35"), "q35"),
     )
     _CACHE[key] = build
     return build

@@ -81,6 +81,16 @@ class Console:
             pass
 
 
+
+def unix_listening(path: Path) -> bool:
+    """Whether a UNIX stream socket bound to `path` listens (/proc/net/unix flag __SO_ACCEPTCON)."""
+    with open("/proc/net/unix", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path) and int(fields[3], 16) & 0x10000:
+                return True
+    return False
+
 class QemuProcess:
     """A QEMU process of one VM generation (0 = the first boot, n = after n transfers)."""
 
@@ -119,10 +129,11 @@ class QemuProcess:
         how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
         return f"QEMU {self.label} exited ({how}); stderr {self.stderr_path}:\n{tail(self.stderr_path)}"
 
-    def wait_for_path(self, path: Path, timeout: float, what: str) -> float:
-        """Wait until QEMU creates a socket path; returns the time it appeared."""
+    def wait_for_path(self, path: Path, timeout: float, what: str, listening: bool = False) -> float:
+        """Wait until QEMU creates a socket path (with `listening`: and listens on it, since bind()
+        creates the file before listen() and a connect in between is refused); returns the time."""
         deadline = time.monotonic() + timeout
-        while not path.exists():
+        while not path.exists() or (listening and not unix_listening(path)):
             if (reason := self.exit_reason()) is not None:
                 raise QemuExited(f"while waiting for {what}: {reason}")
             if time.monotonic() > deadline:
@@ -132,7 +143,7 @@ class QemuProcess:
         return time.time()
 
     def connect_qmp(self, timeout: float) -> None:
-        self.wait_for_path(self.qmp_socket, timeout, f"QMP socket of QEMU {self.label}")
+        self.wait_for_path(self.qmp_socket, timeout, f"QMP socket of QEMU {self.label}", listening=True)
         try:
             self.qmp.connect(self.qmp_socket, timeout)
         except Exception as exc:
@@ -145,7 +156,8 @@ class QemuProcess:
             raise QemuExited(reason or f"QMP connect to QEMU {self.label} failed: {exc}") from exc
 
     def connect_console(self, timeout: float) -> Console:
-        self.wait_for_path(self.console_socket, timeout, f"console socket of QEMU {self.label}")
+        self.wait_for_path(self.console_socket, timeout, f"console socket of QEMU {self.label}",
+                           listening=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(self.console_socket))
         self.console = Console(sock, self.console_log)
@@ -162,6 +174,7 @@ class QemuProcess:
         """quit over QMP, then SIGTERM, then SIGKILL; always reaps and closes everything."""
         try:
             if self.popen is not None and self.popen.poll() is None:
+                self._signal(signal.SIGCONT)  # a stopped process (fault injection) cannot quit
                 if self.qmp.connected:
                     try:
                         self.qmp.execute("quit", timeout=timeout)

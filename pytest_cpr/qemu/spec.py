@@ -66,6 +66,8 @@ class VmSpec:
     extra_args: tuple[str, ...] = ()  # further devices (vfio-pci, iommufd objects), appended verbatim
     ram_file: Path | None = None  # None: memfd; else a file (e.g. on /dev/shm) shared with the target
     extra_fds: tuple[int, ...] = field(default=())
+    # a versioned machine type (pc-q35-10.0), never the moving alias: source and target must agree
+    machine: str = "q35"
 
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(n.tap_fd for n in self.nics) + self.extra_fds
@@ -88,7 +90,7 @@ class VmSpec:
         args = [
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,
-            "-machine", "q35,memory-backend=ram0,aux-ram-share=on",
+            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on",
             "-object", self.ram_backend(),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",

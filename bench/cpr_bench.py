@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""pytest-cpr benchmark: what a guest sees of cpr-transfer on this machine, and what the harness costs.
+
+    python bench/cpr_bench.py [--boots 5] [--transfers 10] [--soak 100] [--accel tcg]
+
+Measures, in one run, with real QEMU processes and the default guest (pytest_cpr.vm.CprVM, no pytest):
+  boots      boot-to-SSH of fresh guests (median, max)
+  transfers  one guest under ICMP probe + TCP stream, N cpr-transfers: QEMU downtime vs guest
+             blackout, lost probes, harness overhead ratio (step wall / (spawn-to-listen + QEMU total))
+  soak       another guest, M consecutive transfers under the same traffic: failures, harness fd
+             count and RSS at start and end, guest reachable throughout (every transfer answered
+             SSH and probes, no probe gap over --reachable-gap-ms, TCP stream intact at the end)
+Prints a short table, then as its last line one JSON object. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a checkout without install
+
+from pytest_cpr import checks
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.errors import CprError
+from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
+from pytest_cpr.vm import CprVM, Traffic, VmConfig
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--boots", type=int, default=5, help="guests booted for boot-to-SSH (default 5)")
+    p.add_argument("--transfers", type=int, default=10, help="measured transfers (default 10)")
+    p.add_argument("--soak", type=int, default=100, help="consecutive transfers of the soak (default 100)")
+    p.add_argument("--qemu", default=os.environ.get("CPR_QEMU", "qemu-system-x86_64"), help="source QEMU")
+    p.add_argument("--target-qemu", default=os.environ.get("CPR_TARGET_QEMU"),
+                   help="target QEMU (default: the source binary)")
+    p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("CPR_ACCEL", "auto"))
+    p.add_argument("--image", default=os.environ.get("CPR_IMAGE"), help="guest image directory")
+    p.add_argument("--cache-dir", default=os.environ.get("CPR_CACHE_DIR",
+                                                         str(Path.home() / ".cache" / "pytest-cpr")))
+    p.add_argument("--artifacts", type=Path, default=None,
+                   help="output folder (default artifacts/bench/<UTC time>)")
+    p.add_argument("--probe-interval-ms", type=float, default=5.0)
+    p.add_argument("--reachable-gap-ms", type=float, default=1000.0,
+                   help="soak: a longer interval without any probe answer means 'not reachable'")
+    p.add_argument("--no-plots", action="store_true", help="no timeline pictures for the measured transfers")
+    return p.parse_args(argv)
+
+
+# ---- setup
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    image: GuestImage
+    source: QemuBuild
+    target: QemuBuild
+    accel: str
+    out: Path
+    notes: list[str] = field(default_factory=list)
+
+    def config(self, name: str, plots: bool) -> VmConfig:
+        return VmConfig(name=name, image=self.image, source=self.source, target=self.target, accel=self.accel,
+                        artifacts=self.out / name, probe_interval_ms=self.args.probe_interval_ms, plots=plots)
+
+
+def setup(args: argparse.Namespace) -> Bench:
+    directory = Path(args.image) if args.image else cached_path("guest", Path(args.cache_dir))
+    image = GuestImage.load(directory, "--image")
+    source = probe(args.qemu, "--qemu")
+    target = probe(args.target_qemu, "--target-qemu") if args.target_qemu else source
+    for build in (source, target):
+        if (missing := build.missing("cpr-transfer")) is not None:
+            raise SystemExit(f"cpr_bench: {missing}")
+    accel = args.accel
+    if accel == "auto":
+        accel = "kvm" if "kvm" in source.accels and kvm_boots(source.binary, image.kernel)[0] else "tcg"
+    out = args.artifacts or Path("artifacts/bench") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    return Bench(args, image, source, target, accel, out.resolve())
+
+
+def harness_resources() -> tuple[int, int]:
+    """(open fds, RSS KiB) of this process."""
+    fds = len(os.listdir("/proc/self/fd"))
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return fds, int(line.split()[1])
+    return fds, -1
+
+
+def median(values: Sequence[float]) -> float | None:
+    return round(statistics.median(values), 3) if values else None
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# ---- phases
+
+def bench_boots(bench: Bench) -> list[float]:
+    times = []
+    for i in range(bench.args.boots):
+        with CprVM(bench.config(f"boot{i}", plots=False)) as vm:
+            times.append(round(vm.boot(), 3))
+        progress(f"boot {i + 1}/{bench.args.boots}: {times[-1]:.2f} s to SSH")
+    return times
+
+
+def checked_transfer(vm: CprVM) -> TransferResult:
+    """One transfer; raises if it did not complete or the guest did not answer after it."""
+    result = vm.transfer()
+    checks.assert_completed(result, vm.artifacts)
+    checks.assert_connectivity(result, vm.artifacts)
+    return result
+
+
+def bench_transfers(bench: Bench) -> list[TransferResult]:
+    results: list[TransferResult] = []
+    with CprVM(bench.config("transfers", plots=not bench.args.no_plots)) as vm:
+        vm.boot()
+        with vm.traffic() as traffic:
+            traffic.wait_answers(40, 60.0)
+            for i in range(bench.args.transfers):
+                results.append(checked_transfer(vm))
+                progress(f"transfer {i + 1}/{bench.args.transfers}: blackout {results[-1].blackout_ms} ms, "
+                         f"QEMU downtime {results[-1].qemu_downtime_ms} ms")
+        checks.assert_stream_intact(traffic.stream_result, vm.artifacts)
+    return results
+
+
+@dataclass
+class Soak:
+    transfers: int = 0
+    failures: list[str] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)  # start, after the first transfer, end
+    rss_kib: list[int] = field(default_factory=list)
+    max_gap_ms: float | None = None
+    lost_probes: int | None = None
+    probe_records: int = 0
+    stream_intact: bool | None = None
+    seconds: float = 0.0
+    results: list[TransferResult] = field(default_factory=list)
+
+    @property
+    def reachable(self) -> bool:
+        answered = all({"ssh_answered", "first_probe_after"} <= r.timeline.keys() for r in self.results)
+        return self.stream_intact is True and self.max_gap_ms is not None and answered
+
+
+def bench_soak(bench: Bench) -> Soak:
+    soak = Soak()
+    if bench.args.soak <= 0:
+        return soak
+    with CprVM(bench.config("soak", plots=False)) as vm:
+        vm.boot()
+        with vm.traffic() as traffic:
+            traffic.wait_answers(40, 60.0)
+            _soak_loop(bench, vm, traffic, soak)
+        soak.stream_intact = traffic.stream_result is not None and traffic.stream_result.intact
+    return soak
+
+
+def _soak_loop(bench: Bench, vm: CprVM, traffic: Traffic, soak: Soak) -> None:
+    _sample(soak)
+    t_start = time.time()
+    for i in range(bench.args.soak):
+        try:
+            soak.results.append(checked_transfer(vm))
+        except (CprError, checks.CheckFailed) as exc:
+            soak.failures.append(f"transfer {i + 1}: {exc}")
+            progress(f"soak transfer {i + 1} FAILED: {exc}")
+            if vm.ssh is None or not vm.ssh.is_active():
+                progress("soak: SSH session lost, stopping")
+                break
+        soak.transfers += 1
+        if i == 0:
+            _sample(soak)
+        if (i + 1) % 10 == 0:
+            fds, rss = harness_resources()
+            progress(f"soak {i + 1}/{bench.args.soak}: {len(soak.failures)} failure(s), fds {fds}, "
+                     f"RSS {rss} KiB")
+    traffic.wait_answers(20, 30.0)
+    t_end = time.time()
+    stats = traffic.probe.stats(t_start, t_end, grace_s=0.0)
+    soak.seconds = round(t_end - t_start, 1)
+    soak.max_gap_ms, soak.lost_probes = stats.max_gap_ms, stats.lost
+    soak.probe_records = len(traffic.probe.snapshot())
+    if soak.max_gap_ms > bench.args.reachable_gap_ms:
+        soak.failures.append(f"guest unreachable for {soak.max_gap_ms} ms during the soak")
+    traffic.finish_stream()
+    _sample(soak)
+
+
+def _sample(soak: Soak) -> None:
+    fds, rss = harness_resources()
+    soak.fds.append(fds)
+    soak.rss_kib.append(rss)
+
+
+# ---- output
+
+def summary(bench: Bench, boots: list[float], results: list[TransferResult], soak: Soak) -> dict[str, Any]:
+    done = [r for r in results if r.status == "completed"]
+    ratios = [r.overhead_ratio for r in done if r.overhead_ratio is not None]
+    blackouts = [r.blackout_ms for r in done if r.blackout_ms is not None]
+    downtimes = [float(r.qemu_downtime_ms) for r in done if r.qemu_downtime_ms is not None]
+    soak_blackouts = [r.blackout_ms for r in soak.results if r.blackout_ms is not None]
+    return {
+        "boot_to_ssh_s": median(boots), "boot_to_ssh_max_s": max(boots, default=None), "boots": len(boots),
+        "overhead_ratio": median(ratios), "overhead_ratio_max": max(ratios, default=None),
+        "blackout_ms": median(blackouts), "blackout_max_ms": max(blackouts, default=None),
+        "qemu_downtime_ms": median(downtimes), "qemu_downtime_max_ms": max(downtimes, default=None),
+        "qemu_total_ms": median([float(r.qemu_total_ms) for r in done if r.qemu_total_ms is not None]),
+        "spawn_to_listen_ms": median([v for r in done
+                                      if (v := r.ms("target_spawned", "target_listening")) is not None]),
+        "step_ms": median([v for r in done if (v := r.ms("step_start", "target_running")) is not None]),
+        "lost_probes": sum(int((r.probe or {}).get("lost", 0)) for r in done), "transfers": len(results),
+        "probe_send_stall_max_ms": max((float(r.probe["max_send_gap_ms"]) for r in done + soak.results
+                                        if r.probe and "max_send_gap_ms" in r.probe), default=None),
+        "blackouts_overlapping_send_stall": sum(1 for r in done + soak.results
+                                                if (r.probe or {}).get("blackout_overlaps_send_stall")),
+        "soak_transfers": soak.transfers, "soak_failures": len(soak.failures),
+        "soak_seconds": soak.seconds, "soak_blackout_ms": median(soak_blackouts),
+        "soak_blackout_max_ms": max(soak_blackouts, default=None),
+        "soak_lost_probes": soak.lost_probes, "soak_max_probe_gap_ms": soak.max_gap_ms,
+        "soak_reachable": soak.reachable, "soak_stream_intact": soak.stream_intact,
+        "fd_start": soak.fds[0] if soak.fds else None, "fd_end": soak.fds[-1] if soak.fds else None,
+        "fd_growth": soak.fds[-1] - soak.fds[0] if soak.fds else None,
+        "rss_start_kib": soak.rss_kib[0] if soak.rss_kib else None,
+        "rss_end_kib": soak.rss_kib[-1] if soak.rss_kib else None,
+        "rss_growth_kib": soak.rss_kib[-1] - soak.rss_kib[0] if soak.rss_kib else None,
+        "rss_growth_after_first_kib": soak.rss_kib[-1] - soak.rss_kib[1] if len(soak.rss_kib) > 2 else None,
+        "probe_records": soak.probe_records,
+        "qemu": f"{bench.source.short_version} -> {bench.target.short_version}", "accel": bench.accel,
+        "probe_interval_ms": bench.args.probe_interval_ms, "artifacts": str(bench.out),
+    }
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(s: dict[str, Any], results: list[TransferResult]) -> str:
+    lines = [f"pytest-cpr benchmark: QEMU {s['qemu']}, {s['accel']}, "
+             f"probe every {s['probe_interval_ms']:g} ms",
+             f"boot-to-SSH       median {_f(s['boot_to_ssh_s'], 2)} s, max {_f(s['boot_to_ssh_max_s'], 2)} s "
+             f"({s['boots']} boots)", "",
+             f"{'#':>3}  {'QEMU downtime ms':>16}  {'QEMU total ms':>13}  {'guest blackout ms':>17}  "
+             f"{'lost':>4}  {'spawn->listen ms':>16}  {'step ms':>7}  {'overhead':>8}"]
+    for r in results:
+        lines.append(f"{r.index:>3}  {_f(r.qemu_downtime_ms):>16}  {_f(r.qemu_total_ms):>13}  "
+                     f"{_f(r.blackout_ms):>17}  {_f((r.probe or {}).get('lost')):>4}  "
+                     f"{_f(r.ms('target_spawned', 'target_listening')):>16}  "
+                     f"{_f(r.ms('step_start', 'target_running')):>7}  {_f(r.overhead_ratio, 2):>8}")
+    lines += [f"{'med':>3}  {_f(s['qemu_downtime_ms']):>16}  {_f(s['qemu_total_ms']):>13}  "
+              f"{_f(s['blackout_ms']):>17}  {s['lost_probes']:>4}  {_f(s['spawn_to_listen_ms']):>16}  "
+              f"{_f(s['step_ms']):>7}  {_f(s['overhead_ratio'], 2):>8}", "",
+              f"soak              {s['soak_transfers']} transfers in {s['soak_seconds']} s, "
+              f"{s['soak_failures']} failure(s), blackout median {_f(s['soak_blackout_ms'])} ms max "
+              f"{_f(s['soak_blackout_max_ms'])} ms, reachable throughout: {s['soak_reachable']}",
+              f"harness           fds {s['fd_start']} -> {s['fd_end']}, RSS {s['rss_start_kib']} -> "
+              f"{s['rss_end_kib']} KiB ({s['probe_records']} probe records held)",
+              f"probe sender      stalled up to {_f(s['probe_send_stall_max_ms'])} ms; "
+              f"{s['blackouts_overlapping_send_stall']} blackout(s) overlap a stall (overstated)"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    bench = setup(args)
+    progress(f"cpr_bench: artifacts in {bench.out}")
+    boots = bench_boots(bench)
+    results = bench_transfers(bench) if args.transfers > 0 else []
+    soak = bench_soak(bench)
+    s = summary(bench, boots, results, soak)
+    (bench.out / "bench.json").write_text(json.dumps({**s, "soak_failure_details": soak.failures}, indent=1))
+    print(table(s, results))
+    for failure in soak.failures[:10]:
+        print(f"soak failure: {failure}")
+    print(json.dumps(s))
+    return 1 if soak.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

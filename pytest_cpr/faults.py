@@ -1,0 +1,346 @@
+"""Fault injection around a cpr-transfer: break the transfer at a precise point, then tell what happened.
+
+Each fault is a `Fault`: hooks for cpr_transfer() (after_spawn, before_migrate, after_migrate), plus
+an optional setup/teardown on the VM (pause the guest, change the target's arguments, ask the
+source to pause before switchover). `inject(vm, fault)` runs one transfer with the fault and
+returns a `FaultOutcome`: the TransferResult, the error (if the transfer failed), what the fault
+saw when it struck, and the state of the source afterwards. Usable without pytest:
+
+    outcome = inject(vm, kill_target_after_cpr_state())
+    assert outcome.failed and outcome.source_status == "running"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_cpr.errors import CprTimeout, TransferFailed
+from pytest_cpr.qemu.process import QemuProcess
+
+if TYPE_CHECKING:
+    from pytest_cpr.cpr import TransferResult
+    from pytest_cpr.vm import CprVM
+
+Hook = Callable[[QemuProcess], None]
+
+
+@dataclass
+class Fault:
+    """One way to break a transfer. Hooks get the target QEMU; `setup`/`teardown` get the VM."""
+
+    name: str
+    description: str
+    after_spawn: Hook | None = None
+    before_migrate: Hook | None = None
+    after_migrate: Hook | None = None
+    setup: Callable[[CprVM], None] | None = None
+    teardown: Callable[[CprVM], None] | None = None
+    seen: list[str] = field(default_factory=list)  # what the fault observed when it struck
+    vm: CprVM | None = None
+
+    def note(self, text: str) -> None:
+        self.seen.append(f"{time.time():.6f} {text}")
+
+    @property
+    def source(self) -> QemuProcess:
+        """The source of the transfer under way (the target is appended after it)."""
+        assert self.vm is not None
+        return self.vm.generations[-2] if len(self.vm.generations) > 1 else self.vm.current
+
+
+@dataclass
+class FaultOutcome:
+    fault: str
+    result: TransferResult
+    error: str | None  # the TransferFailed message, None if the transfer completed
+    source_alive: bool
+    source_status: str | None  # query-status of the source after the fault (None if it died)
+    source_exit: str | None
+    target_exit: str | None
+    seen: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def describe(self) -> str:
+        return json.dumps(dataclasses.asdict(self) | {"result": self.result.as_dict()}, default=str,
+                          indent=1)
+
+
+def inject(vm: CprVM, fault: Fault, resume_timeout: float = 15.0) -> FaultOutcome:
+    """One transfer of `vm` with `fault` injected. Never raises for the transfer's own failure;
+    waits (bounded) for the source to run the guest again when the transfer failed."""
+    fault.vm = vm
+    source = vm.current
+    t0 = time.monotonic()
+    error: str | None = None
+    target: QemuProcess | None = None
+
+    def track(hook: Hook | None) -> Hook:
+        def wrapped(proc: QemuProcess) -> None:
+            nonlocal target
+            target = proc
+            if hook is not None:
+                hook(proc)
+        return wrapped
+
+    if fault.setup is not None:
+        fault.setup(vm)
+    try:
+        try:
+            vm.transfer(before_migrate=fault.before_migrate, after_spawn=track(fault.after_spawn),
+                        after_migrate=fault.after_migrate)
+        except TransferFailed as exc:
+            error = str(exc)
+        result = vm.transfers[-1]
+    finally:
+        if fault.teardown is not None:
+            fault.teardown(vm)
+    status = None
+    if error is not None and source.exit_reason() is None:
+        status = wait_status(source, ("running",), resume_timeout)
+    elif source.exit_reason() is None:
+        status = source.qmp.execute("query-status")["status"] if source.qmp.connected else None
+    return FaultOutcome(fault.name, result, error, source.exit_reason() is None, status,
+                        source.exit_reason(), target.exit_reason() if target is not None else None,
+                        fault.seen, round(time.monotonic() - t0, 3))
+
+
+def wait_status(proc: QemuProcess, wanted: tuple[str, ...], timeout: float) -> str:
+    """Poll query-status until it is one of `wanted` (bounded); returns the last status seen."""
+    deadline = time.monotonic() + timeout
+    status = ""
+    while True:
+        if (reason := proc.exit_reason()) is not None:
+            return f"exited: {reason}"
+        status = str(proc.qmp.execute("query-status", timeout=10)["status"])
+        if status in wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.02)
+
+
+# ---- building blocks
+
+
+def cpr_socket(target: QemuProcess) -> Path:
+    """The cpr channel path from the target's command line."""
+    for i, arg in enumerate(target.argv[:-1]):
+        if arg == "-incoming" and target.argv[i + 1].startswith("{"):
+            return Path(json.loads(target.argv[i + 1])["addr"]["path"])
+    raise ValueError(f"QEMU {target.label} has no cpr -incoming channel")
+
+
+def sigkill(fault: Fault, target: QemuProcess, when: str) -> None:
+    listening = cpr_socket(target).exists()
+    monitor = target.qmp_socket.exists()
+    target.kill()
+    fault.note(f"SIGKILL target {target.label} pid {target.pid} {when} (cpr socket "
+               f"{'present' if listening else 'absent'}, QMP socket {'present' if monitor else 'absent'})")
+
+
+def sigstop(fault: Fault, target: QemuProcess) -> None:
+    os.kill(target.pid, signal.SIGSTOP)
+    fault.note(f"SIGSTOP target {target.label} pid {target.pid} (it listens, has not read the cpr state)")
+
+
+def _set_pause_before_switchover(state: bool) -> Callable[[CprVM], None]:
+    def apply(vm: CprVM) -> None:
+        proc = vm.current
+        if proc.exit_reason() is None:
+            proc.qmp.execute("migrate-set-capabilities",
+                             {"capabilities": [{"capability": "pause-before-switchover", "state": state}]})
+    return apply
+
+
+def _wait_pre_switchover(fault: Fault, timeout: float = 30.0) -> None:
+    """Wait for the source's migration to pause before switchover (the target has read the cpr
+    state and receives the main stream by then)."""
+    source = fault.source
+    deadline = time.monotonic() + timeout
+    while True:
+        status = source.qmp.execute("query-migrate").get("status")
+        if status == "pre-switchover":
+            fault.note("source migration in pre-switchover (guest stopped, device state not sent)")
+            return
+        if status in ("failed", "cancelled", "completed") or time.monotonic() > deadline:
+            raise CprTimeout(f"fault: source migration did not reach pre-switchover within {timeout:.0f}s "
+                             f"(status {status}); QMP transcript in {source.artifacts}")
+        time.sleep(0.005)
+
+
+# ---- the faults
+
+
+def kill_target_before_listen() -> Fault:
+    """SIGKILL the target right after it was started, before it opened its cpr socket."""
+    fault = Fault("kill-before-listen", "target SIGKILLed before it listens on the cpr socket")
+    fault.after_spawn = lambda t: sigkill(fault, t, "right after spawn")
+    return fault
+
+
+def kill_target_reading_cpr_state() -> Fault:
+    """SIGSTOP the target once it listens, issue migrate (the source sends the cpr state into the
+    socket), then SIGKILL the target before it read it."""
+    fault = Fault("kill-reading-cpr-state", "target SIGKILLed while the cpr state is in flight")
+    fault.before_migrate = lambda t: sigstop(fault, t)
+    fault.after_migrate = lambda t: sigkill(fault, t, "after migrate was issued, while stopped")
+    return fault
+
+
+def kill_target_after_cpr_state() -> Fault:
+    """The source pauses before switchover (pause-before-switchover): the target has read the cpr
+    state and holds the main channel. SIGKILL it there, then let the source continue."""
+    fault = Fault("kill-after-cpr-state", "target SIGKILLed after the cpr state, before completion",
+                  setup=_set_pause_before_switchover(True), teardown=_set_pause_before_switchover(False))
+
+    def strike(target: QemuProcess) -> None:
+        _wait_pre_switchover(fault)
+        sigkill(fault, target, "at pre-switchover")
+        fault.source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        fault.note("migrate-continue sent to the source")
+
+    fault.after_migrate = strike
+    return fault
+
+
+@contextlib.contextmanager
+def target_args(vm: CprVM, extra: tuple[str, ...] = (), **changes: Any) -> Iterator[None]:
+    """Start the next target with other arguments than the source: `extra` appended, VmSpec fields
+    in `changes` replaced (memory_mib, machine, ...). The spec is restored after."""
+    assert vm.spec is not None, "boot() first"
+    spec = vm.spec
+    vm.spec = dataclasses.replace(spec, extra_args=spec.extra_args + extra, **changes)
+    try:
+        yield
+    finally:
+        vm.spec = spec
+
+
+def _with_target_args(fault: Fault, extra: tuple[str, ...] = (), **changes: Any) -> Fault:
+    stack = contextlib.ExitStack()
+
+    def setup(vm: CprVM) -> None:
+        stack.enter_context(target_args(vm, extra, **changes))
+        fault.note(f"target started with extra arguments {list(extra)} and {changes or 'no other change'}")
+
+    fault.setup = setup
+    fault.teardown = lambda vm: stack.close()
+    return fault
+
+
+def wrong_target_option() -> Fault:
+    """The target gets an option QEMU does not know: it exits before it listens."""
+    return _with_target_args(Fault("wrong-option", "target started with an unknown option"),
+                             ("-cpr-no-such-option",))
+
+
+def wrong_target_memory(memory_mib: int) -> Fault:
+    """The target gets another memory size: it starts and listens, but cannot take the guest."""
+    return _with_target_args(Fault("wrong-memory", f"target started with -m {memory_mib}M"),
+                             memory_mib=memory_mib)
+
+
+def wrong_target_machine(machine: str) -> Fault:
+    """The target gets another machine type: it reads the cpr state, then rejects the first section
+    of the migration stream (the machine type)."""
+    return _with_target_args(Fault("wrong-machine", f"target started with -machine {machine}"),
+                             machine=machine)
+
+
+def target_without_nic() -> Fault:
+    """The target lacks the guest's NIC: it reads the cpr state and the stream's start, then fails on
+    the NIC's device state, which the source sends last, after it stopped the guest."""
+    return _with_target_args(Fault("target-without-nic", "target started without the virtio-net NIC"),
+                             nics=())
+
+
+def remove_cpr_socket() -> Fault:
+    """Delete the target's cpr socket path once it listens: the source cannot connect to it."""
+    fault = Fault("cpr-socket-missing", "cpr socket path removed before migrate")
+
+    def strike(target: QemuProcess) -> None:
+        path = cpr_socket(target)
+        path.unlink()
+        fault.note(f"removed {path}")
+
+    fault.before_migrate = strike
+    return fault
+
+
+def paused_guest() -> Fault:
+    """`stop` the guest on the source (QMP) before the transfer."""
+    fault = Fault("paused-guest", "source told to migrate while the guest is paused")
+
+    def setup(vm: CprVM) -> None:
+        vm.current.qmp.execute("stop")
+        fault.note(f"source status before migrate: {vm.current.qmp.execute('query-status')['status']}")
+
+    fault.setup = setup
+    return fault
+
+
+def cancel_before_cpr_read() -> Fault:
+    """migrate_cancel while the target (SIGSTOPped) has not read the cpr state."""
+    fault = Fault("cancel-before-cpr-read", "migrate_cancel while the cpr state is in flight")
+    fault.before_migrate = lambda t: sigstop(fault, t)
+
+    def strike(target: QemuProcess) -> None:
+        fault.source.qmp.execute("migrate_cancel")
+        fault.note("migrate_cancel sent to the source")
+
+    fault.after_migrate = strike
+    return fault
+
+
+def cancel_at_switchover() -> Fault:
+    """migrate_cancel when the source paused before switchover (target has read the cpr state)."""
+    fault = Fault("cancel-at-switchover", "migrate_cancel after the cpr state, before completion",
+                  setup=_set_pause_before_switchover(True), teardown=_set_pause_before_switchover(False))
+
+    def strike(target: QemuProcess) -> None:
+        _wait_pre_switchover(fault)
+        fault.source.qmp.execute("migrate_cancel")
+        fault.note("migrate_cancel sent to the source")
+
+    fault.after_migrate = strike
+    return fault
+
+
+# ---- what is left
+
+
+def qemu_pids_of(vm: CprVM) -> list[int]:
+    """Live processes whose command line references this VM's private run directory."""
+    marker = str(vm.rundir).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def namespaces_of_this_process() -> list[str]:
+    """cprt-* network namespaces created by this process (name cprt-<pid>-...)."""
+    netns_dir = Path("/var/run/netns")
+    prefix = f"cprt-{os.getpid()}-"
+    if not netns_dir.is_dir():
+        return []
+    return sorted(p.name for p in netns_dir.iterdir() if p.name.startswith(prefix))

@@ -1,0 +1,481 @@
+"""VFIO on the host: IOMMU groups, binding devices to vfio-pci and back, the kernel feature probe
+and the QEMU arguments of passed-through devices.
+
+Binding uses driver_override (the kernel's documented way): every non-bridge device of the IOMMU
+group goes to vfio-pci, and `restore()` gives each back to the driver it had. A record on disk
+(pytest_cpr.leftovers, kind "vfio") lets the next run restore bindings of a run that was killed.
+All paths are parameters (HostPaths) so unit tests run against a fake sysfs tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import struct
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_cpr import leftovers
+from pytest_cpr.errors import CprError, CprUnsupported
+from pytest_cpr.guest.state import IrqLine, parse_interrupts
+from pytest_cpr.host.hostconfig import (
+    HostPaths,
+    describe_device,
+    driver_of,
+    group_members,
+    iommu_group_of,
+    is_bridge,
+    read_attr,
+)
+
+VFIO_DRIVER = "vfio-pci"
+
+
+# ---- ioctl numbers (linux/vfio.h, linux/iommufd.h): _IO(type, nr) = type << 8 | nr
+def _io(kind: str, nr: int) -> int:
+    return (ord(kind) << 8) | nr
+
+
+VFIO_TYPE, VFIO_BASE = ";", 100
+VFIO_GET_API_VERSION = _io(VFIO_TYPE, VFIO_BASE + 0)
+VFIO_CHECK_EXTENSION = _io(VFIO_TYPE, VFIO_BASE + 1)
+VFIO_SET_IOMMU = _io(VFIO_TYPE, VFIO_BASE + 2)
+VFIO_GROUP_GET_STATUS = _io(VFIO_TYPE, VFIO_BASE + 3)
+VFIO_GROUP_SET_CONTAINER = _io(VFIO_TYPE, VFIO_BASE + 4)
+VFIO_API_VERSION = 0
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_UNMAP_ALL = 9
+VFIO_UPDATE_VADDR = 10
+VFIO_GROUP_FLAGS_VIABLE = 1
+
+IOMMUFD_TYPE = ";"
+IOMMUFD_CMD_IOAS_CHANGE_PROCESS = 0x92
+IOMMU_IOAS_CHANGE_PROCESS = _io(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_CHANGE_PROCESS)
+
+
+class VfioError(CprError):
+    """Binding or restoring a device failed; the message names the device and what to do."""
+
+
+# ---- binding
+@dataclass
+class DeviceBinding:
+    """One device moved to vfio-pci, with what it had before."""
+
+    address: str
+    group: str
+    driver: str | None  # original driver (None: none bound)
+    override: str | None  # original driver_override ((null) -> None)
+    named: bool  # named by the caller (else: a group companion)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise VfioError(f"writing {text.strip()!r} to {path} failed: {exc.strerror or exc}; run as root and "
+                        "check that nothing holds the device") from None
+
+
+def _override_of(paths: HostPaths, address: str) -> str | None:
+    text = read_attr(paths.pci(address) / "driver_override")
+    return None if text in (None, "", "(null)") else text
+
+
+def _wait_driver(paths: HostPaths, address: str, want: str | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while driver_of(paths, address) != want:
+        if time.monotonic() > deadline:
+            raise VfioError(f"{address}: driver is {driver_of(paths, address)!r} {timeout:.0f}s after "
+                            f"binding, expected {want!r}; see the host's dmesg")
+        time.sleep(0.01)
+
+
+def holders(paths: HostPaths, group: str, proc: Path = Path("/proc")) -> list[int]:
+    """PIDs holding the group (/dev/vfio/<group>) or a member's cdev (/dev/vfio/devices/vfioN) open:
+    unbinding would block until they let go."""
+    targets = {str(paths.dev / "vfio" / group)}
+    for member in group_members(paths, group):
+        targets.update(str(paths.dev / "vfio" / "devices" / c.name)
+                       for c in (paths.pci(member) / "vfio-dev").glob("vfio*"))
+    pids = []
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in targets for fd in fd_dir.iterdir()):
+                pids.append(int(fd_dir.parent.name))
+    return pids
+
+
+def bind_device(paths: HostPaths, address: str, timeout: float = 10.0) -> None:
+    """driver_override=vfio-pci, unbind from the current driver, reprobe; waits for vfio-pci."""
+    dev = paths.pci(address)
+    if driver_of(paths, address) == VFIO_DRIVER:
+        return
+    _write(dev / "driver_override", VFIO_DRIVER)
+    if driver_of(paths, address) is not None:
+        _write(dev / "driver" / "unbind", address)
+    _write(paths.sysfs / "bus" / "pci" / "drivers_probe", address)
+    _wait_driver(paths, address, VFIO_DRIVER, timeout)
+
+
+def restore_device(paths: HostPaths, address: str, driver: str | None, override: str | None,
+                   timeout: float = 10.0) -> str:
+    """Give a device back its original driver_override and driver; returns what was done."""
+    dev = paths.pci(address)
+    if not dev.exists():
+        return f"{address}: gone from the host, nothing to restore"
+    current = driver_of(paths, address)
+    if current == driver and _override_of(paths, address) == override:
+        return f"{address}: already on {driver or 'no driver'}"
+    if current is not None and current != driver:
+        _write(dev / "driver" / "unbind", address)
+    _write(dev / "driver_override", override or "\n")
+    if driver is not None and driver_of(paths, address) is None:
+        _write(paths.sysfs / "bus" / "pci" / "drivers_probe", address)
+        _wait_driver(paths, address, driver, timeout)
+    return f"{address}: restored to {driver or 'no driver'}"
+
+
+def _record_key(address: str) -> str:
+    return address.replace(":", "_")
+
+
+def _clean_vfio(rec: dict[str, Any]) -> str:
+    paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
+    return "vfio binding of a killed run: " + restore_device(paths, rec["address"], rec.get("driver"),
+                                                             rec.get("override"))
+
+
+leftovers.register_cleaner("vfio", _clean_vfio)
+
+
+class VfioBinding:
+    """Context manager: the named devices and their IOMMU group companions on vfio-pci, restored
+    on exit (also on an exception or Ctrl-C). Usable without pytest."""
+
+    def __init__(self, addresses: Sequence[str], paths: HostPaths = HostPaths(),  # noqa: B008
+                 timeout: float = 10.0, record: bool = True) -> None:
+        self.addresses = list(addresses)
+        self.paths, self.timeout, self.record = paths, timeout, record
+        self.bound: list[DeviceBinding] = []
+
+    def plan(self) -> list[DeviceBinding]:
+        """Every device that will move: the named ones and the non-bridge members of their groups."""
+        out: dict[str, DeviceBinding] = {}
+        for address in self.addresses:
+            group = iommu_group_of(self.paths, address)
+            if group is None:
+                raise VfioError(f"{address} has no IOMMU group: boot with intel_iommu=on iommu=pt "
+                                "(or amd_iommu=on iommu=pt)")
+            for member in group_members(self.paths, group) or [address]:
+                if member in out or is_bridge(self.paths, member):
+                    continue
+                out[member] = DeviceBinding(member, group, driver_of(self.paths, member),
+                                            _override_of(self.paths, member), member in self.addresses)
+        return list(out.values())
+
+    def _claim(self, b: DeviceBinding) -> None:
+        """Refuse a device another live run has bound; record ours before touching sysfs."""
+        for rec in leftovers.records():
+            mine = rec.get("owner") == os.getpid()
+            if rec.get("kind") == "vfio" and rec.get("address") == b.address and not mine:
+                owner = int(rec.get("owner", 0))
+                if owner and Path(f"/proc/{owner}").exists():
+                    raise VfioError(f"{b.address} is bound for another test run (pid {owner}); run device "
+                                    "tests one at a time per device (pytest-xdist: --dist loadgroup)")
+        if self.record:
+            leftovers.record("vfio", _record_key(b.address), address=b.address, driver=b.driver,
+                             override=b.override, sysfs=str(self.paths.sysfs), dev=str(self.paths.dev))
+
+    def bind(self) -> list[DeviceBinding]:
+        try:
+            for b in self.plan():
+                self._claim(b)
+                self.bound.append(b)
+                bind_device(self.paths, b.address, self.timeout)
+        except BaseException:
+            self.restore()
+            raise
+        return self.bound
+
+    def groups(self) -> list[str]:
+        return sorted({b.group for b in self.bound}, key=lambda g: int(g) if g.isdigit() else 0)
+
+    def restore(self) -> list[str]:
+        """Every bound device back to its original driver; errors are collected, not raised early,
+        so one stuck device does not keep the others on vfio-pci."""
+        done, errors = [], []
+        for group in self.groups():
+            if pids := holders(self.paths, group):
+                errors.append(f"IOMMU group {group} is still held open by pid(s) {pids}: not unbinding "
+                              "(it would block); stop those QEMU processes")
+        while self.bound and not errors:
+            b = self.bound.pop()
+            try:
+                done.append(restore_device(self.paths, b.address, b.driver, b.override, self.timeout))
+                if self.record:
+                    leftovers.forget("vfio", _record_key(b.address))
+            except VfioError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise VfioError("; ".join(errors))
+        return done
+
+    def __enter__(self) -> VfioBinding:
+        self.bind()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+# ---- kernel feature probe
+def _ioctl_int(fd: int, request: int, arg: int) -> int:
+    return fcntl.ioctl(fd, request, arg)
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def container_extensions(dev: Path) -> dict[str, bool | int] | str:
+    """API version and extensions of an empty /dev/vfio/vfio container (or why it cannot be asked).
+    VFIO_UPDATE_VADDR answers 0 until a group is attached (type1 decides per container)."""
+    try:
+        with _opened(dev / "vfio" / "vfio") as fd:
+            return {"api": _ioctl_int(fd, VFIO_GET_API_VERSION, 0),
+                    "type1v2": bool(_ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU)),
+                    "unmap_all": bool(_ioctl_int(fd, VFIO_CHECK_EXTENSION, VFIO_UNMAP_ALL))}
+    except OSError as exc:
+        return f"/dev/vfio/vfio: {exc.strerror}"
+
+
+def legacy_cpr_missing(group: str, dev: Path = Path("/dev")) -> str | None:
+    """Ask the kernel what QEMU asks before allowing cpr-transfer with a legacy container: attach the
+    (bound, viable) group to a fresh type1v2 container and check VFIO_UPDATE_VADDR and
+    VFIO_UNMAP_ALL. None if both are there, else the reason (QEMU blocks cpr-transfer then)."""
+    try:
+        with _opened(dev / "vfio" / "vfio") as container, _opened(dev / "vfio" / group) as gfd:
+            status = bytearray(struct.pack("II", 8, 0))
+            fcntl.ioctl(gfd, VFIO_GROUP_GET_STATUS, status)
+            if not struct.unpack("II", status)[1] & VFIO_GROUP_FLAGS_VIABLE:
+                return f"IOMMU group {group} is not viable: a member is not bound to vfio-pci"
+            fcntl.ioctl(gfd, VFIO_GROUP_SET_CONTAINER, struct.pack("i", container))
+            _ioctl_int(container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
+            missing = [name for name, ext in (("VFIO_UPDATE_VADDR", VFIO_UPDATE_VADDR),
+                                              ("VFIO_UNMAP_ALL", VFIO_UNMAP_ALL))
+                       if not _ioctl_int(container, VFIO_CHECK_EXTENSION, ext)]
+    except OSError as exc:
+        return f"cannot ask the legacy VFIO container of group {group}: {exc.strerror} ({exc.filename or ''})"
+    if missing:
+        return (f"the host kernel's VFIO container lacks {' and '.join(missing)} (e.g. /dev/vfio/vfio "
+                "provided by iommufd's compat layer): QEMU blocks cpr-transfer with the legacy backend")
+    return None
+
+
+def iommufd_change_process(dev: Path = Path("/dev")) -> bool | str:
+    """IOMMU_IOAS_CHANGE_PROCESS on a fresh /dev/iommu, as QEMU's iommufd_change_process_capable()
+    does (a no-op when nothing is mapped): True if the kernel knows it, else the reason."""
+    try:
+        with _opened(dev / "iommu") as fd:
+            fcntl.ioctl(fd, IOMMU_IOAS_CHANGE_PROCESS, struct.pack("II", 8, 0))
+    except FileNotFoundError:
+        return "/dev/iommu missing (modprobe iommufd; kernel with CONFIG_IOMMUFD)"
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return ("the host kernel lacks IOMMU_IOAS_CHANGE_PROCESS (Linux >= 6.14): QEMU blocks "
+                    "cpr-transfer with the iommufd backend")
+        return f"/dev/iommu: {exc.strerror}"
+    return True
+
+
+def hugepages(sysfs: Path = Path("/sys")) -> dict[str, int]:
+    """Huge page pools: size in kB -> (total, free), read from sysfs."""
+    out = {}
+    for pool in sorted((sysfs / "kernel" / "mm" / "hugepages").glob("hugepages-*kB")):
+        size = pool.name.removeprefix("hugepages-").removesuffix("kB")
+        total, free = read_attr(pool / "nr_hugepages"), read_attr(pool / "free_hugepages")
+        out[f"{size}kB total"] = int(total or 0)
+        out[f"{size}kB free"] = int(free or 0)
+    return out
+
+
+@dataclass
+class HostProbe:
+    """What the host kernel offers for VFIO CPR, asked once per session."""
+
+    groups: dict[str, list[str]]
+    container: dict[str, bool | int] | str
+    iommufd: bool  # /dev/iommu exists
+    change_process: bool | str  # IOMMU_IOAS_CHANGE_PROCESS works (True), or why not
+    vfio_cdev: bool
+    kvm: bool
+    hugepages: dict[str, int] = field(default_factory=dict)
+
+    def missing(self, backend: str) -> str | None:
+        """None if the kernel serves `backend`, else the reason."""
+        if not self.groups:
+            return ("no IOMMU groups on this host: boot with intel_iommu=on iommu=pt "
+                    "(or amd_iommu=on iommu=pt)")
+        if backend == "legacy":
+            if isinstance(self.container, str):
+                return f"legacy VFIO container unusable: {self.container}"
+            if not self.container.get("unmap_all"):
+                return "the host kernel's VFIO container lacks VFIO_UNMAP_ALL: QEMU blocks cpr-transfer"
+            return None
+        if not self.iommufd:
+            return "no /dev/iommu: modprobe iommufd (the host kernel needs CONFIG_IOMMUFD)"
+        if not self.vfio_cdev:
+            return "no /dev/vfio/devices: the host kernel lacks CONFIG_VFIO_DEVICE_CDEV (needed by iommufd)"
+        return None
+
+    def header_lines(self) -> list[str]:
+        ext = self.container if isinstance(self.container, str) else ", ".join(
+            f"{k}={v}" for k, v in self.container.items()) + ", update_vaddr=checked per group"
+        groups = "; ".join(f"{g}: {' '.join(m)}" for g, m in list(self.groups.items())[:8])
+        more = f" (+{len(self.groups) - 8} more)" if len(self.groups) > 8 else ""
+        return [f"  IOMMU groups: {len(self.groups)}{': ' + groups + more if groups else ''}",
+                f"  /dev/vfio/vfio: {ext}",
+                f"  /dev/iommu: {self.iommufd}; IOMMU_IOAS_CHANGE_PROCESS: "
+                f"{'supported' if self.change_process is True else self.change_process}"
+                f"; /dev/vfio/devices: {self.vfio_cdev}",
+                f"  KVM: {self.kvm}; hugepages: {self.hugepages or 'none'}"]
+
+
+def iommu_groups(paths: HostPaths) -> dict[str, list[str]]:
+    root = paths.sysfs / "kernel" / "iommu_groups"
+    if not root.is_dir():
+        return {}
+    groups = {g.name: group_members(paths, g.name) for g in root.iterdir()}
+    return dict(sorted(groups.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
+
+
+def probe_host(paths: HostPaths = HostPaths()) -> HostProbe:  # noqa: B008
+    return HostProbe(groups=iommu_groups(paths), container=container_extensions(paths.dev),
+                     iommufd=(paths.dev / "iommu").exists(), change_process=iommufd_change_process(paths.dev),
+                     vfio_cdev=(paths.dev / "vfio" / "devices").is_dir(),
+                     kvm=os.access(paths.dev / "kvm", os.R_OK | os.W_OK), hugepages=hugepages(paths.sysfs))
+
+
+def cdev_missing(paths: HostPaths, address: str) -> str | None:
+    """iommufd needs the device's VFIO cdev (/sys/bus/pci/devices/<addr>/vfio-dev/vfioN)."""
+    if not any((paths.pci(address) / "vfio-dev").glob("vfio*")):
+        return f"{address} has no VFIO device cdev: the host kernel lacks CONFIG_VFIO_DEVICE_CDEV"
+    return None
+
+
+# ---- QEMU arguments
+GUEST_SLOT_BASE = 0x10  # guest slots 0x10.. on pcie.0: clear of the slots QEMU auto-assigns (1..)
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """A host device as the guest sees it: fixed guest slot, so the guest finds it by PCI address."""
+
+    address: str
+    index: int  # position in the host config: fixes the guest slot
+    role: str
+    qdev_id: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.qdev_id or f"hostdev{self.index}"
+
+    @property
+    def guest_slot(self) -> int:
+        return GUEST_SLOT_BASE + self.index
+
+    @property
+    def guest_address(self) -> str:
+        return f"0000:00:{self.guest_slot:02x}.0"
+
+    def device_arg(self, iommufd_id: str | None) -> str:
+        arg = f"vfio-pci,host={self.address},id={self.id},bus=pcie.0,addr=0x{self.guest_slot:x}"
+        return arg + (f",iommufd={iommufd_id}" if iommufd_id else "")
+
+
+def qemu_args(devices: Sequence[Passthrough], backend: str, iommufd_id: str = "iommufd0") -> list[str]:
+    """-device vfio-pci,... per device; with iommufd, one `-object iommufd` shared by all of them."""
+    if backend not in ("legacy", "iommufd"):
+        raise CprUnsupported(f"unknown VFIO backend {backend!r}: use legacy or iommufd")
+    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == "iommufd" and devices else []
+    for d in devices:
+        args += ["-device", d.device_arg(iommufd_id if backend == "iommufd" else None)]
+    return args
+
+
+# ---- host-side observation during a transfer
+HOST_LOG_FAILURES = re.compile(
+    r"irq bypass consumer .*registration fails|vfio.*(fail|error|timed out)|DMAR: \[DMA (Read|Write)|"
+    r"DMAR: .*fault|AMD-Vi: .*(IO_PAGE_FAULT|fault)|iommufd.*(fail|error)|BUG:|WARNING:|Call Trace",
+    re.IGNORECASE,
+)
+
+
+class HostKernelLog:
+    """Kernel log records written between start() and read(), from /dev/kmsg (no parsing of dmesg
+    output, no races with other readers: each opener of /dev/kmsg has its own position)."""
+
+    def __init__(self, dev: Path = Path("/dev")) -> None:
+        self.path = dev / "kmsg"
+        self.fd: int | None = None
+        self.lines: list[str] = []
+
+    def start(self) -> HostKernelLog:
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.lseek(self.fd, 0, os.SEEK_END)
+        return self
+
+    def read(self) -> list[str]:
+        if self.fd is None:
+            return self.lines
+        while True:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten records: carry on from the next one
+                    continue
+                raise
+            if not record:
+                break
+            text = record.decode(errors="replace")
+            self.lines.append(text.split(";", 1)[-1].split("\n", 1)[0])
+        return self.lines
+
+    def failures(self) -> list[str]:
+        return [line for line in self.read() if HOST_LOG_FAILURES.search(line)]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> HostKernelLog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def host_vfio_irqs(addresses: Sequence[str], proc: Path = Path("/proc")) -> dict[str, IrqLine]:
+    """The host's vfio interrupt lines of the devices (e.g. 'vfio-msix[0](0000:01:00.0)')."""
+    lines = parse_interrupts((proc / "interrupts").read_text())
+    return {k: v for k, v in lines.items()
+            if v.name.startswith("vfio") and any(a in v.name for a in addresses)}
+
+
+def device_summary(paths: HostPaths, addresses: Sequence[str]) -> str:
+    return "; ".join(describe_device(paths, a) for a in addresses)

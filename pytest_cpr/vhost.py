@@ -1,0 +1,502 @@
+"""The virtual hardware host (tier 2): an L1 VM that looks to the plugin like a hardware runner.
+
+L1 runs under TCG here (KVM where it boots a guest) with an emulated VT-d (intel-iommu with
+interrupt remapping and caching mode), an igb NIC and an NVMe controller, each behind its own PCIe
+root port, and a second NIC (the "peer port") cabled to the igb's wire through a QEMU hub. Inside
+L1, TCG's ``-cpu max`` offers AMD SVM, so kvm_amd loads and the L2 guests run on KVM.
+
+The working tree (the code under test), the guest image and an artifacts folder are shared into L1
+over virtio-9p (/mnt/src and /mnt/guest read-only, /mnt/out writable). The harness talks to L1
+through a small agent on a virtio console (see images/vhost/vhost-agent): it writes the host config
+file the plugin reads, runs pytest on the given arguments and brings back the exit status, the
+JUnit XML and the artifacts.
+
+    python -m pytest_cpr.vhost run [--accel auto|tcg|kvm] [...] -- tests/hardware -x
+    with VirtualHost(VhostConfig.from_cache(...)) as l1: l1.run("lspci -nn")
+
+Inside L1: ``python -m pytest_cpr.vhost hostconfig --out /run/cpr/host.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import codecs
+import contextlib
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
+from pytest_cpr.images import cached_path
+from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
+from pytest_cpr.qemu.process import QemuProcess, tail
+
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+IGB = "8086:10c9"  # QEMU's igb (82576)
+NVME = "1b36:0010"  # QEMU's NVMe controller
+PEER_MAC = "52:54:00:c9:00:02"
+PEER_NAME = "cprpeer0"  # the peer port's name inside L1 (renamed by vhost-init)
+IGB_MAC = "52:54:00:c9:00:01"
+GUEST_NET = ("10.78.0.2/24", "10.78.0.1/24")  # (L2 on the igb, peer port inside the test's netns)
+L1_SRC, L1_GUEST, L1_OUT = "/mnt/src", "/mnt/guest", "/mnt/out"
+L1_HOST_CONFIG = "/run/cpr/host.toml"
+L1_PYTHON = "/opt/cpr-venv/bin/python"
+VHOST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
+Sink = Callable[[str], None]
+
+
+# ---- inside L1: the host config file -------------------------------------------------------------
+
+def find_pci(vendor_device: str, sysfs: Path = Path("/sys")) -> list[str]:
+    """PCI addresses of every device with this vendor:device ID, sorted."""
+    vendor, device = (f"0x{part.lower()}" for part in vendor_device.split(":"))
+    found = []
+    for dev in sorted((sysfs / "bus/pci/devices").glob("*")):
+        try:
+            ids = ((dev / "vendor").read_text().strip(), (dev / "device").read_text().strip())
+        except OSError:
+            continue
+        if ids == (vendor, device):
+            found.append(dev.name)
+    return found
+
+
+@dataclass(frozen=True)
+class L1Facts:
+    """What the generated host config is made from (all found inside L1)."""
+
+    nic: str
+    nvme: str
+    peer_interface: str
+    iommufd: bool
+    kvm: bool
+    kernel: str
+    qemu: str = "/usr/bin/qemu-system-x86_64"
+
+
+def iommufd_reason(facts: L1Facts) -> str:
+    return (f"/dev/iommu is absent: kernel {facts.kernel} (Debian trixie-backports) is built without "
+            "CONFIG_IOMMUFD; iommufd needs the custom kernel of issue #4 (not built per run: ~20 min)")
+
+
+def host_config_text(facts: L1Facts) -> str:
+    """The host config TOML for L1, in the format a hardware runner admin writes by hand."""
+    backends = ["legacy"] + (["iommufd"] if facts.iommufd else [])
+    lines = [
+        "# Generated inside the pytest-cpr virtual host (L1) by `python -m pytest_cpr.vhost hostconfig`.",
+        *([] if facts.iommufd else [f"# iommufd not listed: {iommufd_reason(facts)}"]),
+        *([] if facts.kvm else ["# /dev/kvm absent in L1: L2 falls back to TCG (VFIO cpr-transfer "
+                                "crashes QEMU 11.x there)"]),
+        "[host]",
+        'name = "cpr-vhost (L1 VM: emulated VT-d, igb, NVMe)"',
+        f'qemu = "{facts.qemu}"',
+        f"backends = {json.dumps(backends)}",
+        'memory = "512M"',
+        f'accel = "{"kvm" if facts.kvm else "tcg"}"',
+        "",
+        "[[device]]",
+        f'address = "{facts.nic}"',
+        'role = "nic"',
+        f'guest_ip = "{GUEST_NET[0]}"',
+        f'peer_interface = "{facts.peer_interface}"',
+        f'peer_ip = "{GUEST_NET[1]}"',
+        "",
+        "[[device]]",
+        f'address = "{facts.nvme}"',
+        'role = "nvme"',
+        "test_area_mib = 64",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def gather_facts(sysfs: Path = Path("/sys"), dev: Path = Path("/dev"),
+                 peer_interface: str = PEER_NAME) -> L1Facts:
+    """Find the emulated igb and NVMe by vendor:device; fail with what is missing."""
+    nics, nvmes = find_pci(IGB, sysfs), find_pci(NVME, sysfs)
+    if len(nics) != 1 or len(nvmes) != 1:
+        raise CprError(f"virtual host: expected one igb ({IGB}) and one NVMe ({NVME}) in {sysfs}/bus/pci, "
+                       f"found {nics} and {nvmes}")
+    if not (sysfs / "class/net" / peer_interface).exists():
+        raise CprError(f"virtual host: peer port {peer_interface} missing from {sysfs}/class/net "
+                       "(vhost-init renames the NIC with MAC {PEER_MAC})")
+    return L1Facts(nic=nics[0], nvme=nvmes[0], peer_interface=peer_interface,
+                   iommufd=(dev / "iommu").exists(), kvm=(dev / "kvm").exists(), kernel=os.uname().release)
+
+
+# ---- on L0: the agent channel ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AgentResult:
+    command: str
+    exit_code: int
+    output: str
+    seconds: float
+
+    def check(self) -> AgentResult:
+        if self.exit_code != 0:
+            raise CprError(f"virtual host: {self.command!r} failed with exit code {self.exit_code}:\n"
+                           f"{self.output[-3000:]}")
+        return self
+
+
+class AgentChannel:
+    """The harness end of images/vhost/vhost-agent, over QEMU's chardev socket of the virtio console.
+    Everything received is appended to `log_path`."""
+
+    def __init__(self, sock: socket.socket, log_path: Path, alive: Callable[[], str | None]) -> None:
+        self._sock = sock
+        self.log_path = log_path
+        self._alive = alive  # None while QEMU runs, else why it exited
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._buffer = ""
+        self._log = log_path.open("a", encoding="utf-8")
+
+    def _receive(self, deadline: float, what: str, sink: Sink | None) -> None:
+        ready, _, _ = select.select([self._sock], [], [], max(0.0, min(0.5, deadline - time.monotonic())))
+        if not ready:
+            if (reason := self._alive()) is not None:
+                raise QemuExited(f"virtual host exited while waiting for {what}: {reason}")
+            return
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise QemuExited(f"virtual host agent socket closed while waiting for {what}: "
+                             f"{self._alive() or 'QEMU still running'}; agent log {self.log_path}")
+        text = self._decoder.decode(chunk)
+        self._log.write(text)
+        self._log.flush()
+        if sink is not None:
+            sink(text)
+        self._buffer += text
+
+    def expect(self, pattern: str, timeout: float, what: str, sink: Sink | None = None) -> re.Match[str]:
+        """Wait for a regex in the agent's output; consumes the output up to the end of the match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while (match := regex.search(self._buffer)) is None:
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"virtual host: {what} not seen within {timeout:.0f}s; agent log "
+                                 f"{self.log_path}:\n{tail(self.log_path, 8)}")
+            self._receive(deadline, what, sink)
+        return match
+
+    def run(self, command: str, timeout: float, sink: Sink | None = None) -> AgentResult:
+        """Run a bash command in L1; output is streamed to `sink` as it arrives."""
+        token = uuid.uuid4().hex[:12]
+        payload = base64.b64encode(command.encode()).decode()
+        t0 = time.monotonic()
+        self._log.write(f"\n>>> [{token}] {command}\n")
+        self._sock.sendall(f"{token} {payload}\n".encode())
+        match = self.expect(rf"@@CPR-DONE {token} (\d+)@@\n?", timeout, f"the end of {command!r}", sink)
+        output = self._buffer[:match.start()]
+        self._buffer = self._buffer[match.end():]
+        return AgentResult(command, int(match.group(1)), output, time.monotonic() - t0)
+
+    def close(self) -> None:
+        self._log.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+# ---- on L0: the L1 VM ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VhostConfig:
+    """Everything that decides how L1 boots. `accel` auto: KVM if it boots a guest kernel here."""
+
+    image: Path  # the built images/vhost (vmlinuz, initrd.img, rootfs.img)
+    guest_image: Path  # the built images/guest, shared read-only as /mnt/guest
+    artifacts: Path  # this run's folder on L0; its inner/ is /mnt/out in L1
+    qemu: str = "qemu-system-x86_64"
+    accel: str = "auto"
+    memory: str = "5G"
+    cpus: int = 2
+    source_tree: Path = SOURCE_TREE
+    boot_timeout: float = 240.0
+    nvme_mib: int = 256
+    junit_dir: Path | None = None  # where the inner JUnit XML is copied (default: <artifacts>/junit)
+
+    @classmethod
+    def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, **overrides: object) -> VhostConfig:
+        """Images from the cache of the current recipes (`cpr-image build vhost`, `cpr-image build guest`)."""
+        from pytest_cpr.settings import BY_KEY
+
+        cache = cache_dir or Path(os.environ.get("CPR_CACHE_DIR") or str(BY_KEY["cache_dir"].default))
+        guest = Path(os.environ["CPR_IMAGE"]) if os.environ.get("CPR_IMAGE") else cached_path("guest", cache)
+        return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
+                   **overrides)  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        for f in VHOST_FILES:
+            if not (self.image / f).is_file():
+                raise CprSettingError(f"virtual host image {self.image} has no {f}: build it with "
+                                      "`cpr-image build vhost` (minutes; needs root and the Debian mirror)")
+        for f in ("vmlinuz-full", "initrd-full.img", "rootfs.img"):
+            if not (self.guest_image / f).is_file():
+                raise CprSettingError(f"guest image {self.guest_image} has no {f}: build it with "
+                                      "`cpr-image build guest` (the L2 guest needs its 'full' kernel)")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise CprSettingError(f"virtual host accel {self.accel!r}: use auto, kvm or tcg")
+
+
+@dataclass(frozen=True)
+class InnerRun:
+    """The outcome of one pytest run inside L1, brought back to L0."""
+
+    exit_code: int
+    junit: Path | None
+    artifacts: Path
+    seconds: float
+    log: Path
+
+
+def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: Path) -> list[str]:
+    """The L1 command line: q35 + VT-d, igb and NVMe each behind a root port, the igb's wire and the
+    peer port joined on hub 0, the three 9p shares, the agent console, QMP."""
+    tcg = accel == "tcg"
+    inner = cfg.artifacts / "inner"
+    append = f"console=ttyS0 intel_iommu=on panic=-1 quiet cpr.peer={PEER_MAC},{PEER_NAME}"
+    return [
+        qemu, "-name", "cpr-vhost,debug-threads=on",
+        "-accel", "tcg,thread=multi,tb-size=512" if tcg else "kvm",
+        "-machine", "q35,kernel-irqchip=split", "-cpu", "max" if tcg else "host",
+        "-smp", str(cfg.cpus), "-m", cfg.memory,
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-kernel", str(cfg.image / "vmlinuz"), "-initrd", str(cfg.image / "initrd.img"), "-append", append,
+        "-drive", f"file={cfg.image / 'rootfs.img'},if=none,id=root,format=raw,snapshot=on",
+        "-device", "virtio-blk-pci,drive=root",
+        "-device", "pcie-root-port,id=rp1,chassis=1,slot=1",
+        "-netdev", "hubport,id=wire0,hubid=0", "-netdev", "hubport,id=wire1,hubid=0",
+        "-device", f"igb,bus=rp1,netdev=wire0,mac={IGB_MAC}",
+        "-device", f"virtio-net-pci,netdev=wire1,mac={PEER_MAC}",
+        "-device", "pcie-root-port,id=rp2,chassis=2,slot=2",
+        "-drive", f"file={nvme_image},if=none,id=nvm,format=raw",
+        "-device", "nvme,bus=rp2,serial=cpr-vhost-nvme,drive=nvm",
+        "-virtfs", f"local,path={cfg.source_tree},mount_tag=src,security_model=none,readonly=on",
+        "-virtfs", f"local,path={cfg.guest_image},mount_tag=guest,security_model=none,readonly=on",
+        "-virtfs", f"local,path={inner},mount_tag=out,security_model=none",
+        "-chardev", f"file,id=serial0,path={cfg.artifacts / 'l1-console.log'}", "-serial", "chardev:serial0",
+        "-device", "virtio-serial-pci",
+        "-chardev", f"socket,id=agent0,path={rundir / 'agent.sock'},server=on,wait=off",
+        "-device", "virtconsole,chardev=agent0",
+        "-chardev", f"socket,id=qmp0,path={rundir / 'qmp.sock'},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+    ]
+
+
+class VirtualHost:
+    """Boot L1, run commands and pytest inside it, always shut it down (context manager)."""
+
+    def __init__(self, config: VhostConfig, log: Sink | None = None) -> None:
+        self.config = config
+        self.say: Sink = log or (lambda line: print(f"[cpr-vhost] {line}", flush=True))
+        self.accel = ""
+        self.accel_reason = ""
+        self.boot_seconds = 0.0
+        self.host_config = ""
+        self.process: QemuProcess | None = None
+        self.agent: AgentChannel | None = None
+        self._rundir: Path | None = None
+
+    def __enter__(self) -> VirtualHost:
+        try:
+            self.boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def inner(self) -> Path:
+        """L0 path of L1's /mnt/out."""
+        return self.config.artifacts / "inner"
+
+    def _choose_accel(self, qemu: str) -> None:
+        if self.config.accel != "auto":
+            self.accel, self.accel_reason = self.config.accel, "set explicitly"
+            return
+        ok, reason = kvm_boots(qemu, self.config.image / "vmlinuz")
+        self.accel, self.accel_reason = ("kvm" if ok else "tcg"), reason
+
+    def boot(self) -> float:
+        """Start L1 and wait for its agent; returns seconds from QEMU start to the agent's answer."""
+        cfg = self.config
+        cfg.validate()
+        qemu = resolve_binary(cfg.qemu, "virtual host --qemu")
+        cfg.artifacts.mkdir(parents=True, exist_ok=True)
+        self.inner.mkdir(parents=True, exist_ok=True)
+        self._rundir = Path(tempfile.mkdtemp(prefix="cpr-vhost-"))
+        nvme = self._rundir / "nvme.img"
+        with nvme.open("wb") as fh:
+            fh.truncate(cfg.nvme_mib << 20)
+        self._choose_accel(qemu)
+        self.say(f"booting L1 on {self.accel} ({self.accel_reason}); artifacts {cfg.artifacts}")
+        argv = l1_argv(cfg, qemu, self.accel, self._rundir, nvme)
+        self.process = QemuProcess(qemu, argv, "vhost", self._rundir, cfg.artifacts,
+                                   self._rundir / "qmp.sock", self._rundir / "agent.sock",
+                                   cfg.artifacts / "l1-console.log")
+        t0 = time.monotonic()
+        self.process.start()
+        self.process.connect_qmp(30)
+        self.process.wait_for_path(self._rundir / "agent.sock", 30, "the agent socket of L1")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self._rundir / "agent.sock"))
+        self.agent = AgentChannel(sock, cfg.artifacts / "l1-agent.log", self.process.exit_reason)
+        try:
+            self.agent.expect(r"@@CPR-AGENT-READY@@\n?", cfg.boot_timeout, "the L1 agent (boot)")
+        except CprTimeout as exc:
+            raise CprTimeout(f"{exc}\nL1 console {cfg.artifacts / 'l1-console.log'}:\n"
+                             f"{tail(cfg.artifacts / 'l1-console.log')}") from None
+        self.boot_seconds = time.monotonic() - t0
+        self.say(f"L1 agent ready {self.boot_seconds:.1f}s after QEMU start")
+        self._setup()
+        return self.boot_seconds
+
+    def _setup(self) -> None:
+        """What the admin of a hardware runner does once: write the host config (and keep a copy)."""
+        self.run(f"mkdir -p /run/cpr && cd {L1_SRC} && PYTHONDONTWRITEBYTECODE=1 {L1_PYTHON} -m "
+                 f"pytest_cpr.vhost hostconfig --out {L1_HOST_CONFIG} && "
+                 f"cp {L1_HOST_CONFIG} {L1_OUT}/host.toml", 120).check()
+        self.host_config = (self.inner / "host.toml").read_text()
+
+    def run(self, command: str, timeout: float = 60.0, sink: Sink | None = None) -> AgentResult:
+        """Run a bash command in L1 (as root, cwd /root)."""
+        if self.agent is None:
+            raise CprError("virtual host is not booted")
+        return self.agent.run(command, timeout, sink)
+
+    def pytest(self, args: Sequence[str], name: str = "vhost", timeout: float = 1800.0,
+               sink: Sink | None = None, env: dict[str, str] | None = None) -> InnerRun:
+        """Run pytest in L1 on the shared working tree; its JUnit XML lands in artifacts/junit/ on L0."""
+        junit_l1 = f"{L1_OUT}/junit/{name}.xml"
+        variables = {
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/root", "PY_COLORS": "0",
+            "CPR_IMAGE": L1_GUEST, "CPR_ARTIFACTS": f"{L1_OUT}/cpr", "CPR_CACHE_DIR": "/tmp/cpr-cache",
+            "CPR_HOST_CONFIG": L1_HOST_CONFIG, **(env or {}),
+        }
+        exports = " ".join(f"{k}={_sh(v)}" for k, v in variables.items())
+        argv = " ".join(_sh(a) for a in args)
+        command = (f"mkdir -p {L1_OUT}/junit && cd {L1_SRC} && env {exports} {L1_PYTHON} -m pytest "
+                   f"-p no:cacheprovider --junitxml={junit_l1} -o junit_suite_name={name} {argv}")
+        log = self.config.artifacts / f"pytest-{name}.log"
+        with log.open("w", encoding="utf-8") as fh:
+            def tee(text: str) -> None:
+                fh.write(text)
+                fh.flush()
+                if sink is not None:
+                    sink(text)
+
+            result = self.run(command, timeout, tee)
+        junit = self.inner / "junit" / f"{name}.xml"
+        brought = None
+        if junit.is_file():
+            target = self.config.junit_dir or self.config.artifacts / "junit"
+            target.mkdir(parents=True, exist_ok=True)
+            brought = target / f"vhost-{name}.xml"
+            shutil.copyfile(junit, brought)
+        return InnerRun(result.exit_code, brought, self.inner, result.seconds, log)
+
+    def close(self) -> None:
+        """Shut L1 down (quit over QMP, then signals) and remove the run folder; safe to call twice."""
+        if self.agent is not None:
+            with contextlib.suppress(CprError):  # L1's kernel log: vfio, DMAR and KVM messages
+                self.agent.run(f"dmesg > {L1_OUT}/l1-dmesg.log; sync", 30)
+            self.agent.close()
+            self.agent = None
+        if self.process is not None:
+            self.process.shutdown(timeout=15)
+            self.process = None
+        if self._rundir is not None:
+            shutil.rmtree(self._rundir, ignore_errors=True)
+            self._rundir = None
+
+
+def _sh(text: str) -> str:
+    """Quote for bash (single quotes)."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def _to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _cmd_hostconfig(args: argparse.Namespace) -> int:
+    facts = gather_facts(peer_interface=args.peer)
+    text = host_config_text(facts)
+    Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    artifacts = Path(args.artifacts).resolve() / "vhost" / f"{args.name}-{stamp}"
+    cfg = VhostConfig.from_cache(artifacts, accel=args.accel, memory=args.memory, qemu=args.qemu,
+                                 junit_dir=Path(args.artifacts).resolve() / "junit")
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    t0 = time.monotonic()
+    summary: dict[str, object] = {"pytest_args": pytest_args}
+    try:
+        with VirtualHost(cfg) as l1:
+            summary.update(accel=l1.accel, l1_boot_s=round(l1.boot_seconds, 1))
+            l1.say("host config:\n" + l1.host_config.rstrip())
+            l1.say(f"pytest {' '.join(pytest_args)} (timeout {args.timeout:.0f}s)")
+            run = l1.pytest(pytest_args or ["tests/hardware"], args.name, args.timeout,
+                            sink=_to_stdout)
+            summary.update(exit_code=run.exit_code, junit=str(run.junit), pytest_s=round(run.seconds, 1))
+    except CprError as exc:
+        print(f"[cpr-vhost] FAILED: {exc}", file=sys.stderr, flush=True)
+        summary.update(exit_code=3, error=str(exc))
+    summary["total_s"] = round(time.monotonic() - t0, 1)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"[cpr-vhost] {json.dumps(summary)}", flush=True)
+    code = summary["exit_code"]
+    return code if isinstance(code, int) else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_cpr.vhost", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="boot L1, run pytest inside it, bring back JUnit XML + artifacts")
+    r.add_argument("--accel", default=os.environ.get("CPR_VHOST_ACCEL", "auto"),
+                   choices=("auto", "kvm", "tcg"))
+    r.add_argument("--memory", default="5G", help="L1 memory (default 5G)")
+    r.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU that runs L1")
+    r.add_argument("--name", default="vhost", help="name of the JUnit file: artifacts/junit/vhost-<name>.xml")
+    r.add_argument("--artifacts", default="artifacts", help="artifacts root on L0 (default ./artifacts)")
+    r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the inner pytest run")
+    r.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="-- then pytest arguments (default tests/hardware)")
+    h = sub.add_parser("hostconfig", help="(inside L1) write the host config TOML for this virtual host")
+    h.add_argument("--out", default=L1_HOST_CONFIG)
+    h.add_argument("--peer", default=PEER_NAME)
+    args = parser.parse_args(argv)
+    try:
+        return _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args)
+    except CprError as exc:
+        print(f"cpr-vhost: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Bad input, as a user meets it: each case runs pytest in a subprocess on a small test file and checks
+what that user sees. Every case must give one line that names the setting (or input) and the fix,
+as an error, a usage error or a skip reason; never a traceback into the plugin; and leave nothing
+behind (no QEMU process, no namespace, no registry record).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pytest_cpr.images import cached_path
+from pytest_cpr.settings import BY_KEY
+
+pytestmark = pytest.mark.timeout(600)
+
+OLD_QEMU_VERSION = "1:7.2+dfsg-7+deb12u18+b3"  # Debian bookworm: QEMU 7.2, no cpr-transfer (10.0+)
+OLD_QEMU_DIR = Path.home() / ".cache" / "pytest-cpr" / "old-qemu"
+OLD_QEMU_BIN = OLD_QEMU_DIR / "root" / "usr" / "bin" / "qemu-system-x86_64"
+
+BOOT_TEST = """
+import pytest
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+
+def test_guest(cpr_vm):
+    cpr_vm.run("true")
+"""
+
+SETTINGS_TEST = """
+def test_settings(cpr_settings):
+    assert cpr_settings.memory
+"""
+
+SSH_REFUSED_TEST = """
+import pytest
+from pytest_cpr.guest.ssh import SessionKey
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+
+def test_guest(cpr_vm_factory, tmp_path):
+    stranger = SessionKey(tmp_path / "stranger")  # the guest authorizes this key, not the session's
+    vm = cpr_vm_factory(cmdline=(f"cpr.sshkey={stranger.public_base64}",))
+    vm.boot()
+"""
+
+# unshare + setpriv: /dev/net/tun replaced (in a private mount namespace) by a mode-000 node and the
+# harness run as root without CAP_DAC_OVERRIDE: exactly what a user without access to the device sees.
+NO_TUN = ('set -e; mknod "$1/tun" c 10 200; chmod 000 "$1/tun"; mount --bind "$1/tun" /dev/net/tun; '
+          'shift; exec setpriv --bounding-set -dac_override,-dac_read_search -- "$@"')
+
+
+@dataclass
+class Case:
+    name: str
+    expect: str  # "error" (setup error), "failed", "skipped" or "usage" (pytest exit code 4)
+    pattern: str  # regex of the one line the user must see
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    ini: str = ""
+    test: str = BOOT_TEST
+    prepare: Callable[[Path], None] | None = None
+    no_tun: bool = False
+
+
+def _image_dir(tmp: Path, name: str, **replace: bytes | None) -> Path:
+    """A copy-by-symlink of the built guest image with some files replaced (bytes) or missing (None)."""
+    real = cached_path("guest", Path(str(BY_KEY["cache_dir"].default)))
+    if not real.is_dir():
+        pytest.skip(f"guest image not built ({real}): run `cpr-image build guest`")
+    d = tmp / name
+    d.mkdir()
+    for f in ("vmlinuz", "initrd.img", "rootfs.img"):
+        if f not in replace:
+            (d / f).symlink_to(real / f)
+        elif (content := replace[f]) is not None:
+            (d / f).write_bytes(content)
+    return d
+
+
+def _empty_ext4(tmp: Path) -> None:
+    """A guest image whose root filesystem is a valid but empty ext4: the kernel finds no init."""
+    d = _image_dir(tmp, "emptyroot", **{"rootfs.img": None})
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(d / "rootfs.img"), "16M"], check=True, timeout=60,
+                   capture_output=True)
+
+
+def _bad_pci_config(tmp: Path) -> None:
+    (tmp / "host.toml").write_text('[host]\nname = "bad-input"\n\n[[device]]\naddress = "0000:zz:00.0"\n'
+                                   'role = "nic"\n')
+
+
+def _not_executable(tmp: Path) -> None:
+    (tmp / "qemu-noexec").write_text("#!/bin/sh\n")
+    (tmp / "qemu-noexec").chmod(0o644)
+
+
+CASES = [
+    Case("qemu-path-missing", "error", r"\[pytest-cpr\] --cpr-qemu / CPR_QEMU: QEMU binary "
+         r"'/nonexistent/qemu-system-x86_64' not found or not executable; install qemu-system-x86",
+         args=("--cpr-qemu=/nonexistent/qemu-system-x86_64",)),
+    Case("qemu-not-executable", "error", r"--cpr-qemu / CPR_QEMU: QEMU binary '.*qemu-noexec' not found or "
+         r"not executable", args=("--cpr-qemu={tmp}/qemu-noexec",), prepare=_not_executable),
+    Case("qemu-not-qemu", "error", r"--cpr-qemu / CPR_QEMU: /usr/bin/true is not a working QEMU system "
+         r"emulator .*give the path of a qemu-system-x86_64 >= 10.0", args=("--cpr-qemu=/bin/true",)),
+    Case("target-qemu-path-missing", "error", r"--cpr-target-qemu / CPR_TARGET_QEMU: QEMU binary "
+         r"'/nonexistent/qemu' not found", env={"CPR_TARGET_QEMU": "/nonexistent/qemu"}),
+    Case("qemu-without-cpr-transfer", "skipped", r"\(QEMU 7\.2\.\d+ .*\) lacks migration mode cpr-transfer "
+         r"\(QEMU >= 10\.0\); set --cpr-qemu to a build that has it", args=("--cpr-qemu={old_qemu}",)),
+    Case("target-without-cpr-transfer", "skipped", r"QEMU 7\.2\.\d+ .* lacks migration mode cpr-transfer "
+         r".*; set --cpr-target-qemu to a build", args=("--cpr-target-qemu={old_qemu}",)),
+    Case("image-missing", "error", r"--cpr-image / CPR_IMAGE: guest image /nonexistent/image does not "
+         r"exist; build it with `cpr-image build guest`", args=("--cpr-image=/nonexistent/image",)),
+    Case("image-missing-kernel", "error", r"--cpr-image / CPR_IMAGE: guest image .*/nokernel has no "
+         r"vmlinuz .*rebuild with `cpr-image build guest --force`", args=("--cpr-image={tmp}/nokernel",),
+         prepare=lambda t: _image_dir(t, "nokernel", vmlinuz=None) and None),
+    Case("image-corrupt-rootfs", "error", r"--cpr-image / CPR_IMAGE: .*/badroot/rootfs.img is not an ext4 "
+         r"image \(corrupt\); rebuild", args=("--cpr-image={tmp}/badroot",),
+         prepare=lambda t: _image_dir(t, "badroot", **{"rootfs.img": b"\x01" * 65536}) and None),
+    Case("image-corrupt-kernel", "error", r"--cpr-image / CPR_IMAGE: .*/badkernel/vmlinuz is not a bootable "
+         r"x86 kernel; rebuild", args=("--cpr-image={tmp}/badkernel",),
+         prepare=lambda t: _image_dir(t, "badkernel", vmlinuz=b"\x7fELF" + b"\0" * 8192) and None),
+    Case("image-not-built", "skipped", r"guest image not built \(.*emptycache/images/guest-[0-9a-f]+ "
+         r"missing\): run `cpr-image build guest` \(or set --cpr-image / CPR_IMAGE\)",
+         args=("--cpr-cache-dir={tmp}/emptycache",)),
+    Case("memory-not-a-size", "usage", r"^ERROR: setting --cpr-memory / CPR_MEMORY / ini cpr_memory from "
+         r"cli: '12X' is not a size; use a size such as 512M or 2G$", args=("--cpr-memory=12X",)),
+    Case("memory-too-small", "usage", r"setting --cpr-memory .* from env: '32M' is below 64 MiB, too small "
+         r"to boot a guest; use a size such as 512M", env={"CPR_MEMORY": "32M"}),
+    Case("cpus-zero", "usage", r"setting --cpr-cpus .* from cli: 0 is not positive; use a whole number >= 1",
+         args=("--cpr-cpus=0",)),
+    Case("accel-unknown-ini-value", "usage", r"setting --cpr-accel / CPR_ACCEL / ini cpr_accel from ini: "
+         r"'xen' is not one of auto, kvm, tcg; use auto, kvm or tcg", ini="cpr_accel = xen"),
+    Case("unknown-ini-key", "usage", r"^ERROR: unknown pytest-cpr ini key cpr_memroy: did you mean "
+         r"cpr_memory\?$", ini="cpr_memroy = 1G", test=SETTINGS_TEST),
+    Case("boot-timeout-negative", "usage", r"setting --cpr-boot-timeout .*: -5.0 is not a positive number "
+         r"of seconds; use a positive number of seconds", args=("--cpr-boot-timeout=-5",)),
+    Case("strict-not-boolean", "usage", r"setting --cpr-strict / CPR_STRICT / ini cpr_strict from env: "
+         r"'maybe' is not a boolean; use on or off", env={"CPR_STRICT": "maybe"}),
+    Case("keep-artifacts-unknown", "usage", r"setting --cpr-keep-artifacts .*: 'never' is not one of "
+         r"on-failure, always; use on-failure or always", args=("--cpr-keep-artifacts=never",)),
+    Case("artifacts-unwritable", "error", r"--cpr-artifacts / CPR_ARTIFACTS / ini cpr_artifacts: cannot "
+         r"create /proc/cpr-artifacts/.*; use a writable directory", args=("--cpr-artifacts=/proc/cpr-artifacts",)),
+    Case("host-config-missing", "usage", r"--cpr-host-config / CPR_HOST_CONFIG", args=(
+         "--cpr-host-config={tmp}/missing.toml",)),
+    Case("host-config-bad-pci-address", "usage", r"0000:zz:00\.0", args=("--cpr-host-config={tmp}/host.toml",),
+         prepare=_bad_pci_config),
+    Case("no-permission-dev-net-tun", "error", r"\[pytest-cpr\] .*no permission to open /dev/net/tun .*run "
+         r"as root, or give this user read/write access to /dev/net/tun", no_tun=True),
+    Case("boot-timeout-too-small", "error", r"\[pytest-cpr\] guest vm0 did not boot \(--cpr-boot-timeout "
+         r"1s; logs: .*\): console: the guest's SSH host key \(CPR-HOSTKEY line\) not seen within 1s",
+         args=("--cpr-boot-timeout=1",)),
+    Case("guest-never-boots", "error", r"\[pytest-cpr\] guest vm0 did not boot \(--cpr-boot-timeout 120s; "
+         r"logs: .*\): console closed while waiting for the guest's SSH host key",
+         args=("--cpr-image={tmp}/emptyroot", "--cpr-boot-timeout=120"), prepare=_empty_ext4),
+    Case("ssh-key-refused", "failed", r"CprError: SSH to 10\.77\.0\.\d+: the guest refused the session key "
+         r".*cpr\.sshkey= on the kernel command line must carry the session's public key",
+         test=SSH_REFUSED_TEST),
+]
+
+
+@pytest.fixture(scope="session")
+def old_qemu() -> Path:
+    """QEMU 7.2 (Debian bookworm), a real build without cpr-transfer: extracted from its .deb once
+    into ~/.cache/pytest-cpr/old-qemu (apt-get download + dpkg-deb -x)."""
+    if not OLD_QEMU_BIN.exists():
+        debs = OLD_QEMU_DIR / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        got = subprocess.run(["apt-get", "download", f"qemu-system-x86={OLD_QEMU_VERSION}"], cwd=debs,
+                             capture_output=True, text=True, timeout=300)
+        if got.returncode != 0:
+            pytest.skip(f"cannot fetch QEMU {OLD_QEMU_VERSION} (apt-get download): {got.stderr.strip()[:200]}")
+        for deb in debs.glob("*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(OLD_QEMU_DIR / "root")], check=True, timeout=120)
+    ran = subprocess.run([str(OLD_QEMU_BIN), "--version"], capture_output=True, text=True, timeout=30)
+    if ran.returncode != 0 or "version 7.2" not in ran.stdout:
+        pytest.skip(f"{OLD_QEMU_BIN} does not run here: {(ran.stderr or ran.stdout).strip()[:200]}")
+    return OLD_QEMU_BIN
+
+
+def _netns_of_dead_owners() -> set[str]:
+    """cprt-<pid>-* namespaces whose harness process is gone (a live harness may own its own)."""
+    netns_dir = Path("/var/run/netns")
+    names = set()
+    for p in netns_dir.iterdir() if netns_dir.is_dir() else ():
+        m = re.match(r"^cprt-(\d+)-", p.name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            names.add(p.name)
+    return names
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in cmdline and int(entry.name) != os.getpid():
+                found.append(f"{entry.name} {cmdline[:120]!r}")
+    return found
+
+
+def _run(pytester: pytest.Pytester, case: Case, old_qemu: Path) -> tuple[int, str]:
+    tmp = pytester.path
+    if case.prepare is not None:
+        case.prepare(tmp)
+    pytester.makepyfile(test_case=case.test)
+    if case.ini:
+        pytester.makeini(f"[pytest]\n{case.ini}\n")
+    args = [a.format(tmp=tmp, old_qemu=old_qemu) for a in case.args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CPR_", "PYTEST_"))}
+    # pytester points HOME at its tmp dir: name the real image cache
+    env |= {"CPR_STATE_DIR": str(tmp / "state"), "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default), **case.env}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-o", "console_output_style=classic",
+           *args]
+    if case.no_tun:
+        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NO_TUN, "sh", str(tmp), *cmd]
+    proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"bad input {case.name}: the pytest run hung for 300s (interrupted):\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, pytester: pytest.Pytester, old_qemu: Path) -> None:
+    """One bad input -> one clear line (error, usage error or skip) naming the setting and the fix;
+    no traceback into the plugin; nothing left behind."""
+    if case.no_tun and not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("unshare/setpriv (util-linux) not installed")
+    stale_before = _netns_of_dead_owners()
+    code, out = _run(pytester, case, old_qemu)
+    shown = f"--- what the user saw (exit code {code}) ---\n{out}"
+    lines = [ln for ln in out.splitlines() if re.search(case.pattern, ln)]
+    assert lines, f"bad input {case.name}: no line matches {case.pattern!r}\n{shown}"
+    print(f"[bad input {case.name}] {case.expect}: {lines[0].strip()}")
+    assert "Traceback (most recent call last)" not in out, f"bad input {case.name}: a traceback\n{shown}"
+    assert "During handling of the above exception" not in out, f"{case.name}: chained exceptions\n{shown}"
+    plugin_frames = re.findall(r"pytest_cpr/[\w/]+\.py:\d+", out)
+    assert not plugin_frames, f"bad input {case.name}: frames inside the plugin {plugin_frames}\n{shown}"
+    expected = {"usage": code == 4, "error": " 1 error" in out and code == 1,
+                "failed": " 1 failed" in out and code == 1, "skipped": " 1 skipped" in out and code == 0}
+    assert expected[case.expect], f"bad input {case.name}: expected {case.expect}\n{shown}"
+    state = pytester.path / "state"
+    records = sorted(p.name for p in state.glob("*.json")) if state.is_dir() else []
+    left = records + _processes_mentioning(str(pytester.path)) + sorted(_netns_of_dead_owners() - stale_before)
+    assert not left, f"bad input {case.name} left behind: {left}\n{shown}"

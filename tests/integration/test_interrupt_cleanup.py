@@ -1,0 +1,219 @@
+"""Ctrl-C, a second Ctrl-C, pytest-timeout and SIGKILL of pytest itself, on a real transfer test run
+in a subprocess: whatever stops the run, no QEMU process, namespace (hence tap) or registry record of
+it survives; what a killed run left is cleaned and reported by the next run's session start.
+
+Each inner run gets a private registry (CPR_STATE_DIR) so it never touches other runs on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_cpr.settings import BY_KEY
+
+pytestmark = [pytest.mark.cpr(mode="cpr-transfer"), pytest.mark.timeout(600)]
+
+TRANSFER_LOOP = """
+import os, pathlib
+import pytest
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+MARK = pathlib.Path(os.environ["CPR_TEST_MARKS"])
+
+@pytest.fixture
+def slow_teardown(cpr_vm):
+    yield cpr_vm
+    (MARK / "teardown").write_text("started")
+    release = MARK / "release"
+    for _ in range(6000):  # bounded: 60 s, until the outer test releases it
+        if release.exists():
+            return
+        __import__("time").sleep(0.01)
+
+def test_transfers(slow_teardown):
+    vm = slow_teardown
+    with vm.traffic(tcp=False):
+        vm.transfer()
+        (MARK / "transferred").write_text(str(vm.current.pid))
+        for _ in range(100):
+            vm.transfer()
+
+def test_hangs(cpr_vm):
+    (MARK / "transferred").write_text(str(cpr_vm.current.pid))
+    cpr_vm.run("sleep 600", timeout=700)
+"""
+
+SETTINGS_ONLY = """
+def test_settings(cpr_settings):
+    assert cpr_settings.qemu
+"""
+
+
+@dataclass
+class Inner:
+    """A pytest run in its own session (so signals reach it as a terminal's Ctrl-C would)."""
+
+    proc: subprocess.Popen[str]
+    marks: Path
+    path: Path
+
+    def wait_mark(self, name: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not (self.marks / name).exists():
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read() if self.proc.stdout else ""
+                pytest.fail(f"inner pytest exited ({self.proc.returncode}) before {name!r}:\n{out[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"inner pytest: {name!r} not reached within {timeout:.0f}s (marks {self.marks})")
+            time.sleep(0.01)
+        return (self.marks / name).read_text()
+
+    def interrupt(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground group
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, _ = self.proc.communicate(timeout=30)
+            pytest.fail(f"inner pytest did not end within {timeout:.0f}s after the signal:\n{out[-4000:]}")
+        return self.proc.returncode, out
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester) -> Iterator[Callable[..., Inner]]:
+    """Start inner pytest runs in pytester's directory; kill what is left of them at the end."""
+    runs: list[Inner] = []
+    (pytester.path / "marks").mkdir()
+    pytester.makepyfile(test_loop=TRANSFER_LOOP, test_settings_only=SETTINGS_ONLY)
+
+    def start(*args: str) -> Inner:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CPR_", "PYTEST_"))}
+        env |= {"CPR_STATE_DIR": str(pytester.path / "state"), "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default),
+                "CPR_TEST_MARKS": str(pytester.path / "marks")}
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
+                                cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        run = Inner(proc, pytester.path / "marks", pytester.path)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.communicate(timeout=30)
+    for pid in _qemu_of(pytester.path):  # only if a test failed: never leave them to the next job
+        os.kill(pid, signal.SIGKILL)
+
+
+def _qemu_of(path: Path) -> list[int]:
+    """Live QEMU processes of runs in `path` (their console log lives under it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and str(path).encode() in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _namespaces_of(pid: int) -> list[str]:
+    netns = Path("/var/run/netns")
+    return sorted(p.name for p in netns.iterdir() if p.name.startswith(f"cprt-{pid}-")) if netns.is_dir() else []
+
+
+def _tap_links_of(pid: int) -> list[str]:
+    """Taps live in the run's namespace; one outside it would show in the host's link list."""
+    out = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return [ln for ln in out.splitlines() if f"cprt-{pid}-" in ln]
+
+
+def _leftovers(run: Inner) -> list[str]:
+    state = run.path / "state"
+    left = [f"registry {p.name}" for p in state.glob("*.json")] if state.is_dir() else []
+    left += [f"qemu pid {p}" for p in _qemu_of(run.path)]
+    left += [f"netns {n}" for n in _namespaces_of(run.proc.pid)]
+    left += [f"tap {t}" for t in _tap_links_of(run.proc.pid)]
+    return left
+
+
+def test_ctrl_c_mid_transfer_runs_teardown(inner: Callable[..., Inner]) -> None:
+    """One Ctrl-C while transfers run: pytest reports the interruption, teardown shuts everything down."""
+    run = inner("test_loop.py::test_transfers")
+    run.wait_mark("transferred", 180)
+    (run.marks / "release").write_text("teardown may finish")
+    run.interrupt()
+    code, out = run.finish(120)
+    assert code == 2 and "KeyboardInterrupt" in out, f"expected an interrupted run (exit 2):\n{out[-4000:]}"
+    assert (run.marks / "teardown").exists(), f"the test's teardown did not run:\n{out[-4000:]}"
+    left = _leftovers(run)
+    print(f"[interrupt] Ctrl-C once: leftovers {len(left)}")
+    assert not left, f"left behind after Ctrl-C: {left}\n{out[-4000:]}"
+
+
+def test_second_ctrl_c_kills_what_is_left(inner: Callable[..., Inner]) -> None:
+    """Ctrl-C, then Ctrl-C again while teardown is still busy (cut short): the second one kills this
+    run's QEMU processes and deletes its namespaces before pytest exits."""
+    run = inner("test_loop.py::test_transfers")
+    run.wait_mark("transferred", 180)
+    run.interrupt()
+    run.wait_mark("teardown", 60)
+    assert _qemu_of(run.path), "the guest's QEMU should still run while teardown is blocked"
+    run.interrupt()
+    code, out = run.finish(120)
+    assert "pytest-cpr: second Ctrl-C: killed stale QEMU process" in out, f"no second-Ctrl-C cleanup:\n{out[-4000:]}"
+    left = _leftovers(run)
+    print(f"[interrupt] Ctrl-C twice: leftovers {len(left)}; {re.findall(r'second Ctrl-C: .*', out)}")
+    assert not left, f"left behind after a second Ctrl-C: {left}\n{out[-4000:]}"
+
+
+def test_pytest_timeout_runs_teardown(inner: Callable[..., Inner]) -> None:
+    """pytest-timeout (signal method) expires in a guest command: the test fails as a timeout and the
+    teardown still shuts everything down."""
+    run = inner("test_loop.py::test_hangs", "--timeout=60", "--timeout-method=signal")
+    run.wait_mark("transferred", 120)
+    code, out = run.finish(180)
+    assert code == 1 and "Timeout" in out, f"expected a pytest-timeout failure:\n{out[-4000:]}"
+    left = _leftovers(run)
+    print(f"[interrupt] pytest-timeout: leftovers {len(left)}")
+    assert not left, f"left behind after pytest-timeout: {left}\n{out[-4000:]}"
+
+
+def test_sigkill_then_next_run_cleans_and_reports(inner: Callable[..., Inner]) -> None:
+    """SIGKILL of pytest mid-test leaves QEMU and the namespace behind (nothing can run); the next run's
+    session start kills and deletes them and says so in its summary."""
+    first = inner("test_loop.py::test_transfers")
+    first.wait_mark("transferred", 180)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.finish(60)
+    orphans = _qemu_of(first.path)
+    namespaces = _namespaces_of(first.proc.pid)
+    assert orphans and namespaces, f"SIGKILL should leave QEMU {orphans} and a namespace {namespaces} behind"
+    second = inner("test_settings_only.py")
+    code, out = second.finish(120)
+    assert code == 0, out[-4000:]
+    assert "pytest-cpr: cleaned up after an earlier run" in out, out[-4000:]
+    reported = re.findall(r"^(killed stale QEMU process \d+.*|deleted stale network namespace \S+)$", out, re.M)
+    for pid in orphans:
+        assert any(f"process {pid} " in r for r in reported), f"QEMU {pid} not reported: {out[-3000:]}"
+    assert any(n in r for r in reported for n in namespaces), f"namespace not reported: {out[-3000:]}"
+    left = _leftovers(first)
+    print(f"[interrupt] SIGKILL + next run: cleaned {len(reported)} ({reported}); leftovers {len(left)}")
+    assert not left, f"left behind after the next run's cleanup: {left}"

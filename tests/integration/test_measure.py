@@ -1,0 +1,70 @@
+"""What a real transfer records: the timeline (every phase, in order, on one clock), the probe series,
+the timeline picture, the cpr_ properties, and thresholds that fail a transfer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_cpr import checks, plot
+from pytest_cpr.checks import CheckFailed
+from pytest_cpr.vm import CprVM
+
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+
+
+def test_transfer_records_timeline_probe_series_plot_and_properties(
+        cpr_vm: CprVM, request: pytest.FixtureRequest) -> None:
+    """One transfer under traffic leaves timeline-t1.json (all phases in order, ms since the step),
+    probe-t1.json (every probe of the window), timeline-t1.png/.svg and the cpr_t1_* properties."""
+    with cpr_vm.traffic(tcp=False) as traffic:
+        traffic.wait_answers(40, 60.0)
+        result = cpr_vm.transfer()
+    checks.assert_completed(result, cpr_vm.artifacts)
+    checks.assert_connectivity(result, cpr_vm.artifacts)
+    art = cpr_vm.artifacts
+
+    doc = json.loads((art / "timeline-t1.json").read_text())
+    names = [p["phase"] for p in doc["phases"]]
+    assert [n for n in names if n in plot.PHASES] == list(plot.PHASES), f"phases: {doc['phases']}"
+    assert "source_exited" in names
+    times = [p["t"] for p in doc["phases"]]
+    assert times == sorted(times) and doc["phases"][0]["ms"] == 0.0
+    assert doc["numbers"]["blackout_ms"] > 0 and doc["numbers"]["qemu_downtime_ms"] is not None
+
+    series = plot.ProbeSeries.load(art / "probe-t1.json")
+    assert series.interval_ms == cpr_vm.config.probe_interval_ms
+    sends = [t for _, t, _ in series.rows]
+    assert sends[0] < result.timeline["step_start"] < result.timeline["ssh_answered"] < sends[-1] + 0.05
+    assert result.probe is not None
+    gap_start, gap_end = result.probe["gap_start"], result.probe["gap_end"]
+    answers = {r for _, _, r in series.rows if r is not None}
+    assert gap_start in answers and gap_end in answers, "the saved series must hold the blackout's ends"
+    assert not [r for r in answers if gap_start < r < gap_end], "no answer inside the recorded blackout"
+
+    for suffix in ("png", "svg"):
+        path = Path(result.files[f"plot_{suffix}"])
+        assert path == art / f"timeline-t1.{suffix}" and path.stat().st_size > 20_000
+    assert "blackout" in (art / "timeline-t1.svg").read_text()
+
+    saved = json.loads((art / "transfers.json").read_text())
+    assert saved[0]["files"]["timeline"] == str(art / "timeline-t1.json")
+    props = dict(request.node.user_properties)
+    for key in ("blackout_ms", "qemu_downtime_ms", "qemu_total_ms", "lost_probes", "overhead_ratio",
+                "spawn_to_listen_ms", "ssh_after_ms"):
+        assert f"cpr_t1_{key}" in props, f"cpr_t1_{key} not recorded"
+    assert props["cpr_t1_blackout_ms"] == result.blackout_ms
+
+
+@pytest.mark.cpr_thresholds(max_blackout_ms=0.001)
+def test_blackout_threshold_fails_a_real_transfer(cpr_vm: CprVM, cpr_thresholds: dict) -> None:
+    """No real transfer keeps the guest's network answering within 1 us: the per-test threshold
+    from the marker makes assert_thresholds fail, naming the blackout and the limit."""
+    assert cpr_thresholds["max_blackout_ms"] == 0.001
+    with cpr_vm.traffic(tcp=False):
+        result = cpr_vm.transfer()
+    checks.assert_completed(result, cpr_vm.artifacts)
+    with pytest.raises(CheckFailed, match=r"blackout .* ms exceeds 0.001 ms"):
+        checks.assert_thresholds(result, logs=cpr_vm.artifacts, **cpr_thresholds)
