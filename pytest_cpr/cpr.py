@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.qemu.qmp import QmpError
@@ -207,11 +209,11 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
     except TransferFailed:
         _abandon(target)
         raise
-    except (CprError, QmpError, OSError) as exc:
+    except (CprError, QmpError, QMPError, OSError) as exc:
         result.status = "failed"
-        result.error = str(exc)
+        result.error = _failure(exc, target, result)
         _abandon(target)
-        raise TransferFailed(f"cpr-transfer {result.index} failed: {exc}", result) from exc
+        raise TransferFailed(f"cpr-transfer {result.index} failed: {result.error}", result) from exc
     except BaseException:
         _abandon(target)
         raise
@@ -221,6 +223,20 @@ def _target_exit(target: QemuProcess, grace: float = 2.0) -> str | None:
     """Why the target went away, if it did (it usually exits right after a failed load)."""
     target.wait_exit(grace)
     return target.exit_reason()
+
+
+def _failure(exc: BaseException, target: QemuProcess | None, result: TransferResult) -> str:
+    """What went wrong, with the target's own exit reason when it died (waited for, bounded)."""
+    text = str(exc) or type(exc).__name__
+    if target is not None and target.popen is not None and target.exit_reason() is None:
+        target.wait_exit(2.0)
+    if target is not None and (reason := target.exit_reason()) is not None and reason not in text:
+        text += f"; {reason}"
+    if result.qemu.get("status") == "completed":
+        result.notes.append("the source reported the migration completed (it is in postmigrate, the "
+                            "guest stopped) but the target did not take the guest over")
+        text = f"source reported completed but the target failed: {text}"
+    return text
 
 
 def _abandon(target: QemuProcess | None) -> None:

@@ -258,11 +258,45 @@ def wrong_target_machine(machine: str) -> Fault:
                              machine=machine)
 
 
-def target_without_nic() -> Fault:
-    """The target lacks the guest's NIC: it reads the cpr state and the stream's start, then fails on
-    the NIC's device state, which the source sends last, after it stopped the guest."""
-    return _with_target_args(Fault("target-without-nic", "target started without the virtio-net NIC"),
-                             nics=())
+def target_fails_after_source_completed(feature: str = "mrg_rxbuf", timeout: float = 20.0) -> Fault:
+    """The target's NIC lacks a feature the guest negotiated, so it cannot load the NIC's device
+    state, the last thing the source sends. Made deterministic: the source pauses before switchover,
+    the target is SIGSTOPped, the source sends the device state into the socket and ends its side;
+    only then does the target (SIGCONT) read it and fail."""
+    fault = _with_target_args(Fault("fails-after-source-completed", f"target NIC with {feature}=off "
+                                    "fails on the device state after the source finished sending"),
+                              ("-global", f"virtio-net-pci.{feature}=off"))
+    setup_args, teardown_args = fault.setup, fault.teardown
+    pause, unpause = _set_pause_before_switchover(True), _set_pause_before_switchover(False)
+
+    def setup(vm: CprVM) -> None:
+        assert setup_args is not None
+        setup_args(vm)
+        pause(vm)
+
+    def teardown(vm: CprVM) -> None:
+        assert teardown_args is not None
+        teardown_args(vm)
+        unpause(vm)
+
+    def strike(target: QemuProcess) -> None:
+        _wait_pre_switchover(fault)
+        os.kill(target.pid, signal.SIGSTOP)
+        fault.note(f"SIGSTOP target {target.label} at pre-switchover")
+        source = fault.source
+        mark = len(source.qmp.events)
+        source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        try:
+            final = source.qmp.wait_event(
+                lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in ("completed", "failed"),
+                timeout, "MIGRATION completed/failed of the source", since=mark)
+            fault.note(f"source migration {final['data']['status']} while the target was stopped")
+        finally:
+            os.kill(target.pid, signal.SIGCONT)
+            fault.note(f"SIGCONT target {target.label}")
+
+    fault.setup, fault.teardown, fault.after_migrate = setup, teardown, strike
+    return fault
 
 
 def remove_cpr_socket() -> Fault:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -70,8 +71,9 @@ def cpr_target_build(cpr_settings: CprSettings) -> QemuBuild:
 
 
 @pytest.fixture(scope="session")
-def cpr_image(cpr_settings: CprSettings) -> GuestImage:
-    """The guest image: --cpr-image, else the cached build of images/guest. Never built here."""
+def cpr_image(cpr_settings: CprSettings) -> GuestImage | None:
+    """The guest image: --cpr-image, else the cached build of images/guest. Never built here.
+    None when only --cpr-user-image (a cloud image booted through a NoCloud seed) is set."""
     with one_line_errors("guest image"):
         if cpr_settings.image:
             return GuestImage.load(Path(cpr_settings.image), "--cpr-image / CPR_IMAGE")
@@ -79,6 +81,8 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage:
             path = cached_path("guest", Path(cpr_settings.cache_dir))
         except CprSettingError as exc:
             raise CprSettingError(f"{exc}; or give a built image with --cpr-image") from None
+        if not path.exists() and cpr_settings.user_image:
+            return None  # guests boot the user's cloud image instead
         if not path.exists():
             host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
                              "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
@@ -87,11 +91,14 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage:
 
 
 @pytest.fixture(scope="session")
-def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild, cpr_image: GuestImage) -> str:
+def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild,
+              cpr_image: GuestImage | None) -> str:
     """The accelerator in use: --cpr-accel, or auto: KVM if it boots a guest kernel here, else TCG."""
     if cpr_settings.accel != "auto":
         return str(cpr_settings.accel)
     if "kvm" in cpr_source_build.accels:
+        if cpr_image is None:  # no kernel of ours to try: trust an accessible /dev/kvm
+            return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
         ok, _ = kvm_boots(cpr_source_build.binary, cpr_image.kernel)
         if ok:
             return "kvm"
@@ -139,7 +146,7 @@ def _record_transfer(node: pytest.Item) -> Callable[[TransferResult], None]:
 
 @pytest.fixture
 def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-                   cpr_target_build: QemuBuild, cpr_image: GuestImage, cpr_accel: str,
+                   cpr_target_build: QemuBuild, cpr_image: GuestImage | None, cpr_accel: str,
                    cpr_session_key: SessionKey, cpr_artifacts: Path) -> Iterator[Callable[..., CprVM]]:
     """Make guests (not yet booted): `vm = cpr_vm_factory(memory_mib=1024)`. All are shut down and their
     networks removed at teardown; the guest dmesg and the transfer numbers are saved."""
@@ -157,7 +164,8 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
             memory_mib=cpr_settings.memory, cpus=cpr_settings.cpus, boot_timeout=cpr_settings.boot_timeout,
             transfer_timeout=cpr_settings.transfer_timeout, command_timeout=cpr_settings.command_timeout,
             artifacts=cpr_artifacts / name if made else cpr_artifacts, key_dir=cpr_session_key.path.parent,
-            vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms)
+            vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms,
+            user_image=Path(cpr_settings.user_image) if cpr_settings.user_image else None)
         for key, value in overrides.items():
             setattr(config, key, value)
         config.on_transfer.append(_record_transfer(request.node))

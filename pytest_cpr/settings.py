@@ -101,6 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
             choice("auto", "kvm", "tcg"), fix="auto, kvm or tcg"),
     Setting("image", "guest image directory (vmlinuz, initrd.img, rootfs.img); default: the cached "
             "build of images/guest", None, fix="a directory made by `cpr-image build guest`"),
+    Setting("user_image", "your own cloud image (qcow2/raw with cloud-init) to boot instead of the built "
+            "guest, through a NoCloud seed the plugin writes", None,
+            fix="the path of a qcow2 or raw disk image with cloud-init"),
     Setting("cache_dir", "cache for built images", str(Path.home() / ".cache" / "pytest-cpr"),
             fix="a writable directory"),
     Setting("memory", "guest memory", "512M", parse_mib, fix="a size such as 512M or 2G"),

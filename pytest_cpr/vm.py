@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pytest_cpr import checks, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
-from pytest_cpr.errors import CprTimeout, TransferFailed
+from pytest_cpr.errors import CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
 from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
@@ -38,7 +38,7 @@ class VmConfig:
     """Everything needed to boot and transfer one guest."""
 
     name: str
-    image: GuestImage
+    image: GuestImage | None  # None: user_image must be set
     source: QemuBuild
     target: QemuBuild
     accel: str
@@ -53,6 +53,7 @@ class VmConfig:
     probe_interval_ms: float = 5.0
     extra_args: tuple[str, ...] = ()
     kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
+    user_image: Path | None = None  # a cloud image booted with a generated NoCloud seed instead
     cmdline: tuple[str, ...] = ()  # more guest kernel args, e.g. cpr.net1=<guest PCI addr>,<ip/prefix>
     on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)
     plots: bool = True  # draw timeline-t<i>.png/.svg per transfer (needs matplotlib)
@@ -157,13 +158,31 @@ class CprVM:
         tap_fd = self.network.add_tap(self.config.vnet_hdr)
         nic = Nic("n0", "52:54:00:77:00:02", tap_fd, f"{self.guest_ip}/{self.network.prefixlen}",
                   vnet_hdr=self.config.vnet_hdr)
-        img = self.config.image
-        kernel, initrd = img.boot_files(self.config.kernel_flavor)
-        return VmSpec(name=self.config.name, accel=self.config.accel, memory_mib=self.config.memory_mib,
-                      cpus=self.config.cpus, kernel=kernel, initrd=initrd, rootfs=img.rootfs,
-                      machine=self.config.source.q35_machine,
-                      cmdline=(f"cpr.sshkey={self.key.public_base64}", *self.config.cmdline), nics=(nic,),
+        common = dict(name=self.config.name, accel=self.config.accel, memory_mib=self.config.memory_mib,
+                      cpus=self.config.cpus, machine=self.config.source.q35_machine, nics=(nic,),
                       extra_args=self.config.extra_args)
+        if self.config.user_image is not None:
+            return self._cloud_image_spec(nic, common)
+        img = self.config.image
+        if img is None:
+            raise CprSettingError("no guest image: build one with `cpr-image build guest` or set "
+                                  "--cpr-user-image / CPR_USER_IMAGE")
+        kernel, initrd = img.boot_files(self.config.kernel_flavor)
+        return VmSpec(kernel=kernel, initrd=initrd, rootfs=img.rootfs,
+                      cmdline=(f"cpr.sshkey={self.key.public_base64}", *self.config.cmdline),
+                      **common)  # type: ignore[arg-type]
+
+    def _cloud_image_spec(self, nic: Nic, common: dict[str, object]) -> VmSpec:
+        """Boot the user's image from a private overlay with a NoCloud seed; the host key is ours."""
+        assert self.config.user_image is not None
+        host_key = cloudinit.generate_host_key()
+        self.host_key = host_key.public_line
+        overlay = cloudinit.make_overlay(self.config.user_image, self.rundir / "root-overlay.qcow2")
+        seed = cloudinit.write_seed(self.rundir / "seed.iso", instance_id=f"cpr-{self.rundir.name}",
+                                    hostname="cprguest", authorized_key=f"ssh-ed25519 {self.key.public_base64}",
+                                    host_key=host_key, nics=[(nic.mac, nic.guest_cidr)])
+        return VmSpec(kernel=None, initrd=None, rootfs=overlay, root_format="qcow2", root_readonly=False,
+                      seed_iso=seed, **common)  # type: ignore[arg-type]
 
     def _process(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
         assert self.spec is not None
@@ -190,8 +209,10 @@ class CprVM:
         proc.connect_qmp(timeout)
         console = proc.connect_console(timeout)
         proc.qmp.execute("cont")
-        self.host_key = console.expect(r"CPR-HOSTKEY (ssh-ed25519 [A-Za-z0-9+/=]+)\r?\n", timeout,
-                                       "the guest's SSH host key (CPR-HOSTKEY line)")
+        if self.config.user_image is None:  # our image prints the host key it made at boot
+            self.host_key = console.expect(r"CPR-HOSTKEY (ssh-ed25519 [A-Za-z0-9+/=]+)\r?\n", timeout,
+                                           "the guest's SSH host key (CPR-HOSTKEY line)")
+        assert self.host_key is not None
         self.boot_seconds = time.monotonic() - t0
         self.ssh = GuestSSH(self.guest_ip, self.key, self.host_key,
                             lambda to: self.network.connect_tcp(self.guest_ip, 22, to),

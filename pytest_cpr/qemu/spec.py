@@ -58,8 +58,8 @@ class VmSpec:
     accel: str  # "kvm" or "tcg"
     memory_mib: int
     cpus: int
-    kernel: Path
-    initrd: Path
+    kernel: Path | None  # None: boot the root disk through firmware (a user's cloud image)
+    initrd: Path | None
     rootfs: Path
     cmdline: tuple[str, ...] = ()
     nics: tuple[Nic, ...] = ()
@@ -68,6 +68,9 @@ class VmSpec:
     extra_fds: tuple[int, ...] = field(default=())
     # a versioned machine type (pc-q35-10.0), never the moving alias: source and target must agree
     machine: str = "q35"
+    root_format: str = "raw"
+    root_readonly: bool = True  # the built guest image is shared read-only; cloud images get an overlay
+    seed_iso: Path | None = None  # cloud-init NoCloud seed (cidata)
 
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(n.tap_fd for n in self.nics) + self.extra_fds
@@ -82,6 +85,20 @@ class VmSpec:
             return f"memory-backend-memfd,id=ram0,{size},share=on"
         return f"memory-backend-file,id=ram0,{size},share=on,mem-path={self.ram_file}"
 
+    def boot_args(self) -> list[str]:
+        ro = ",readonly=on" if self.root_readonly else ""
+        args = []
+        if self.kernel is not None:
+            args += ["-kernel", str(self.kernel), "-append", self.append_line()]
+            if self.initrd is not None:
+                args += ["-initrd", str(self.initrd)]
+        args += ["-drive", f"file={self.rootfs},if=none,id=root,format={self.root_format}{ro}",
+                 "-device", "virtio-blk-pci,drive=root,id=rootdisk,bootindex=1"]
+        if self.seed_iso is not None:
+            args += ["-drive", f"file={self.seed_iso},if=none,id=seed,format=raw,readonly=on",
+                     "-device", "virtio-blk-pci,drive=seed,id=seeddisk"]
+        return args
+
     def argv(self, binary: str, console_socket: Path, console_log: Path, qmp_socket: Path,
              incoming: Incoming | None = None, paused: bool = False) -> list[str]:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
@@ -94,9 +111,7 @@ class VmSpec:
             "-object", self.ram_backend(),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.append_line(),
-            "-drive", f"file={self.rootfs},if=none,id=root,format=raw,readonly=on",
-            "-device", "virtio-blk-pci,drive=root,id=rootdisk",
+            *self.boot_args(),
             "-device", "virtio-rng-pci,id=rng0",
             "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off,logfile={console_log}",
             "-serial", "chardev:console0",

@@ -66,7 +66,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     ini: str = ""
     test: str = BOOT_TEST
-    prepare: Callable[[Path], None] | None = None
+    prepare: Callable[[Path], object] | None = None
     no_tun: bool = False
 
 
@@ -120,13 +120,13 @@ CASES = [
          r"exist; build it with `cpr-image build guest`", args=("--cpr-image=/nonexistent/image",)),
     Case("image-missing-kernel", "error", r"--cpr-image / CPR_IMAGE: guest image .*/nokernel has no "
          r"vmlinuz .*rebuild with `cpr-image build guest --force`", args=("--cpr-image={tmp}/nokernel",),
-         prepare=lambda t: _image_dir(t, "nokernel", vmlinuz=None) and None),
+         prepare=lambda t: _image_dir(t, "nokernel", vmlinuz=None)),
     Case("image-corrupt-rootfs", "error", r"--cpr-image / CPR_IMAGE: .*/badroot/rootfs.img is not an ext4 "
          r"image \(corrupt\); rebuild", args=("--cpr-image={tmp}/badroot",),
-         prepare=lambda t: _image_dir(t, "badroot", **{"rootfs.img": b"\x01" * 65536}) and None),
+         prepare=lambda t: _image_dir(t, "badroot", **{"rootfs.img": b"\x01" * 65536})),
     Case("image-corrupt-kernel", "error", r"--cpr-image / CPR_IMAGE: .*/badkernel/vmlinuz is not a bootable "
          r"x86 kernel; rebuild", args=("--cpr-image={tmp}/badkernel",),
-         prepare=lambda t: _image_dir(t, "badkernel", vmlinuz=b"\x7fELF" + b"\0" * 8192) and None),
+         prepare=lambda t: _image_dir(t, "badkernel", vmlinuz=b"\x7fELF" + b"\0" * 8192)),
     Case("image-not-built", "skipped", r"guest image not built \(.*emptycache/images/guest-[0-9a-f]+ "
          r"missing\): run `cpr-image build guest` \(or set --cpr-image / CPR_IMAGE\)",
          args=("--cpr-cache-dir={tmp}/emptycache",)),
@@ -147,10 +147,12 @@ CASES = [
     Case("keep-artifacts-unknown", "usage", r"setting --cpr-keep-artifacts .*: 'never' is not one of "
          r"on-failure, always; use on-failure or always", args=("--cpr-keep-artifacts=never",)),
     Case("artifacts-unwritable", "error", r"--cpr-artifacts / CPR_ARTIFACTS / ini cpr_artifacts: cannot "
-         r"create /proc/cpr-artifacts/.*; use a writable directory", args=("--cpr-artifacts=/proc/cpr-artifacts",)),
+         r"create /proc/cpr-artifacts/.*; use a writable directory",
+         args=("--cpr-artifacts=/proc/cpr-artifacts",)),
     Case("host-config-missing", "usage", r"--cpr-host-config / CPR_HOST_CONFIG", args=(
          "--cpr-host-config={tmp}/missing.toml",)),
-    Case("host-config-bad-pci-address", "usage", r"0000:zz:00\.0", args=("--cpr-host-config={tmp}/host.toml",),
+    Case("host-config-bad-pci-address", "usage", r"host\.toml: device\[0\]\.address = '0000:zz:00\.0': not "
+         r"a PCI address; write domain:bus:slot\.function", args=("--cpr-host-config={tmp}/host.toml",),
          prepare=_bad_pci_config),
     Case("no-permission-dev-net-tun", "error", r"\[pytest-cpr\] .*no permission to open /dev/net/tun .*run "
          r"as root, or give this user read/write access to /dev/net/tun", no_tun=True),
@@ -176,7 +178,8 @@ def old_qemu() -> Path:
         got = subprocess.run(["apt-get", "download", f"qemu-system-x86={OLD_QEMU_VERSION}"], cwd=debs,
                              capture_output=True, text=True, timeout=300)
         if got.returncode != 0:
-            pytest.skip(f"cannot fetch QEMU {OLD_QEMU_VERSION} (apt-get download): {got.stderr.strip()[:200]}")
+            pytest.skip(f"cannot fetch QEMU {OLD_QEMU_VERSION} (apt-get download): "
+                        f"{got.stderr.strip()[:200]}")
         for deb in debs.glob("*.deb"):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(OLD_QEMU_DIR / "root")], check=True, timeout=120)
     ran = subprocess.run([str(OLD_QEMU_BIN), "--version"], capture_output=True, text=True, timeout=30)
@@ -219,11 +222,13 @@ def _run(pytester: pytest.Pytester, case: Case, old_qemu: Path) -> tuple[int, st
     args = [a.format(tmp=tmp, old_qemu=old_qemu) for a in case.args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CPR_", "PYTEST_"))}
     # pytester points HOME at its tmp dir: name the real image cache
-    env |= {"CPR_STATE_DIR": str(tmp / "state"), "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default), **case.env}
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-o", "console_output_style=classic",
-           *args]
+    env |= {"CPR_STATE_DIR": str(tmp / "state"), "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default),
+            **case.env}
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-o",
+           "console_output_style=classic", *args]
     if case.no_tun:
-        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NO_TUN, "sh", str(tmp), *cmd]
+        cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", NO_TUN, "sh", str(tmp),
+               *cmd]
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -256,5 +261,6 @@ def test_bad_input(case: Case, pytester: pytest.Pytester, old_qemu: Path) -> Non
     assert expected[case.expect], f"bad input {case.name}: expected {case.expect}\n{shown}"
     state = pytester.path / "state"
     records = sorted(p.name for p in state.glob("*.json")) if state.is_dir() else []
-    left = records + _processes_mentioning(str(pytester.path)) + sorted(_netns_of_dead_owners() - stale_before)
+    left = records + _processes_mentioning(str(pytester.path))
+    left += sorted(_netns_of_dead_owners() - stale_before)
     assert not left, f"bad input {case.name} left behind: {left}\n{shown}"

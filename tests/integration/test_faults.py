@@ -39,7 +39,13 @@ RECOVERABLE: dict[str, tuple[Callable[[], Fault], tuple[str, ...]]] = {
 
 # Where QEMU does not keep its promise: fault -> (QEMU major.minor, finding). Strict xfail, so a
 # QEMU that fixes it turns the test into an XPASS failure and we notice.
-QEMU_FINDINGS: dict[str, tuple[tuple[int, int], str]] = {}
+QEMU_FINDINGS: dict[str, tuple[tuple[int, int], str]] = {
+    "fails-after-source-completed": ((10, 0), (
+        "cpr-transfer has no completion handshake: when the new QEMU fails on the device state after "
+        "the old one wrote its last byte (here: virtio-net 'Features ... unsupported'), the old QEMU "
+        "reports the migration completed and stays in postmigrate; the guest runs nowhere until `cont` "
+        "(which works). The SIGSTOP only makes the race deterministic: it happened without it too.")),
+}
 
 
 def _qemu_children() -> list[str]:
@@ -86,8 +92,8 @@ def _assert_guest_alive(vm: CprVM, boot_id: str, traffic: object, what: str) -> 
 
 def _assert_transfer_still_works(vm: CprVM, boot_id: str, version: str) -> None:
     result = vm.transfer()
-    assert result.status == "completed", (f"QEMU {version}: a transfer after the fault ended {result.status}: "
-                                          f"{result.error}; logs {vm.artifacts}")
+    assert result.status == "completed", (f"QEMU {version}: a transfer after the fault ended "
+                                          f"{result.status}: {result.error}; logs {vm.artifacts}")
     assert vm.run(BOOT_ID).stdout.strip() == boot_id
 
 
@@ -139,24 +145,29 @@ def test_paused_guest_transfers_paused(cpr_vm: CprVM, cpr_source_build: QemuBuil
 
 
 
-def test_target_rejects_device_state(cpr_vm: CprVM, cpr_source_build: QemuBuild,
-                                     request: pytest.FixtureRequest) -> None:
-    """The target (without the guest's NIC) fails on the device state, the last thing the source
-    sends: the transfer must be reported failed with the target's error, and the old QEMU must run
-    the guest again with the SSH session and probes intact."""
-    _mark_known_finding(request, "target-without-nic", cpr_source_build)
+
+def test_target_fails_after_source_completed(cpr_vm: CprVM, cpr_source_build: QemuBuild,
+                                             request: pytest.FixtureRequest) -> None:
+    """The new QEMU fails during cpr-transfer, on the device state the source sent last: the transfer
+    must be reported failed with the target's own error, and (QEMU's promise) the old QEMU must run
+    the guest again. If it does not, say whether `cont` on the old QEMU brings the guest back."""
+    _mark_known_finding(request, "fails-after-source-completed", cpr_source_build)
     version = cpr_source_build.version_text
     vm = cpr_vm
     boot_id = vm.run(BOOT_ID).stdout.strip()
     source = vm.current
-    with vm.traffic(tcp=False) as traffic:
-        outcome = faults.inject(vm, faults.target_without_nic())
-        _save(vm, outcome)
-        assert outcome.failed, f"QEMU {version}: transfer to a target without the NIC: {outcome.result.status}"
-        assert outcome.target_exit is not None and "exit code" in outcome.target_exit, outcome.describe()
-        assert vm.current is source and outcome.source_alive, outcome.describe()
-        assert outcome.source_status == "running", (
-            f"QEMU {version}: the target failed loading the device state ({outcome.target_exit}); the "
-            f"source reported migration {outcome.result.qemu.get('status')!r} and stays "
-            f"{outcome.source_status!r}: the guest runs nowhere; {outcome.error}")
-        _assert_guest_alive(vm, boot_id, traffic, f"QEMU {version} target without NIC")
+    outcome = faults.inject(vm, faults.target_fails_after_source_completed(), resume_timeout=5.0)
+    _save(vm, outcome)
+    assert outcome.failed, f"QEMU {version}: transfer to a failing target: {outcome.result.status}"
+    assert outcome.target_exit is not None and "exit code" in outcome.target_exit, outcome.describe()
+    assert "unsupported" in str(outcome.error), f"the target's own error must be reported: {outcome.error}"
+    assert vm.current is source and outcome.source_alive, outcome.describe()
+    if outcome.source_status != "running":
+        source.qmp.execute("cont")
+        resumed = faults.wait_status(source, ("running",), 10)
+        same = resumed == "running" and vm.run(BOOT_ID, timeout=30).stdout.strip() == boot_id
+        pytest.fail(f"QEMU {version}: the target failed loading the device state after the source "
+                    f"reported migration {outcome.result.qemu.get('status')!r}; the source stays "
+                    f"{outcome.source_status!r} (guest stopped, runs nowhere) instead of resuming it; "
+                    f"`cont` on the source {'brings the same guest back' if same else 'does not help'} "
+                    f"({resumed})", pytrace=False)

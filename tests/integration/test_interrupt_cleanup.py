@@ -99,7 +99,8 @@ def inner(pytester: pytest.Pytester) -> Iterator[Callable[..., Inner]]:
 
     def start(*args: str) -> Inner:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CPR_", "PYTEST_"))}
-        env |= {"CPR_STATE_DIR": str(pytester.path / "state"), "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default),
+        env |= {"CPR_STATE_DIR": str(pytester.path / "state"),
+                "CPR_CACHE_DIR": str(BY_KEY["cache_dir"].default),
                 "CPR_TEST_MARKS": str(pytester.path / "marks")}
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
                                 cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -135,7 +136,9 @@ def _qemu_of(path: Path) -> list[int]:
 
 def _namespaces_of(pid: int) -> list[str]:
     netns = Path("/var/run/netns")
-    return sorted(p.name for p in netns.iterdir() if p.name.startswith(f"cprt-{pid}-")) if netns.is_dir() else []
+    if not netns.is_dir():
+        return []
+    return sorted(p.name for p in netns.iterdir() if p.name.startswith(f"cprt-{pid}-"))
 
 
 def _tap_links_of(pid: int) -> list[str]:
@@ -178,7 +181,9 @@ def test_second_ctrl_c_kills_what_is_left(inner: Callable[..., Inner]) -> None:
     assert _qemu_of(run.path), "the guest's QEMU should still run while teardown is blocked"
     run.interrupt()
     code, out = run.finish(120)
-    assert "pytest-cpr: second Ctrl-C: killed stale QEMU process" in out, f"no second-Ctrl-C cleanup:\n{out[-4000:]}"
+    assert code == 2, f"expected an interrupted run (exit 2), got {code}:\n{out[-4000:]}"
+    assert "pytest-cpr: second Ctrl-C: killed stale QEMU process" in out, \
+        f"no second-Ctrl-C cleanup:\n{out[-4000:]}"
     left = _leftovers(run)
     print(f"[interrupt] Ctrl-C twice: leftovers {len(left)}; {re.findall(r'second Ctrl-C: .*', out)}")
     assert not left, f"left behind after a second Ctrl-C: {left}\n{out[-4000:]}"
@@ -210,7 +215,8 @@ def test_sigkill_then_next_run_cleans_and_reports(inner: Callable[..., Inner]) -
     code, out = second.finish(120)
     assert code == 0, out[-4000:]
     assert "pytest-cpr: cleaned up after an earlier run" in out, out[-4000:]
-    reported = re.findall(r"^(killed stale QEMU process \d+.*|deleted stale network namespace \S+)$", out, re.M)
+    reported = re.findall(r"^(killed stale QEMU process \d+.*|deleted stale network namespace \S+)$", out,
+                          re.M)
     for pid in orphans:
         assert any(f"process {pid} " in r for r in reported), f"QEMU {pid} not reported: {out[-3000:]}"
     assert any(n in r for r in reported for n in namespaces), f"namespace not reported: {out[-3000:]}"

@@ -86,12 +86,14 @@ def test_a_reused_pid_is_not_killed(state_dir: Path, sleeper: subprocess.Popen[b
     assert sleeper.poll() is None
 
 
-def test_clean_own_cleans_only_this_process_records(state_dir: Path, sleeper: subprocess.Popen[bytes]) -> None:
+def test_clean_own_cleans_only_this_process_records(state_dir: Path,
+                                                    sleeper: subprocess.Popen[bytes]) -> None:
     other = subprocess.Popen(["sleep", "120"])
     try:
         leftovers.record_process(sleeper.pid, ["qemu"])
+        start = leftovers._proc_start_time(other.pid)
         orphan(state_dir, f"proc-{other.pid}", {"kind": "proc", "key": str(other.pid), "pid": other.pid,
-                                                 "start": leftovers._proc_start_time(other.pid), "argv0": "q"})
+                                                 "start": start, "argv0": "q"})
         assert leftovers.clean_own() == [f"killed stale QEMU process {sleeper.pid} (qemu)"]
         assert sleeper.wait(10) == -9 and other.poll() is None
         assert [r["pid"] for r in leftovers.records()] == [other.pid]
@@ -119,8 +121,9 @@ def test_processes_are_cleaned_before_what_they_hold(state_dir: Path, monkeypatc
     monkeypatch.setattr(leftovers, "_CLEANERS", dict(leftovers._CLEANERS))
     leftovers.register_cleaner("netns", lambda rec: order.append("netns") or "ns")  # type: ignore[func-returns-value]
     orphan(state_dir, "netns-a", {"kind": "netns", "key": "a", "name": "a"})
+    start = leftovers._proc_start_time(sleeper.pid)
     orphan(state_dir, f"proc-{sleeper.pid}", {"kind": "proc", "key": str(sleeper.pid), "pid": sleeper.pid,
-                                               "start": leftovers._proc_start_time(sleeper.pid), "argv0": "q"})
+                                               "start": start, "argv0": "q"})
     leftovers.register_cleaner("proc", lambda rec: order.append("proc") or "p")  # type: ignore[func-returns-value]
     leftovers.clean_stale()
     assert order == ["proc", "netns"]
@@ -182,9 +185,10 @@ def test_qemu_channels_are_unix_sockets_only(tmp_path: Path) -> None:
             assert f"path={rundir}/" in value, f"socket chardev outside the private run dir: {value!r}"
     channels = [argv[i + 1] for i, a in enumerate(argv) if a == "-incoming"]
     assert channels[0] == f"unix:{rundir}/mig.sock"
-    assert json.loads(channels[1])["addr"] == {"transport": "socket", "type": "unix", "path": f"{rundir}/cpr.sock"}
+    assert json.loads(channels[1])["addr"] == {"transport": "socket", "type": "unix",
+                                               "path": f"{rundir}/cpr.sock"}
     for channel in incoming.channels():  # what `migrate` sends to the source
-        assert channel["addr"] == {"transport": "socket", "type": "unix",  # type: ignore[comparison-overlap]
+        assert channel["addr"] == {"transport": "socket", "type": "unix",
                                    "path": str(rundir / ("mig.sock" if channel["channel-type"] == "main"
                                                          else "cpr.sock"))}
 
