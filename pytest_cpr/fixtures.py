@@ -15,13 +15,14 @@ from typing import Any
 
 import pytest
 
+from pytest_cpr import leftovers
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path
 from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
 from pytest_cpr.settings import CprSettings
-from pytest_cpr.vm import CprVM, VmConfig
+from pytest_cpr.vm import CprVM, VmConfig, record_private_dir
 
 SETTINGS_KEY = pytest.StashKey[CprSettings]()
 REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -109,10 +110,12 @@ def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild,
 def cpr_session_key() -> Iterator[SessionKey]:
     """An ed25519 key generated for this session, in a private directory removed at the end."""
     directory = Path(tempfile.mkdtemp(prefix="cpr-key-"))
+    record_private_dir(directory)
     try:
         yield SessionKey(directory / "ssh")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        leftovers.forget("rundir", directory.name)
 
 
 @pytest.fixture

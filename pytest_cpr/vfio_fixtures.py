@@ -317,9 +317,9 @@ class NvmeDma:
              "if [ -b /dev/$p ]; then ns=$p; break; fi; "
              "for h in /sys/block/nvme*n*; do [ -e $h/multipath/$p ] && ns=${h##*/}; done; "
              # kernels before ~6.6 (Debian 12's 6.1) have no multipath/ links: the head disk sits
-             # in the controller's subsystem
-             "for h in /sys/class/nvme/$c/subsystem/nvme*n*; do [ -z \"$ns\" ] && [ -b /dev/${h##*/} ] "
-             "&& ns=${h##*/}; done; "
+             # in the NVMe subsystem that holds the controller (%% is % after formatting)
+             "for h in /sys/class/nvme-subsystem/*/nvme*n*; do [ -z \"$ns\" ] && [ -e \"${h%%/*}/$c\" ] && "
+             "[ -b \"/dev/${h##*/}\" ] && ns=${h##*/}; done; "
              '[ -n "$ns" ] && break; done;')
 
     def __init__(self, vm: CprVM, guest_address: str, area_mib: int) -> None:

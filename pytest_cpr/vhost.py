@@ -180,25 +180,36 @@ class AgentChannel:
             sink(text)
         self._buffer += text
 
-    def expect(self, pattern: str, timeout: float, what: str, sink: Sink | None = None) -> re.Match[str]:
-        """Wait for a regex in the agent's output; consumes the output up to the end of the match."""
+    def expect(self, pattern: str, timeout: float, what: str, sink: Sink | None = None,
+               quiet_check: Callable[[], None] | None = None, quiet_after: float = 90.0) -> re.Match[str]:
+        """Wait for a regex in the agent's output; consumes the output up to the end of the match.
+        After `quiet_after` seconds without output, `quiet_check` runs (it raises if L1 is stuck)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
+        last = time.monotonic()
         while (match := regex.search(self._buffer)) is None:
             if time.monotonic() > deadline:
                 raise CprTimeout(f"virtual host: {what} not seen within {timeout:.0f}s; agent log "
                                  f"{self.log_path}:\n{tail(self.log_path, 8)}")
+            size = len(self._buffer)
             self._receive(deadline, what, sink)
+            if len(self._buffer) != size:
+                last = time.monotonic()
+            elif quiet_check is not None and time.monotonic() - last > quiet_after:
+                quiet_check()
+                last = time.monotonic()
         return match
 
-    def run(self, command: str, timeout: float, sink: Sink | None = None) -> AgentResult:
+    def run(self, command: str, timeout: float, sink: Sink | None = None,
+            quiet_check: Callable[[], None] | None = None) -> AgentResult:
         """Run a bash command in L1; output is streamed to `sink` as it arrives."""
         token = uuid.uuid4().hex[:12]
         payload = base64.b64encode(command.encode()).decode()
         t0 = time.monotonic()
         self._log.write(f"\n>>> [{token}] {command}\n")
         self._sock.sendall(f"{token} {payload}\n".encode())
-        match = self.expect(rf"@@CPR-DONE {token} (\d+)@@\n?", timeout, f"the end of {command!r}", sink)
+        match = self.expect(rf"@@CPR-DONE {token} (\d+)@@\n?", timeout, f"the end of {command!r}", sink,
+                            quiet_check)
         output = self._buffer[:match.start()]
         self._buffer = self._buffer[match.end():]
         return AgentResult(command, int(match.group(1)), output, time.monotonic() - t0)
@@ -291,6 +302,8 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent0,path={rundir / 'agent.sock'},server=on,wait=off",
         "-device", "virtconsole,chardev=agent0",
+        "-chardev", f"socket,id=agent1,path={rundir / 'side.sock'},server=on,wait=off",
+        "-device", "virtconsole,chardev=agent1",
         "-chardev", f"socket,id=qmp0,path={rundir / 'qmp.sock'},server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
     ]
@@ -308,6 +321,7 @@ class VirtualHost:
         self.host_config = ""
         self.process: QemuProcess | None = None
         self.agent: AgentChannel | None = None
+        self.side: AgentChannel | None = None  # second agent (hvc1): usable while `agent` is busy
         self._rundir: Path | None = None
 
     def __enter__(self) -> VirtualHost:
@@ -358,6 +372,9 @@ class VirtualHost:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(self._rundir / "agent.sock"))
         self.agent = AgentChannel(sock, cfg.artifacts / "l1-agent.log", self.process.exit_reason)
+        side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        side.connect(str(self._rundir / "side.sock"))
+        self.side = AgentChannel(side, cfg.artifacts / "l1-side.log", self.process.exit_reason)
         try:
             self.agent.expect(r"@@CPR-AGENT-READY@@\n?", cfg.boot_timeout, "the L1 agent (boot)")
         except CprTimeout as exc:
@@ -365,6 +382,7 @@ class VirtualHost:
                              f"{tail(cfg.artifacts / 'l1-console.log')}") from None
         self.boot_seconds = time.monotonic() - t0
         self.say(f"L1 agent ready {self.boot_seconds:.1f}s after QEMU start")
+        self.side.expect(r"@@CPR-AGENT-READY@@\n?", 30, "the second L1 agent (hvc1)")
         self._setup()
         return self.boot_seconds
 
@@ -379,7 +397,37 @@ class VirtualHost:
         """Run a bash command in L1 (as root, cwd /root)."""
         if self.agent is None:
             raise CprError("virtual host is not booted")
-        return self.agent.run(command, timeout, sink)
+        return self.agent.run(command, timeout, sink, self._check_responsive if self.side else None)
+
+    def _check_responsive(self) -> None:
+        """A long quiet command: is L1 itself still alive? Seen here: L1 under TCG with an L2 on KVM
+        inside it froze with both vCPU threads idle; without this the harness would wait for the
+        command's whole timeout. Records L1's CPU state over QMP, then raises."""
+        assert self.side is not None and self.process is not None
+        try:
+            self.side.run("cat /proc/uptime", 60)
+            return
+        except CprTimeout:
+            pass
+        dump = self.config.artifacts / "l1-stuck.txt"
+        with dump.open("w") as fh:
+            for cmd, args in (("query-status", None), ("query-cpus-fast", None),
+                              ("human-monitor-command", {"command-line": "info registers -a"}),
+                              ("human-monitor-command", {"command-line": "info lapic"})):
+                try:
+                    fh.write(f"== {cmd} {args or ''}\n{self.process.qmp.execute(cmd, args, timeout=20)}\n")
+                except Exception as exc:  # diagnostics only: record and go on
+                    fh.write(f"== {cmd}: {exc}\n")
+        raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "
+                         f"did not answer `cat /proc/uptime` within 60s (L1 frozen); L1 CPU state {dump}, "
+                         f"console {self.config.artifacts / 'l1-console.log'}")
+
+    def side_run(self, command: str, timeout: float = 60.0) -> AgentResult:
+        """Run a bash command in L1 on the second agent: works while run() or pytest() is busy
+        (e.g. from a watchdog thread that looks at a stalled L2)."""
+        if self.side is None:
+            raise CprError("virtual host is not booted")
+        return self.side.run(command, timeout)
 
     def pytest(self, args: Sequence[str], name: str = "vhost", timeout: float = 1800.0,
                sink: Sink | None = None, env: dict[str, str] | None = None) -> InnerRun:
@@ -419,6 +467,9 @@ class VirtualHost:
                 self.agent.run(f"dmesg > {L1_OUT}/l1-dmesg.log; sync", 30)
             self.agent.close()
             self.agent = None
+        if self.side is not None:
+            self.side.close()
+            self.side = None
         if self.process is not None:
             self.process.shutdown(timeout=15)
             self.process = None

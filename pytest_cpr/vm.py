@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_cpr import checks, cloudinit, plot
+from pytest_cpr import checks, cloudinit, leftovers, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
@@ -124,6 +124,7 @@ class CprVM:
         self.artifacts = config.artifacts
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.rundir = Path(tempfile.mkdtemp(prefix="cpr-", dir="/tmp"))  # short: UNIX socket paths
+        record_private_dir(self.rundir)
         os.chmod(self.rundir, 0o700)
         self.network = GuestNetwork(f"{os.getpid()}-{self.rundir.name[4:]}")
         self.key = SessionKey(config.key_dir or self.rundir / "ssh")
@@ -396,5 +397,22 @@ class CprVM:
                 errors.append(f"{proc.label}: {exc}")
         self.network.destroy()
         shutil.rmtree(self.rundir, ignore_errors=True)
+        leftovers.forget("rundir", self.rundir.name)
         if errors:
             raise RuntimeError("cleanup of " + self.config.name + " had errors: " + "; ".join(errors))
+
+
+def record_private_dir(path: Path) -> None:
+    """Register a private directory (sockets, session key) so a killed run's copy is removed later."""
+    leftovers.record("rundir", path.name, path=str(path))
+
+
+def _clean_private_dir(rec: dict[str, object]) -> str:
+    path = Path(str(rec["path"]))
+    if not path.name.startswith("cpr-"):
+        return f"left {path} alone: not a pytest-cpr directory"
+    shutil.rmtree(path, ignore_errors=True)
+    return f"removed stale run directory {path} (sockets, session key)"
+
+
+leftovers.register_cleaner("rundir", _clean_private_dir)

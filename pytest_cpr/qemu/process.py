@@ -7,12 +7,16 @@ killed one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pexpect
 from pexpect import fdpexpect
@@ -115,11 +119,16 @@ class QemuProcess:
     def start(self) -> None:
         (self.artifacts / f"qemu-{self.label}.cmdline").write_text(
             " ".join(_quote(a) for a in self.argv) + "\n")
-        with self.stderr_path.open("wb") as err:
-            self.t_spawn = time.time()
-            self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                          pass_fds=self.pass_fds, start_new_session=True)
-        leftovers.record_process(self.popen.pid, self.argv)
+        try:
+            with self.stderr_path.open("wb") as err, _ctrl_c_deferred():
+                self.t_spawn = time.time()
+                self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                              pass_fds=self.pass_fds, start_new_session=True)
+                leftovers.record_process(self.popen.pid, self.argv)
+        except BaseException:
+            if self.popen is not None:  # Ctrl-C held during the spawn: the caller never gets this process
+                self.shutdown(5)
+            raise
 
     def exit_reason(self) -> str | None:
         """None while running; else a sentence with the exit status and the stderr tail."""
@@ -189,8 +198,8 @@ class QemuProcess:
             if self.console is not None:
                 self.console.close()
             self.qmp.close()
-            if self.popen is not None:
-                leftovers.forget_process(self.popen.pid)
+            if self.popen is not None and self.popen.poll() is not None:  # an interrupted shutdown
+                leftovers.forget_process(self.popen.pid)  # keeps the record: a later cleanup kills it
 
     def kill(self) -> None:
         """SIGKILL now (fault injection and last-resort cleanup)."""
@@ -204,6 +213,23 @@ class QemuProcess:
                 os.kill(self.popen.pid, signum)
             except ProcessLookupError:
                 pass
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C while a QEMU is spawned and recorded: a KeyboardInterrupt between fork and the
+    record would leave a process (in its own session, so Ctrl-C does not reach it) nobody knows."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
 
 
 def _quote(arg: str) -> str:

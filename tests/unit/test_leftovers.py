@@ -158,9 +158,25 @@ def test_run_dir_and_key_are_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(vm.key.path.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(vm.key.path.stat().st_mode) == 0o600
         assert vm.key.path.is_relative_to(vm.rundir), "the session key is ephemeral, in the run dir"
+        assert [r["kind"] for r in leftovers.records()] == ["rundir"], "a killed run's dir is found later"
     finally:
         vm.close()
-    assert not vm.rundir.exists()
+    assert not vm.rundir.exists() and leftovers.records() == []
+
+
+def test_a_dead_runs_private_dir_is_removed(state_dir: Path, tmp_path: Path) -> None:
+    import pytest_cpr.vm  # noqa: F401 - registers the "rundir" cleaner
+
+    private = tmp_path / "cpr-abc"
+    (private / "ssh").mkdir(parents=True)
+    (private / "ssh" / "id_ed25519").write_text("key")
+    orphan(state_dir, "rundir-cpr-abc", {"kind": "rundir", "key": "cpr-abc", "path": str(private)})
+    other = tmp_path / "precious"
+    other.mkdir()
+    orphan(state_dir, "rundir-precious", {"kind": "rundir", "key": "precious", "path": str(other)})
+    done = leftovers.clean_stale()
+    assert f"removed stale run directory {private} (sockets, session key)" in done
+    assert not private.exists() and other.exists(), "only pytest-cpr's own cpr-* directories are removed"
 
 
 def _listeners(argv: list[str]) -> list[str]:
