@@ -122,7 +122,7 @@ class _TargetMonitor:
         try:
             self.target.connect_qmp(self.timeout)
             self.connected_at = time.time()
-        except BaseException as exc:  # noqa: BLE001 - reported by join()
+        except BaseException as exc:
             self.error = exc
 
     def join(self) -> None:

@@ -119,7 +119,7 @@ def _clean(select: Callable[[dict[str, Any]], bool]) -> list[str]:
             continue
         try:
             done.append(cleaner(rec))
-        except Exception as exc:  # noqa: BLE001 - report, never crash the session start
+        except Exception as exc:
             done.append(f"could not clean {rec.get('kind')} {rec.get('key')}: {exc}")
             continue
         _forget(f"{rec['kind']}-{rec['key']}")

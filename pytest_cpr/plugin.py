@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -15,8 +14,9 @@ import pytest
 
 from pytest_cpr import leftovers, report, vfio_fixtures
 from pytest_cpr.errors import CprError, CprSettingError
-from pytest_cpr.fixtures import REPORT_KEY, SETTINGS_KEY
 from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by import
+    REPORT_KEY,
+    SETTINGS_KEY,
     cpr_accel,
     cpr_artifacts,
     cpr_image,

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,7 @@ class Traffic:
         self.vm = vm
         self.target = target or vm.guest_ip
         self.probe = IcmpProbe(vm.network, self.target, vm.config.probe_interval_ms)
+        assert vm.ssh is not None, "boot() the guest before starting traffic"
         self.stream: TcpStream | None = TcpStream(vm.network, vm.ssh, host_ip=host_ip) if tcp else None
         self.stream_result: StreamResult | None = None
 
@@ -232,7 +233,7 @@ class CprVM:
         """Boot id, uptime and interrupts, over SSH or (when the network is down) the serial console."""
         if via == "console":
             host_t = time.time()
-            code, out = self.console().run(SNAPSHOT_COMMAND, timeout=60)
+            _, out = self.console().run(SNAPSHOT_COMMAND, timeout=60)
             return parse_snapshot(host_t, out)
         assert self.ssh is not None, "boot() first"
         return snapshot(self.ssh)
@@ -317,7 +318,7 @@ class CprVM:
             assert self.ssh is not None
             self.ssh.run("true", timeout=min(self.config.command_timeout, 20.0))
             t["ssh_answered"] = time.time()
-        except Exception as exc:  # noqa: BLE001 - recorded; connectivity checks judge it
+        except Exception as exc:
             result.notes.append(f"SSH after transfer failed: {exc}")
         self._record(result)
 
@@ -393,7 +394,7 @@ class CprVM:
         for proc in reversed(self.generations + self._failed):
             try:
                 proc.shutdown(10)
-            except Exception as exc:  # noqa: BLE001 - keep cleaning
+            except Exception as exc:
                 errors.append(f"{proc.label}: {exc}")
         self.network.destroy()
         shutil.rmtree(self.rundir, ignore_errors=True)

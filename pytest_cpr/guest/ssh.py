@@ -51,7 +51,7 @@ class SessionKey:
 
     @property
     def public_base64(self) -> str:
-        return self.key.get_base64()
+        return str(self.key.get_base64())
 
 
 class GuestSSH:

@@ -7,6 +7,7 @@ network sees (no guest process involved): every gap in its replies is a gap in c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import socket
 import struct
@@ -25,7 +26,7 @@ def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     total = (total >> 16) + (total & 0xFFFF)
     total += total >> 16
-    return ~total & 0xFFFF
+    return int(~total & 0xFFFF)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def probe_stats(all_probes: list[Probe], t_from: float, t_to: float, interval_ms
             reordered += 1
         highest = max(highest, p.seq)
     max_gap, gap_start, gap_end = 0.0, None, None
-    for a, b in zip(answered, answered[1:], strict=False):
+    for a, b in itertools.pairwise(answered):
         assert a.t_recv is not None and b.t_recv is not None
         if b.t_recv - a.t_recv > max_gap:
             max_gap, gap_start, gap_end = b.t_recv - a.t_recv, a.t_recv, b.t_recv

@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from socket import socket as Socket
 from typing import Any, TypeVar
 
 from pyroute2 import NetNS, netns
@@ -51,7 +52,7 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
             finally:
                 os.close(fd)
             result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             result["error"] = exc
 
     thread = threading.Thread(target=body, name=f"netns-{name}")
@@ -133,12 +134,12 @@ class GuestNetwork:
         return fd
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM,
-               proto: int = 0) -> socket.socket:
+               proto: int = 0) -> Socket:
         """A socket that lives in this namespace."""
         return run_in_netns(self.name, lambda: socket.socket(family, kind, proto))
 
-    def connect_tcp(self, address: str, port: int, timeout: float) -> socket.socket:
-        def go() -> socket.socket:
+    def connect_tcp(self, address: str, port: int, timeout: float) -> Socket:
+        def go() -> Socket:
             return socket.create_connection((address, port), timeout=timeout)
 
         return run_in_netns(self.name, go)

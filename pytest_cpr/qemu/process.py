@@ -187,7 +187,7 @@ class QemuProcess:
                 if self.qmp.connected:
                     try:
                         self.qmp.execute("quit", timeout=timeout)
-                    except Exception:  # noqa: BLE001 - fall through to signals
+                    except Exception:
                         pass
                 if self.wait_exit(timeout) is None:
                     self._signal(signal.SIGTERM)

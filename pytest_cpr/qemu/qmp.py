@@ -121,7 +121,7 @@ class QmpSession:
             self._pump.cancel()
             try:
                 await self._pump
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):
                 pass
 
     def close(self) -> None:
@@ -129,12 +129,12 @@ class QmpSession:
             return
         try:
             self._run(self._stop_pump(), 5, "stop event pump")
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
         if self.connected:
             try:
                 self._run(self._client.disconnect(), 5, "disconnect")
-            except Exception:  # noqa: BLE001 - the peer may be gone; closing must not raise
+            except Exception:
                 pass
             self.connected = False
         self._loop.call_soon_threadsafe(self._loop.stop)

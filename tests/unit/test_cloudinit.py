@@ -59,7 +59,7 @@ def test_overlay_keeps_the_user_image_untouched(tmp_path: Path) -> None:
 
 
 def test_bad_user_image_names_the_setting(tmp_path: Path) -> None:
-    with pytest.raises(CprSettingError, match="--cpr-user-image / CPR_USER_IMAGE: .* does not exist"):
+    with pytest.raises(CprSettingError, match=r"--cpr-user-image / CPR_USER_IMAGE: .* does not exist"):
         cloudinit.image_format(tmp_path / "missing.qcow2")
     vdi = tmp_path / "x.vdi"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(vdi), "16M"], check=True)
