@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_cpr import leftovers
 from pytest_cpr.errors import CprTimeout, TransferFailed
 from pytest_cpr.qemu.process import QemuProcess
 
@@ -357,18 +358,7 @@ def cancel_at_switchover() -> Fault:
 def qemu_pids_of(vm: CprVM) -> list[int]:
     """Live processes whose command line references this VM's private run directory."""
     marker = str(vm.rundir).encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return sorted(pids)
+    return sorted(p.pid for p in leftovers.processes() if marker in p.cmdline and p.state != "Z")
 
 
 def namespaces_of_this_process() -> list[str]:

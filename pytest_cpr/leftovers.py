@@ -11,7 +11,8 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,27 @@ def _clean(select: Callable[[dict[str, Any]], bool]) -> list[str]:
             continue
         _forget(f"{rec['kind']}-{rec['key']}")
     return done
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    ppid: int
+    comm: str
+    state: str  # "Z" for a zombie not yet reaped
+    cmdline: bytes  # NUL-separated argv
+
+
+def processes() -> Iterator[ProcInfo]:
+    """Every process visible in /proc (those that vanish while being read are skipped)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        yield ProcInfo(int(entry.name), int(fields[1]), comm, fields[0], cmdline)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_cpr import leftovers
 from pytest_cpr.images import cached_path
 from pytest_cpr.settings import BY_KEY
 
@@ -200,16 +201,8 @@ def _netns_of_dead_owners() -> set[str]:
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if text.encode() in cmdline and int(entry.name) != os.getpid():
-                found.append(f"{entry.name} {cmdline[:120]!r}")
-    return found
+    return [f"{p.pid} {p.cmdline[:120]!r}" for p in leftovers.processes()
+            if text.encode() in p.cmdline and p.pid != os.getpid()]
 
 
 def _run(pytester: pytest.Pytester, case: Case, old_qemu: Path) -> tuple[int, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -50,18 +49,8 @@ QEMU_FINDINGS: dict[str, tuple[tuple[int, int], str]] = {
 
 def _qemu_children() -> list[str]:
     """QEMU processes whose parent is this pytest process (alive or not yet reaped)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
-        if int(rest.split()[1]) == os.getpid() and comm.startswith("qemu"):
-            found.append(f"{entry.name} {comm} state {rest.split()[0]}")
-    return found
+    return [f"{p.pid} {p.comm} state {p.state}" for p in leftovers.processes()
+            if p.ppid == os.getpid() and p.comm.startswith("qemu")]
 
 
 @pytest.fixture(autouse=True)

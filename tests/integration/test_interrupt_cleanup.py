@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_cpr import leftovers
 from pytest_cpr.settings import BY_KEY
 
 pytestmark = [pytest.mark.cpr(mode="cpr-transfer"), pytest.mark.timeout(600)]
@@ -121,18 +122,8 @@ def inner(pytester: pytest.Pytester) -> Iterator[Callable[..., Inner]]:
 
 def _qemu_of(path: Path) -> list[int]:
     """Live QEMU processes of runs in `path` (their console log lives under it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and str(path).encode() in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+    return [p.pid for p in leftovers.processes()
+            if b"qemu-system" in p.cmdline and str(path).encode() in p.cmdline and p.state != "Z"]
 
 
 def _label(pid: int) -> str:
