@@ -6,8 +6,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p artifacts/junit
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider)
+ARGS=("$@")
+TIER2=${CPR_VHOST:-1}   # the virtual host tier runs below, once, not inside the main run
 rc=0
-"${PYTEST[@]}" tests --junitxml=artifacts/junit/suite.xml "$@" || rc=$?
+env -u CPR_VHOST "${PYTEST[@]}" tests --junitxml=artifacts/junit/suite.xml "${ARGS[@]}" || rc=$?
 [ "$rc" = 5 ] && rc=0   # no test selected (e.g. a -k filter) is not a failure of the suite
 
 next=$(.venv/bin/cpr-image path qemu-next 2>/dev/null)/bin/qemu-system-x86_64
@@ -15,8 +17,34 @@ if [ -x "$next" ]; then
   echo "== cross-version: source $(command -v qemu-system-x86_64) -> target $next"
   xrc=0
   CPR_TARGET_QEMU="$next" "${PYTEST[@]}" tests/integration/test_cross_build.py \
-    tests/integration/test_transfer.py --junitxml=artifacts/junit/cross-version.xml "$@" || xrc=$?
+    tests/integration/test_transfer.py --junitxml=artifacts/junit/cross-version.xml "${ARGS[@]}" || xrc=$?
   [ "$xrc" = 5 ] && xrc=0
   [ "$rc" = 0 ] && rc=$xrc
+fi
+# Virtual hardware host tier (L1 VM under TCG with emulated VT-d, igb and NVMe bound to vfio-pci;
+# the L2 guest on KVM inside L1): the CI subset is the two-device test, which runs NIC traffic and
+# NVMe DMA through legacy-container cpr-transfers. L0's TCG emulation of nested SVM sometimes makes
+# L1's KVM stop the L2 guest ("KVM internal error") or freezes L1; only that evidence earns one retry,
+# and the retry is announced.
+vhost_run() {  # $1: JUnit name
+  CPR_VHOST=1 CPR_VHOST_TESTS="${CPR_VHOST_TESTS:-tests/hardware -k two_groups}" \
+    "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/$1.xml" "${ARGS[@]}"
+}
+if [ "$TIER2" = 1 ] && [ -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]; then
+  echo "== virtual hardware host tier"
+  stamp=$(mktemp); vrc=0
+  vhost_run vhost || vrc=$?
+  if [ "$vrc" != 0 ] && [ "$vrc" != 5 ]; then
+    evidence=$( { find artifacts/vhost -newer "$stamp" -type f -name l1-stuck.txt
+                  find artifacts/vhost -newer "$stamp" -type f -name '*.stderr' \
+                    -exec grep -l 'KVM internal error' {} + ; } 2>/dev/null | head -3)
+    if [ -n "$evidence" ]; then
+      echo "::warning::virtual host tier: nested-virtualization fault of the emulated host, retrying once: $evidence"
+      vrc=0; vhost_run vhost-retry || vrc=$?
+    fi
+  fi
+  rm -f "$stamp"
+  [ "$vrc" = 5 ] && vrc=0
+  [ "$rc" = 0 ] && rc=$vrc
 fi
 exit "$rc"
