@@ -37,6 +37,10 @@ log "images"
 .venv/bin/cpr-image build guest
 for recipe in images/*/; do
   name=$(basename "$recipe")
-  [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] || .venv/bin/cpr-image build "$name"
+  [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] && continue
+  if [ "$name" = vhost ] && [ "${CPR_VHOST:-0}" != 1 ]; then
+    log "skipping the vhost image (the virtual host tier is opt-in: CPR_VHOST=1)"; continue
+  fi
+  .venv/bin/cpr-image build "$name"
 done
 log "ready"

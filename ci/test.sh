@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 mkdir -p artifacts/junit
 PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider)
 ARGS=("$@")
-TIER2=${CPR_VHOST:-1}   # the virtual host tier runs below, once, not inside the main run
+# The virtual host tier is opt-in (CPR_VHOST=1): under TCG here it is not yet dependable (L1 froze or
+# an L2 QEMU died in some runs: see docs/virtual-host.md), and a flaky tier would block every landing.
+TIER2=${CPR_VHOST:-0}   # runs below, once, not inside the main run
 rc=0
 env -u CPR_VHOST "${PYTEST[@]}" tests --junitxml=artifacts/junit/suite.xml "${ARGS[@]}" || rc=$?
 [ "$rc" = 5 ] && rc=0   # no test selected (e.g. a -k filter) is not a failure of the suite
