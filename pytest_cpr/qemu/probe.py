@@ -125,14 +125,23 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
                 if time.monotonic() > deadline:
                     raise CprSettingError(f"{setting}: {path} did not open its QMP socket within {timeout:.0f}s")
                 time.sleep(0.005)
-            qmp.connect(sock, timeout)
-            ver = qmp.execute("query-version")
-            schema = qmp.execute("query-qmp-schema", timeout=timeout)
-            devices = qmp.execute("qom-list-types", {"implements": "device", "abstract": False})
-            objects = qmp.execute("qom-list-types", {"abstract": False})
-            accels = qmp.execute("qom-list-types", {"implements": "accel", "abstract": False})
-            machines = qmp.execute("query-machines")
-            qmp.execute("quit")
+            try:
+                qmp.connect(sock, timeout)
+                ver = qmp.execute("query-version")
+                schema = qmp.execute("query-qmp-schema", timeout=timeout)
+                devices = qmp.execute("qom-list-types", {"implements": "device", "abstract": False})
+                objects = qmp.execute("qom-list-types", {"abstract": False})
+                accels = qmp.execute("qom-list-types", {"implements": "accel", "abstract": False})
+                machines = qmp.execute("query-machines")
+                qmp.execute("quit")
+            except Exception as exc:  # QEMU died or hung while being asked: the build is unusable
+                if proc.poll() is None:
+                    proc.kill()
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                said = out.strip().splitlines()[-1][:300] if out.strip() else str(exc)[:300]
+                raise CprSettingError(f"{setting}: {path} failed while its capabilities were probed over QMP "
+                                      f"({said}); give the path of a complete qemu-system-x86_64 >= 10.0 "
+                                      "(with its modules)") from None
         finally:
             qmp.close()
             if proc.poll() is None:

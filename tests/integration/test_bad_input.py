@@ -176,8 +176,11 @@ def old_qemu() -> Path:
     if not OLD_QEMU_BIN.exists():
         debs = OLD_QEMU_DIR / "debs"
         debs.mkdir(parents=True, exist_ok=True)
-        got = subprocess.run(["apt-get", "download", f"qemu-system-x86={OLD_QEMU_VERSION}"], cwd=debs,
-                             capture_output=True, text=True, timeout=300)
+        # the binary alone cannot run: its accelerator modules are in qemu-system-common, firmware in -data
+        data_version = OLD_QEMU_VERSION.rsplit("+b", 1)[0]  # arch-all package: no binNMU suffix
+        got = subprocess.run(["apt-get", "download", f"qemu-system-x86={OLD_QEMU_VERSION}",
+                              f"qemu-system-common={OLD_QEMU_VERSION}", f"qemu-system-data={data_version}"],
+                             cwd=debs, capture_output=True, text=True, timeout=300)
         if got.returncode != 0:
             pytest.skip(f"cannot fetch QEMU {OLD_QEMU_VERSION} (apt-get download): "
                         f"{got.stderr.strip()[:200]}")

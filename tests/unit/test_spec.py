@@ -52,3 +52,29 @@ def test_kernel_cmdline_carries_nic_addresses() -> None:
     s = spec(cmdline=("cpr.sshkey=AAAA",))
     assert "cpr.net0=52:54:00:00:00:02,10.77.0.2/24" in s.append_line()
     assert s.append_line().endswith("cpr.sshkey=AAAA")
+
+
+def test_probe_of_a_build_that_dies_mid_probe_is_one_clear_error(tmp_path: Path) -> None:
+    """A broken build (e.g. missing its modules) accepts the QMP connection, then dies: the probe
+    must say which setting, which binary and what it printed, not raise a protocol traceback."""
+    import stat
+
+    import pytest
+
+    from pytest_cpr.errors import CprSettingError
+    from pytest_cpr.qemu.probe import probe
+
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(
+        "#!/usr/bin/env python3\n"
+        "import socket, sys\n"
+        "path = [a for a in sys.argv if a.startswith('socket,')][0].split('path=')[1].split(',')[0]\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(1)\n"
+        "c, _ = s.accept()\n"
+        "print(\"fatal: could not load module for type 'tcg-accel-ops'\", flush=True)\n"
+        "sys.exit(1)\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(CprSettingError) as err:
+        probe(str(fake), "--cpr-qemu / CPR_QEMU", timeout=10)
+    msg = str(err.value)
+    assert msg.startswith("--cpr-qemu / CPR_QEMU: ") and "could not load module" in msg and "\n" not in msg
