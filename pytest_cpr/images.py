@@ -31,10 +31,12 @@ def recipe_dir(name: str, images_dir: Path = REPO_IMAGES) -> Path:
 
 
 def recipe_hash(path: Path) -> str:
-    """sha256 over every file of the recipe (names and contents), 16 hex digits."""
+    """sha256 over every file of the recipe and of the shared images/lib (names and contents),
+    16 hex digits."""
     digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(str(f.relative_to(path)).encode() + b"\0" + f.read_bytes() + b"\0")
+    for root in (path, path.parent / "lib"):
+        for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(f.relative_to(root.parent)).encode() + b"\0" + f.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../lib/initrd.sh"
 SUITE=${CPR_GUEST_SUITE:-bookworm}
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=openssh-server,iproute2,iputils-ping,procps,busybox
@@ -37,19 +38,9 @@ fetch_kernel() {  # $1 package; prints the kernel release; leaves the tree in $W
   ls "$dir/x/lib/modules"
 }
 make_initrd() {  # $1 package, $2 kernel release, $3 output suffix, $4... modules
-  local tree="$WORK/k-$1/x" kver=$2 suffix=$3 I="$WORK/initrd-$3"; shift 3
-  mkdir -p "$I"/{bin,dev,proc,sys,newroot,lib/mods}
-  cp "$(command -v busybox)" "$I/bin/busybox"
+  local tree="$WORK/k-$1/x" kver=$2 suffix=$3; shift 3
   depmod -b "$tree" "$kver"
-  for m in "$@"; do
-    modprobe -d "$tree" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'
-  done | awk '!seen[$0]++' | while read -r f; do
-    b=$(basename "$f"); b=${b%.xz}; b=${b%.zst}
-    case $f in *.xz) xz -dc "$f" ;; *.zst) zstd -qdc "$f" ;; *) cat "$f" ;; esac > "$I/lib/mods/$b"
-    echo "$b" >> "$I/lib/mods/order"
-  done
-  install -m 0755 "$HERE/initrd-init" "$I/init"
-  (cd "$I" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initrd$suffix.img"
+  busybox_initrd "$tree" "$kver" "$HERE/initrd-init" "$OUT/initrd$suffix.img" "$@"
   cp "$tree/boot/vmlinuz-$kver" "$OUT/vmlinuz$suffix"
 }
 cp /etc/resolv.conf "$WORK/rootfs/etc/resolv.conf" 2>/dev/null || true

@@ -8,6 +8,7 @@
 set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../lib/initrd.sh"
 SUITE=trixie
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=kmod,pciutils,iproute2,iputils-ping,procps,python3,python3-venv,ca-certificates,util-linux,bash
@@ -94,18 +95,7 @@ printf '[pytest11]\ncpr = pytest_cpr.plugin\n' > "$R$SITE/pytest_cpr-0.0.0+vhost
 in_root /opt/cpr-venv/bin/pip freeze > "$OUT/python-packages.txt"
 
 step "initrd: busybox + virtio/ext4 modules, switch_root to /sbin/cpr-vhost-init"
-I="$WORK/initrd"
-mkdir -p "$I"/{bin,dev,proc,sys,newroot,lib/mods}
-cp "$(command -v busybox)" "$I/bin/busybox"
-for m in virtio_pci virtio_blk ext4; do
-  modprobe -d "$R" -S "$KVER" --show-depends "$m" | awk '$1=="insmod"{print $2}'
-done | awk '!seen[$0]++' | while read -r f; do
-  b=$(basename "$f"); b=${b%.xz}; b=${b%.zst}
-  case $f in *.xz) xz -dc "$f" ;; *.zst) zstd -qdc "$f" ;; *) cat "$f" ;; esac > "$I/lib/mods/$b"
-  echo "$b" >> "$I/lib/mods/order"
-done
-install -m 0755 "$HERE/initrd-init" "$I/init"
-(cd "$I" && find . | cpio -o -H newc --quiet | gzip -1) > "$OUT/initrd.img"
+busybox_initrd "$R" "$KVER" "$HERE/initrd-init" "$OUT/initrd.img" virtio_pci virtio_blk ext4
 cp "$VMLINUZ" "$OUT/vmlinuz"
 
 step "rootfs: init, agent, image"
