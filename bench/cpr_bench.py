@@ -33,7 +33,7 @@ from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError
 from pytest_cpr.images import GuestImage, cached_path
-from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
+from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.vm import CprVM, Traffic, VmConfig
 
 
@@ -84,9 +84,7 @@ def setup(args: argparse.Namespace) -> Bench:
     for build in (source, target):
         if (missing := build.missing("cpr-transfer")) is not None:
             raise SystemExit(f"cpr_bench: {missing}")
-    accel = args.accel
-    if accel == "auto":
-        accel = "kvm" if "kvm" in source.accels and kvm_boots(source.binary, image.kernel)[0] else "tcg"
+    accel = choose_accel(args.accel, source, image.kernel)
     out = args.artifacts or Path("artifacts/bench") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     return Bench(args, image, source, target, accel, out.resolve())

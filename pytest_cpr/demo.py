@@ -13,7 +13,7 @@ from pathlib import Path
 from pytest_cpr import checks, leftovers
 from pytest_cpr.errors import CprError
 from pytest_cpr.images import GuestImage, cached_path
-from pytest_cpr.qemu.probe import kvm_boots, probe
+from pytest_cpr.qemu.probe import choose_accel, probe
 from pytest_cpr.settings import resolve
 from pytest_cpr.vm import CprVM, VmConfig
 
@@ -41,9 +41,7 @@ def run(transfers: int, artifacts: Path) -> int:
         build.require("cpr-transfer")
     image_dir = Path(settings.image) if settings.image else cached_path("guest", Path(settings.cache_dir))
     image = GuestImage.load(image_dir, "CPR_IMAGE")
-    accel = settings.accel
-    if accel == "auto":
-        accel = "kvm" if "kvm" in source.accels and kvm_boots(source.binary, image.kernel)[0] else "tcg"
+    accel = choose_accel(settings.accel, source, image.kernel)
     config = VmConfig(name="demo", image=image, source=source, target=target, accel=accel,
                       memory_mib=settings.memory, cpus=settings.cpus, boot_timeout=settings.boot_timeout,
                       transfer_timeout=settings.transfer_timeout, command_timeout=settings.command_timeout,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path
-from pytest_cpr.qemu.probe import QemuBuild, kvm_boots, probe
+from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM, VmConfig, record_private_dir
 
@@ -95,15 +94,8 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage | None:
 def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild,
               cpr_image: GuestImage | None) -> str:
     """The accelerator in use: --cpr-accel, or auto: KVM if it boots a guest kernel here, else TCG."""
-    if cpr_settings.accel != "auto":
-        return str(cpr_settings.accel)
-    if "kvm" in cpr_source_build.accels:
-        if cpr_image is None:  # no kernel of ours to try: trust an accessible /dev/kvm
-            return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-        ok, _ = kvm_boots(cpr_source_build.binary, cpr_image.kernel)
-        if ok:
-            return "kvm"
-    return "tcg"
+    return choose_accel(str(cpr_settings.accel), cpr_source_build,
+                        cpr_image.kernel if cpr_image is not None else None)
 
 
 @pytest.fixture(scope="session")

@@ -192,3 +192,15 @@ def kvm_boots(binary: str, kernel: Path, timeout: float = 20.0) -> tuple[bool, s
         proc.stdout.close()
     text = seen.decode(errors="replace").strip().splitlines()
     return False, f"KVM did not boot a guest kernel: {text[0] if text else 'no console output'}"
+
+
+def choose_accel(setting: str, build: QemuBuild, kernel: Path | None) -> str:
+    """The accelerator for `setting` (auto, kvm, tcg): auto is KVM if it boots `kernel` with this build,
+    else TCG; with no kernel to try, an accessible /dev/kvm is trusted."""
+    if setting != "auto":
+        return setting
+    if "kvm" not in build.accels:
+        return "tcg"
+    if kernel is None:
+        return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+    return "kvm" if kvm_boots(build.binary, kernel)[0] else "tcg"
