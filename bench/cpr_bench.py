@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError
-from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.images import GuestImage, guest_image_dir
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.vm import CprVM, Traffic, VmConfig
 
@@ -77,7 +77,7 @@ class Bench:
 
 
 def setup(args: argparse.Namespace) -> Bench:
-    directory = Path(args.image) if args.image else cached_path("guest", Path(args.cache_dir))
+    directory = guest_image_dir(args.image, Path(args.cache_dir))
     image = GuestImage.load(directory, "--image")
     source = probe(args.qemu, "--qemu")
     target = probe(args.target_qemu, "--target-qemu") if args.target_qemu else source

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pytest_cpr import checks, leftovers
 from pytest_cpr.errors import CprError
-from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.images import GuestImage, guest_image_dir
 from pytest_cpr.qemu.probe import choose_accel, probe
 from pytest_cpr.settings import resolve
 from pytest_cpr.vm import CprVM, VmConfig
@@ -39,7 +39,7 @@ def run(transfers: int, artifacts: Path) -> int:
     target = probe(settings.target_qemu_binary, "CPR_TARGET_QEMU")
     for build in (source, target):
         build.require("cpr-transfer")
-    image_dir = Path(settings.image) if settings.image else cached_path("guest", Path(settings.cache_dir))
+    image_dir = guest_image_dir(settings.image, Path(settings.cache_dir))
     image = GuestImage.load(image_dir, "CPR_IMAGE")
     accel = choose_accel(settings.accel, source, image.kernel)
     config = VmConfig(name="demo", image=image, source=source, target=target, accel=accel,

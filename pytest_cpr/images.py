@@ -44,6 +44,12 @@ def cached_path(name: str, cache_dir: Path, images_dir: Path = REPO_IMAGES) -> P
     return cache_dir / "images" / f"{name}-{recipe_hash(recipe_dir(name, images_dir))}"
 
 
+def guest_image_dir(explicit: str | None, cache_dir: Path) -> Path:
+    """The guest image directory: the one given (--cpr-image / CPR_IMAGE), else the cached build of
+    the current images/guest recipe."""
+    return Path(explicit) if explicit else cached_path("guest", cache_dir)
+
+
 @dataclass(frozen=True)
 class GuestImage:
     directory: Path

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
-from pytest_cpr.images import cached_path
+from pytest_cpr.images import cached_path, guest_image_dir
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
 
@@ -244,7 +244,7 @@ class VhostConfig:
         from pytest_cpr.settings import BY_KEY
 
         cache = cache_dir or Path(os.environ.get("CPR_CACHE_DIR") or str(BY_KEY["cache_dir"].default))
-        guest = Path(os.environ["CPR_IMAGE"]) if os.environ.get("CPR_IMAGE") else cached_path("guest", cache)
+        guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
                    **overrides)  # type: ignore[arg-type]
 
