@@ -87,8 +87,8 @@ class L1Facts:
 
 
 def iommufd_reason(facts: L1Facts) -> str:
-    return (f"/dev/iommu is absent: kernel {facts.kernel} (Debian trixie-backports) is built without "
-            "CONFIG_IOMMUFD; iommufd needs the custom kernel of issue #4 (not built per run: ~20 min)")
+    return (f"/dev/iommu is absent: kernel {facts.kernel} is built without CONFIG_IOMMUFD (Debian's is); "
+            "boot L1 with the iommufd-capable kernel: `cpr-image build vhost-kernel` (12-20 min, cached)")
 
 
 def host_config_text(facts: L1Facts) -> str:
@@ -222,6 +222,33 @@ class AgentChannel:
 
 # ---- on L0: the L1 VM ------------------------------------------------------------------------------
 
+def l1_qemu(wanted: str, cache: Path) -> str:
+    """The QEMU that runs L1. auto: the cached qemu-next build (QEMU 11.x) when there is one, else the
+    system's. QEMU 10.0.2's TCG emulation of nested SVM froze L1 or made L1's KVM stop the L2 ("KVM
+    internal error", see docs/virtual-host.md); 11.1.3 ran the same tests without that, 4x faster."""
+    if wanted != "auto":
+        return wanted
+    nxt = cached_path("qemu-next", cache) / "bin/qemu-system-x86_64"
+    return str(nxt) if nxt.is_file() else "qemu-system-x86_64"
+
+
+def l1_kernel(wanted: str, cache: Path) -> Path | None:
+    """L1's kernel. auto: the iommufd-capable build (`cpr-image build vhost-kernel`) when cached, else
+    the vhost image's Debian kernel (legacy VFIO only); distro: always Debian's; iommufd: the
+    custom build, which must exist; anything else: a bzImage path."""
+    custom = cached_path("vhost-kernel", cache) / "vmlinuz"
+    if wanted == "auto":
+        return custom if custom.is_file() else None
+    if wanted == "distro":
+        return None
+    if wanted == "iommufd":
+        if not custom.is_file():
+            raise CprSettingError(f"CPR_VHOST_KERNEL=iommufd: {custom} is not built: run `cpr-image build "
+                                  "vhost-kernel` (12-20 min on two cores) or use CPR_VHOST_KERNEL=auto")
+        return custom
+    return Path(wanted)
+
+
 @dataclass(frozen=True)
 class VhostConfig:
     """Everything that decides how L1 boots. `accel` auto: KVM if it boots a guest kernel here."""
@@ -230,6 +257,7 @@ class VhostConfig:
     guest_image: Path  # the built images/guest, shared read-only as /mnt/guest
     artifacts: Path  # this run's folder on L0; its inner/ is /mnt/out in L1
     qemu: str = "qemu-system-x86_64"
+    kernel: Path | None = None  # L1's kernel; None: the vhost image's Debian kernel (no iommufd)
     accel: str = "auto"
     memory: str = "5G"
     cpus: int = 2
@@ -239,14 +267,22 @@ class VhostConfig:
     junit_dir: Path | None = None  # where the inner JUnit XML is copied (default: <artifacts>/junit)
 
     @classmethod
-    def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, **overrides: object) -> VhostConfig:
-        """Images from the cache of the current recipes (`cpr-image build vhost`, `cpr-image build guest`)."""
+    def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
+                   kernel: str | None = None, **overrides: object) -> VhostConfig:
+        """Images from the cache of the current recipes (`cpr-image build vhost`, `cpr-image build guest`,
+        and `cpr-image build qemu-next` / `vhost-kernel` when built); see `l1_qemu` and `l1_kernel`."""
         from pytest_cpr.settings import BY_KEY
 
         cache = cache_dir or Path(os.environ.get("CPR_CACHE_DIR") or str(BY_KEY["cache_dir"].default))
         guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
+                   qemu=l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache),
+                   kernel=l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache),
                    **overrides)  # type: ignore[arg-type]
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.kernel or self.image / "vmlinuz"
 
     def validate(self) -> None:
         for f in VHOST_FILES:
@@ -257,6 +293,9 @@ class VhostConfig:
             if not (self.guest_image / f).is_file():
                 raise CprSettingError(f"guest image {self.guest_image} has no {f}: build it with "
                                       "`cpr-image build guest` (the L2 guest needs its 'full' kernel)")
+        if self.kernel is not None and not self.kernel.is_file():
+            raise CprSettingError(f"virtual host kernel {self.kernel} does not exist (CPR_VHOST_KERNEL / "
+                                  "--kernel): build it with `cpr-image build vhost-kernel`")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise CprSettingError(f"virtual host accel {self.accel!r}: use auto, kvm or tcg")
 
@@ -285,7 +324,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-smp", str(cfg.cpus), "-m", cfg.memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-device", "intel-iommu,intremap=on,caching-mode=on",
-        "-kernel", str(cfg.image / "vmlinuz"), "-initrd", str(cfg.image / "initrd.img"), "-append", append,
+        "-kernel", str(cfg.vmlinuz), "-initrd", str(cfg.image / "initrd.img"), "-append", append,
         "-drive", f"file={cfg.image / 'rootfs.img'},if=none,id=root,format=raw,snapshot=on",
         "-device", "virtio-blk-pci,drive=root",
         "-device", "pcie-root-port,id=rp1,chassis=1,slot=1",
@@ -305,7 +344,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-chardev", f"socket,id=agent1,path={rundir / 'side.sock'},server=on,wait=off",
         "-device", "virtconsole,chardev=agent1",
         "-chardev", f"socket,id=qmp0,path={rundir / 'qmp.sock'},server=on,wait=off",
-        "-mon", "chardev=qmp0,mode=control",
+        "-qmp", "chardev:qmp0",
     ]
 
 
@@ -345,7 +384,7 @@ class VirtualHost:
         if self.config.accel != "auto":
             self.accel, self.accel_reason = self.config.accel, "set explicitly"
             return
-        ok, reason = kvm_boots(qemu, self.config.image / "vmlinuz")
+        ok, reason = kvm_boots(qemu, self.config.vmlinuz)
         self.accel, self.accel_reason = ("kvm" if ok else "tcg"), reason
 
     def boot(self) -> float:
@@ -360,7 +399,8 @@ class VirtualHost:
         with nvme.open("wb") as fh:
             fh.truncate(cfg.nvme_mib << 20)
         self._choose_accel(qemu)
-        self.say(f"booting L1 on {self.accel} ({self.accel_reason}); artifacts {cfg.artifacts}")
+        self.say(f"booting L1 on {self.accel} ({self.accel_reason}) with {qemu}, kernel {cfg.vmlinuz}; "
+                 f"artifacts {cfg.artifacts}")
         argv = l1_argv(cfg, qemu, self.accel, self._rundir, nvme)
         self.process = QemuProcess(qemu, argv, "vhost", self._rundir, cfg.artifacts,
                                    self._rundir / "qmp.sock", self._rundir / "agent.sock",
@@ -502,7 +542,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     artifacts = Path(args.artifacts).resolve() / "vhost" / f"{args.name}-{stamp}"
     cfg = VhostConfig.from_cache(artifacts, accel=args.accel, memory=args.memory, qemu=args.qemu,
-                                 junit_dir=Path(args.artifacts).resolve() / "junit")
+                                 kernel=args.kernel, junit_dir=Path(args.artifacts).resolve() / "junit")
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     t0 = time.monotonic()
     summary: dict[str, object] = {"pytest_args": pytest_args}
@@ -532,7 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--accel", default=os.environ.get("CPR_VHOST_ACCEL", "auto"),
                    choices=("auto", "kvm", "tcg"))
     r.add_argument("--memory", default="5G", help="L1 memory (default 5G)")
-    r.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU that runs L1")
+    r.add_argument("--qemu", default=None,
+                   help="QEMU that runs L1 (default $CPR_VHOST_QEMU, else auto: the cached qemu-next build "
+                        "if any, else qemu-system-x86_64)")
+    r.add_argument("--kernel", default=None,
+                   help="L1 kernel: auto (default, $CPR_VHOST_KERNEL), distro, iommufd or a bzImage path")
     r.add_argument("--name", default="vhost", help="name of the JUnit file: artifacts/junit/vhost-<name>.xml")
     r.add_argument("--artifacts", default="artifacts", help="artifacts root on L0 (default ./artifacts)")
     r.add_argument("--timeout", type=float, default=1800.0, help="seconds for the inner pytest run")

@@ -110,7 +110,7 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
     with tempfile.TemporaryDirectory(prefix="cpr-probe-") as tmp:
         sock = Path(tmp) / "qmp.sock"
         argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-S",
-                "-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off", "-mon", "chardev=qmp0,mode=control"]
+                "-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off", "-qmp", "chardev:qmp0"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         qmp = QmpSession("probe", Path(tmp) / "transcript.jsonl")
         try:

@@ -116,7 +116,7 @@ class VmSpec:
             "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off,logfile={console_log}",
             "-serial", "chardev:console0",
             "-chardev", f"socket,id=qmp0,path={qmp_socket},server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control",
+            "-qmp", "chardev:qmp0",
         ]
         for nic in self.nics:
             args += nic.args()

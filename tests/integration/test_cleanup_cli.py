@@ -29,7 +29,7 @@ def qemu_argv(rundir: Path, name: str) -> list[str]:
     """The smallest QEMU with a pytest-cpr-style QMP socket: no guest, paused."""
     return [QEMU, "-name", f"{name},debug-threads=on", "-machine", "none", "-nodefaults", "-display", "none",
             "-S", "-chardev", f"socket,id=qmp0,path={rundir}/qmp-g0.sock,server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control"]
+            "-qmp", "chardev:qmp0"]
 
 
 def wait_for(what: str, ready: Callable[[], bool], timeout: float = 10.0) -> None:

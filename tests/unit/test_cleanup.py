@@ -31,7 +31,7 @@ class FakeProc:
 
 
 QMP_ARGS = ["-chardev", "socket,id=qmp0,path=/tmp/cpr-ab12cd34/qmp-g1.sock,server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control"]
+            "-qmp", "chardev:qmp0"]
 
 
 @pytest.fixture

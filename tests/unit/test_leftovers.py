@@ -192,7 +192,9 @@ def test_qemu_channels_are_unix_sockets_only(tmp_path: Path) -> None:
                   rootfs=Path("/r"), nics=(Nic("n0", "52:54:00:00:00:02", 7, "10.77.0.2/24"),))
     incoming = Incoming(rundir / "mig.sock", rundir / "cpr.sock")
     argv = spec.argv("qemu", rundir / "c.sock", tmp_path / "c.log", rundir / "q.sock", incoming)
-    assert not {"-vnc", "-spice", "-gdb", "-qmp", "-monitor"} & set(argv), argv
+    assert not {"-vnc", "-spice", "-gdb", "-monitor"} & set(argv), argv
+    qmp = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-qmp"]
+    assert qmp == ["chardev:qmp0"], f"QMP only on the unix-socket chardev: {qmp}"
     for value in _listeners(argv):
         low = value.lower()
         assert not any(t in low for t in ("tcp", "host=", "port=", "telnet", "websocket", "udp", '"inet"',

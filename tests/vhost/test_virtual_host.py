@@ -21,6 +21,7 @@ import pytest
 from pytest_cpr import vhost
 from pytest_cpr.errors import CprSettingError
 from pytest_cpr.host import hostconfig
+from pytest_cpr.images import cached_path
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vhost import L1_PYTHON, L1_SRC, VhostConfig, VirtualHost
 
@@ -103,6 +104,29 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
     assert text.count("readonly=on") == 2 and "snapshot=on" in text
     with pytest.raises(CprSettingError, match="cpr-image build vhost"):
         cfg.validate()
+
+
+def test_l1_qemu_and_kernel_choice(tmp_path: Path) -> None:
+    """auto picks the cached qemu-next build and the cached iommufd-capable kernel when they exist, else
+    the system QEMU and the image's Debian kernel; asking for the custom kernel when it is not built
+    is an error that says how to build it."""
+    assert vhost.l1_qemu("auto", tmp_path) == "qemu-system-x86_64"
+    assert vhost.l1_kernel("auto", tmp_path) is None
+    with pytest.raises(CprSettingError, match="cpr-image build vhost-kernel"):
+        vhost.l1_kernel("iommufd", tmp_path)
+    nxt = cached_path("qemu-next", tmp_path) / "bin/qemu-system-x86_64"
+    kernel = cached_path("vhost-kernel", tmp_path) / "vmlinuz"
+    for f in (nxt, kernel):
+        f.parent.mkdir(parents=True)
+        f.touch()
+    assert vhost.l1_qemu("auto", tmp_path) == str(nxt)
+    assert vhost.l1_qemu("/opt/q", tmp_path) == "/opt/q"
+    assert vhost.l1_kernel("auto", tmp_path) == kernel == vhost.l1_kernel("iommufd", tmp_path)
+    assert vhost.l1_kernel("distro", tmp_path) is None
+    cfg = VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a",
+                      kernel=kernel)
+    argv = vhost.l1_argv(cfg, "q", "tcg", tmp_path, tmp_path / "n")
+    assert argv[argv.index("-kernel") + 1] == str(kernel)
 
 
 # ---- with L1 ---------------------------------------------------------------------------------------
@@ -200,4 +224,7 @@ def test_inner_passthrough_transfer(l1: VirtualHost) -> None:
     assert legacy, f"no legacy-container passthrough test passed in L1: {[c.get('name') for c in cases]}"
     props = {p.get("name") for c in legacy for p in c.iter("property")}
     assert any(n and n.startswith("cpr_") for n in props), f"no cpr_ properties in {run.junit}: {props}"
+    if "iommufd" in tomllib.loads(l1.host_config)["host"]["backends"]:  # L1 booted the iommufd-capable kernel
+        iommufd = [c.get("name") for c in passed if "iommufd" in (c.get("name") or "")]
+        assert iommufd, f"L1 has /dev/iommu but no iommufd passthrough test passed: {[c.get('name') for c in cases]}"
     assert run.exit_code == 0, f"inner pytest exit code {run.exit_code}; inner log {run.log}"
