@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a c
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError
-from pytest_cpr.images import GuestImage, guest_image_dir
+from pytest_cpr.images import GuestImage, default_cache_dir, guest_image_dir
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.vm import CprVM, Traffic, VmConfig
 
@@ -48,8 +48,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="target QEMU (default: the source binary)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=os.environ.get("CPR_ACCEL", "auto"))
     p.add_argument("--image", default=os.environ.get("CPR_IMAGE"), help="guest image directory")
-    p.add_argument("--cache-dir", default=os.environ.get("CPR_CACHE_DIR",
-                                                         str(Path.home() / ".cache" / "pytest-cpr")))
+    p.add_argument("--cache-dir", default=str(default_cache_dir()))
     p.add_argument("--artifacts", type=Path, default=None,
                    help="output folder (default artifacts/bench/<UTC time>)")
     p.add_argument("--probe-interval-ms", type=float, default=5.0)

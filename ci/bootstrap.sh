@@ -27,7 +27,7 @@ apt-get update -q >/dev/null || log "apt-get update reported errors (continuing 
 apt-get install -y -q --no-install-recommends "${QEMU_SUITE[@]}" qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd \
   e2fsprogs iproute2 ca-certificates >/dev/null
-if [ "${CPR_VHOST:-0}" = 1 ]; then
+if [ "${CPR_VHOST:-1}" != 0 ]; then
   log "apt: kernel build tools (the virtual host's iommufd-capable kernel, images/vhost-kernel)"
   apt-get install -y -q --no-install-recommends build-essential bc bison flex libelf-dev libssl-dev >/dev/null
 fi
@@ -43,8 +43,8 @@ for recipe in images/*/; do
   name=$(basename "$recipe")
   [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] && continue
   case "$name" in vhost*)
-    if [ "${CPR_VHOST:-0}" != 1 ]; then
-      log "skipping the $name image (the virtual host tier is opt-in: CPR_VHOST=1)"; continue
+    if [ "${CPR_VHOST:-1}" = 0 ]; then
+      log "skipping the $name image (CPR_VHOST=0: no virtual host tier)"; continue
     fi ;;
   esac
   .venv/bin/cpr-image build "$name"

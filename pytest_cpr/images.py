@@ -23,6 +23,13 @@ REPO_IMAGES = Path(__file__).resolve().parent.parent / "images"
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
 
 
+def default_cache_dir() -> Path:
+    """$CPR_CACHE_DIR, else the cache_dir setting's default (~/.cache/pytest-cpr)."""
+    from pytest_cpr.settings import BY_KEY
+
+    return Path(os.environ.get("CPR_CACHE_DIR") or str(BY_KEY["cache_dir"].default))
+
+
 def recipe_dir(name: str, images_dir: Path = REPO_IMAGES) -> Path:
     path = images_dir / name
     if not (path / "build.sh").is_file():
@@ -128,10 +135,8 @@ def build(name: str, cache_dir: Path, force: bool = False, images_dir: Path = RE
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pytest_cpr.settings import BY_KEY
-
     parser = argparse.ArgumentParser(prog="cpr-image", description="build and locate pytest-cpr images")
-    parser.add_argument("--cache-dir", default=os.environ.get("CPR_CACHE_DIR", BY_KEY["cache_dir"].default))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build an image unless cached")
     b.add_argument("name", nargs="?", default="guest")

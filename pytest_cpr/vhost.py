@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
-from pytest_cpr.images import cached_path, guest_image_dir
+from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
 
@@ -271,9 +271,7 @@ class VhostConfig:
                    kernel: str | None = None, **overrides: object) -> VhostConfig:
         """Images from the cache of the current recipes (`cpr-image build vhost`, `cpr-image build guest`,
         and `cpr-image build qemu-next` / `vhost-kernel` when built); see `l1_qemu` and `l1_kernel`."""
-        from pytest_cpr.settings import BY_KEY
-
-        cache = cache_dir or Path(os.environ.get("CPR_CACHE_DIR") or str(BY_KEY["cache_dir"].default))
+        cache = cache_dir or default_cache_dir()
         guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
                    qemu=l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache),

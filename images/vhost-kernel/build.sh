@@ -31,7 +31,8 @@ mkdir -p "$WORK/apt/lists/partial" "$WORK/apt/archives/partial"
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR $SUITE main" > "$WORK/apt/sources.list"
 APT=(apt-get -q -o "Dir::Etc::SourceList=$WORK/apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
      -o "Dir::State::Lists=$WORK/apt/lists" -o "Dir::Cache::Archives=$WORK/apt/archives"
-     -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o APT::Architecture=amd64)
+     -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache= -o APT::Architecture=amd64
+     -o APT::Sandbox::User=root)
 step "linux-source-$SERIES from $SUITE"
 "${APT[@]}" update >/dev/null
 (cd "$WORK" && "${APT[@]}" download "linux-source-$SERIES" >/dev/null)
