@@ -4,7 +4,7 @@ The runner job hooks (ci/runner/hooks) call it before and after every CI job. In
 1. kills QEMU processes that pytest-cpr started and whose harness is gone (found by their command
    line, so also those whose record in the state directory is missing);
 2. runs leftovers.clean_stale(): every record whose owning harness is gone is cleaned by the cleaner
-   its module registered (processes, network namespaces, VFIO device bindings);
+   its module registered (processes, network namespaces, VFIO device bindings, mdev instances);
 3. deletes network namespaces named cprt-* whose harness is gone and that no process is inside.
 A harness that is still running is never touched: several pytest-cpr runs may share one host.
 
@@ -33,7 +33,9 @@ try:  # registers the "netns" cleaner
 except ImportError:  # pragma: no cover - pyroute2 is a dependency; keep the CLI usable without it
     _netns = None  # type: ignore[assignment]
 with contextlib.suppress(ImportError):  # registers the "vfio" cleaner (restores device bindings)
-    import pytest_cpr.host.vfio  # noqa: F401
+    import pytest_cpr.host.vfio
+with contextlib.suppress(ImportError):  # registers the "mdev" cleaner (removes mediated devices)
+    import pytest_cpr.host.mdev  # noqa: F401
 
 PROC = Path("/proc")
 NETNS_DIR = Path("/var/run/netns")

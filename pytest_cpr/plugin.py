@@ -30,7 +30,14 @@ from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by imp
 )
 from pytest_cpr.qemu.probe import probe
 from pytest_cpr.settings import SETTINGS, resolve, unknown_ini_keys
-from pytest_cpr.vfio_fixtures import cpr_host, cpr_vfio, cpr_vfio_backend, cpr_vfio_guest  # noqa: F401
+from pytest_cpr.vfio_fixtures import (  # noqa: F401 - fixtures are registered by import
+    cpr_host,
+    cpr_mdev,
+    cpr_mdev_guest,
+    cpr_vfio,
+    cpr_vfio_backend,
+    cpr_vfio_guest,
+)
 
 MARKERS = (
     "cpr(mode='cpr-transfer'): the test performs CPR in `mode`; skipped where a QEMU build lacks it",

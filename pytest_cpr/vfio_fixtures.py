@@ -1,7 +1,8 @@
 """pytest side of VFIO: the host config and probe (session), the devices a test's `vfio` markers ask
-for (bound per test, restored after), and a booted guest with those devices passed through.
+for (bound per test, restored after), a booted guest with those devices passed through, and a guest
+with a mediated device (mdev) of the host config's first [[mdev]] type.
 
-Logic lives in pytest_cpr.host.{hostconfig,vfio} and PassthroughGuest below (usable without
+Logic lives in pytest_cpr.host.{hostconfig,vfio,mdev} and PassthroughGuest below (usable without
 pytest); plugin.py calls configure()/header_lines()/generate_tests()/group_items() from its hooks.
 """
 
@@ -23,6 +24,7 @@ from pytest_cpr.fixtures import host_unavailable
 from pytest_cpr.guest.state import IrqLine
 from pytest_cpr.host import hostconfig, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig, HostConfigError, HostPaths
+from pytest_cpr.host.mdev import Mdev, guest_slot
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.settings import CprSettings
@@ -536,3 +538,57 @@ def cpr_vfio_guest(cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
                         memory_mib=host.memory_mib or cpr_settings.memory, cmdline=cpr_vfio.kernel_args())
     vm.boot()
     return PassthroughGuest(vm, cpr_vfio)
+
+
+# ---- mediated devices
+NO_MDEV = ("host config {path} names no [[mdev]]; to run the mdev tests, load a parent driver (e.g. "
+           "`modprobe mtty`) and add [[mdev]] with parent = \"mtty\" and type = \"mtty-2\" "
+           "(docs/hardware-runners.md)")
+
+
+def _mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild) -> str | None:
+    """Why this host or QEMU cannot run the mdev blocker test, or None. QEMU's mdev blocker belongs
+    to the legacy container of its VFIO CPR support (QEMU >= 10.1): a build without VFIO CPR refuses
+    for another reason, so it cannot show this one."""
+    if not config.mdevs:
+        return NO_MDEV.format(path=config.path)
+    if not (config.paths.dev / "vfio" / "vfio").exists():
+        return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
+                "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")
+    unavailable, blockers = _build_reasons(source, target, "legacy")
+    return "; ".join(unavailable + blockers) or None
+
+
+@pytest.fixture
+def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
+             cpr_target_build: QemuBuild) -> Iterator[Mdev]:
+    """A new instance of the host config's first [[mdev]] type (UUID per test), removed after the test
+    (also on failure or Ctrl-C; a killed run's instance is removed by the next run). Its guest PCI
+    slot follows those of the config's passthrough devices. Skipped (failed with --cpr-strict) with
+    the reason where the host or QEMU cannot serve."""
+    config = request.config.stash.get(HOST_CONFIG_KEY, None)
+    if config is None:
+        host_unavailable(NO_CONFIG, cpr_settings)
+        raise AssertionError("unreachable")
+    if (reason := _mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
+        host_unavailable(reason, cpr_settings)
+    first = config.mdevs[0]
+    with Mdev(first.parent, first.type, config.paths, slot=guest_slot(len(config.devices))) as mdev:
+        request.node.user_properties.append(("cpr_mdev", f"{first.parent}/{first.type}: {mdev.uuid}"))
+        yield mdev
+
+
+@pytest.fixture
+def cpr_mdev_guest(cpr_mdev: Mdev, cpr_vm_factory: Callable[..., CprVM], cpr_settings: CprSettings,
+                   pytestconfig: pytest.Config) -> tuple[CprVM, Mdev]:
+    """(vm, mdev): a booted guest (full kernel, memory from the host config) with the mdev as vfio-pci
+    on the legacy container at `mdev.guest_address`. cpr_mdev is set up before cpr_vm_factory, so the
+    guest's QEMU is shut down before the instance is removed (the kernel would block the removal of
+    an mdev in use; Mdev refuses it with the holder's pid instead). A test that wants this order must
+    not request cpr_vm_factory before cpr_mdev_guest."""
+    host = pytestconfig.stash[HOST_CONFIG_KEY]
+    assert host is not None  # cpr_mdev skipped otherwise
+    vm = cpr_vm_factory(extra_args=tuple(cpr_mdev.qemu_args()), kernel_flavor="full",
+                        memory_mib=host.memory_mib or cpr_settings.memory)
+    vm.boot()
+    return vm, cpr_mdev

@@ -46,6 +46,7 @@ from pytest_cpr.qemu.process import QemuProcess, tail
 SOURCE_TREE = Path(__file__).resolve().parent.parent
 IGB = "8086:10c9"  # QEMU's igb (82576)
 NVME = "1b36:0010"  # QEMU's NVMe controller
+MTTY, MTTY_TYPES = "mtty", ("mtty-2", "mtty-1")  # the kernel's mdev sample: parent, types (preferred first)
 PEER_MAC = "52:54:00:c9:00:02"
 PEER_NAME = "cprpeer0"  # the peer port's name inside L1 (renamed by vhost-init)
 IGB_MAC = "52:54:00:c9:00:01"
@@ -84,6 +85,7 @@ class L1Facts:
     kvm: bool
     kernel: str
     qemu: str = "/usr/bin/qemu-system-x86_64"
+    mdev_type: str | None = None  # an mtty type when the kernel has the mtty sample (the custom kernel)
 
 
 def iommufd_reason(facts: L1Facts) -> str:
@@ -118,6 +120,11 @@ def host_config_text(facts: L1Facts) -> str:
         'role = "nvme"',
         "test_area_mib = 64",
     ]
+    if facts.mdev_type:
+        lines += ["", "# the kernel's mtty sample: a mediated device QEMU must refuse to cpr-transfer",
+                  "[[mdev]]", f'parent = "{MTTY}"', f'type = "{facts.mdev_type}"']
+    else:
+        lines += [f"# no [[mdev]]: kernel {facts.kernel} has no mtty sample (CONFIG_SAMPLE_VFIO_MDEV_MTTY)"]
     return "\n".join(lines) + "\n"
 
 
@@ -131,8 +138,11 @@ def gather_facts(sysfs: Path = Path("/sys"), dev: Path = Path("/dev"),
     if not (sysfs / "class/net" / peer_interface).exists():
         raise CprError(f"virtual host: peer port {peer_interface} missing from {sysfs}/class/net "
                        "(vhost-init renames the NIC with MAC {PEER_MAC})")
+    types = sysfs / "class/mdev_bus" / MTTY / "mdev_supported_types"
+    mdev_type = next((t for t in MTTY_TYPES if (types / t).is_dir()), None)
     return L1Facts(nic=nics[0], nvme=nvmes[0], peer_interface=peer_interface,
-                   iommufd=(dev / "iommu").exists(), kvm=(dev / "kvm").exists(), kernel=os.uname().release)
+                   iommufd=(dev / "iommu").exists(), kvm=(dev / "kvm").exists(), kernel=os.uname().release,
+                   mdev_type=mdev_type)
 
 
 # ---- on L0: the agent channel ---------------------------------------------------------------------

@@ -14,6 +14,10 @@ Format (TOML, docs/hardware-runners.md):
     peer_interface = "enp0s5"
     peer_ip = "10.78.0.1/24"
 
+    [[mdev]]                          # a mediated device type (QEMU must refuse cpr-transfer with it)
+    parent = "mtty"                   # name under /sys/class/mdev_bus
+    type = "mtty-2"                   # directory under its mdev_supported_types
+
 `load()` validates everything before a test starts: each problem is one line naming the key and
 the fix. Paths to sysfs and /dev are parameters so the checks run against a fake tree in tests.
 """
@@ -36,7 +40,8 @@ BACKENDS = ("legacy", "iommufd")
 ACCELS = ("auto", "kvm", "tcg")
 HOST_KEYS = ("name", "qemu", "target_qemu", "backends", "memory", "accel")
 DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib")
-TOP_KEYS = ("host", "device")
+MDEV_KEYS = ("parent", "type")
+TOP_KEYS = ("host", "device", "mdev")
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 PCI_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 BRIDGE_CLASS = 0x0604  # PCI-to-PCI bridges may share a group: the kernel lets vfio use the group anyway
@@ -79,6 +84,15 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class MdevConfig:
+    """One mediated device type: each test that needs it creates its own instance (host.mdev)."""
+
+    key: str  # "mdev[0]"
+    parent: str  # name under /sys/class/mdev_bus (e.g. "mtty", or a PCI address)
+    type: str  # directory under the parent's mdev_supported_types (e.g. "mtty-2")
+
+
+@dataclass(frozen=True)
 class HostConfig:
     path: Path
     name: str
@@ -89,13 +103,17 @@ class HostConfig:
     memory_mib: int | None = None
     accel: str | None = None
     paths: HostPaths = field(default_factory=HostPaths)
+    mdevs: tuple[MdevConfig, ...] = ()
 
     def with_role(self, role: str) -> list[DeviceConfig]:
         return [d for d in self.devices if d.role == role]
 
     def describe(self) -> str:
         devs = ", ".join(f"{d.address} ({d.role})" for d in self.devices) or "none"
-        return f"{self.name} ({self.path}): backends {', '.join(self.backends)}; devices {devs}"
+        text = f"{self.name} ({self.path}): backends {', '.join(self.backends)}; devices {devs}"
+        if self.mdevs:
+            text += "; mdevs " + ", ".join(f"{m.parent}/{m.type}" for m in self.mdevs)
+        return text
 
 
 # ---- sysfs readers (shared with host.vfio)
@@ -223,7 +241,8 @@ class _Parser:
             self.problems.append("host.backends: lists a backend twice; name each once")
         return tuple(v for v in dict.fromkeys(value) if v in BACKENDS)
 
-    def devices(self) -> list[tuple[str, dict[str, Any]]]:
+    def devices(self, required: bool = True) -> list[tuple[str, dict[str, Any]]]:
+        """The [[device]] entries; `required` is False when the config has [[mdev]] entries instead."""
         entries = self.data.get("device", [])
         if not isinstance(entries, list):
             self.problems.append("device: must be an array of tables; write [[device]] (double brackets)")
@@ -235,8 +254,35 @@ class _Parser:
                 if key not in DEVICE_KEYS:
                     self.problems.append(f"{where}.{key}: {_unknown(key, DEVICE_KEYS)}")
             out.append((where, self.device(where, entry)))
-        if not out:
+        if not out and required:
             self.problems.append("device: no [[device]] entries; add one per passthrough device")
+        return out
+
+    def mdevs(self) -> list[MdevConfig]:
+        entries = self.data.get("mdev", [])
+        if not isinstance(entries, list):
+            self.problems.append("mdev: must be an array of tables; write [[mdev]] (double brackets)")
+            return []
+        out = []
+        for i, entry in enumerate(entries):
+            where = f"mdev[{i}]"
+            if not isinstance(entry, dict):
+                self.problems.append(f"{where}: must be a table; write [[mdev]] with parent = ... and "
+                                     "type = ... below it")
+                continue
+            for key in entry:
+                if key not in MDEV_KEYS:
+                    self.problems.append(f"{where}.{key}: {_unknown(key, MDEV_KEYS)}")
+            parent = self.typed(entry, "parent", where, str, '"mtty"')
+            kind = self.typed(entry, "type", where, str, '"mtty-2"')
+            if "parent" not in entry:
+                self.problems.append(f"{where}.parent: missing; set parent = \"mtty\" (a name under "
+                                     "/sys/class/mdev_bus)")
+            if "type" not in entry:
+                self.problems.append(f"{where}.type: missing; set type = \"mtty-2\" (a directory under "
+                                     "/sys/class/mdev_bus/<parent>/mdev_supported_types)")
+            if parent is not None and kind is not None:
+                out.append(MdevConfig(key=where, parent=parent, type=kind))
         return out
 
     def device(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -372,9 +418,11 @@ def _check_groups(paths: HostPaths, keyed: dict[str, str], problems: list[str]) 
                                 "the card to a slot with its own group")
 
 
-def _check_modules(paths: HostPaths, backends: tuple[str, ...], problems: list[str]) -> None:
+def _check_modules(paths: HostPaths, backends: tuple[str, ...], problems: list[str],
+                   pci: bool = True) -> None:
+    """pci: the config names PCI devices (bound to vfio-pci); an mdev-only host does not need it."""
     vfio_pci = paths.sysfs / "bus" / "pci" / "drivers" / "vfio-pci"
-    if not vfio_pci.is_dir() and not (paths.sysfs / "module" / "vfio_pci").is_dir():
+    if pci and not vfio_pci.is_dir() and not (paths.sysfs / "module" / "vfio_pci").is_dir():
         problems.append("kernel module vfio-pci is not loaded: run `modprobe vfio-pci` (and list it in "
                         "/etc/modules-load.d/ on the runner)")
     if "legacy" in backends and not (paths.dev / "vfio" / "vfio").exists():
@@ -393,11 +441,45 @@ def _check_peer(paths: HostPaths, where: str, d: dict[str, Any], problems: list[
                         "namespace; check `ip link` and name the port cabled to the NIC")
 
 
+def mdev_parent(paths: HostPaths, parent: str) -> Path:
+    """The parent device of mediated devices: /sys/class/mdev_bus/<parent> (a symlink to the device)."""
+    return paths.sysfs / "class" / "mdev_bus" / parent
+
+
+def mdev_type_dir(paths: HostPaths, parent: str, kind: str) -> Path:
+    return mdev_parent(paths, parent) / "mdev_supported_types" / kind
+
+
+def _listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+def _check_mdev(paths: HostPaths, mdev: MdevConfig, problems: list[str]) -> None:
+    """The parent is registered with the mdev core, offers the type, and has an instance left."""
+    where, bus = mdev.key, paths.sysfs / "class" / "mdev_bus"
+    if not mdev_parent(paths, mdev.parent).is_dir():
+        problems.append(f"{where}.parent = {mdev.parent!r}: no mdev parent of that name in {bus}: load its "
+                        f"driver (e.g. modprobe mtty) or fix the name; present: {_listing(bus)}")
+        return
+    types = mdev_parent(paths, mdev.parent) / "mdev_supported_types"
+    if not mdev_type_dir(paths, mdev.parent, mdev.type).is_dir():
+        problems.append(f"{where}.type = {mdev.type!r}: parent {mdev.parent!r} offers no such mdev type; "
+                        f"use one of {_listing(types)} (directories in {types})")
+        return
+    available = read_attr(mdev_type_dir(paths, mdev.parent, mdev.type) / "available_instances")
+    if available == "0":
+        problems.append(f"{where}.type = {mdev.type!r}: available_instances is 0 (parent {mdev.parent!r} "
+                        "has no room for another instance); remove instances made by hand "
+                        "(echo 1 > /sys/bus/mdev/devices/<uuid>/remove) or use another type")
+
+
 def parse(data: dict[str, Any], path: Path, paths: HostPaths = HostPaths()) -> HostConfig:
-    """Validate a parsed TOML document against the host; raises HostConfigError listing every problem."""
+    """Validate a parsed TOML document against the host; raises HostConfigError listing every problem.
+    A host may name only [[mdev]] entries (no [[device]]): the mdev tests need no PCI device."""
     parser = _Parser(data)
     host = parser.host()
-    entries = parser.devices()
+    entries = parser.devices(required=not data.get("mdev"))
+    mdevs = parser.mdevs()
     problems = parser.problems
     if problems:  # format errors first: the host checks would only repeat them
         raise HostConfigError(path, problems)
@@ -415,12 +497,15 @@ def parse(data: dict[str, Any], path: Path, paths: HostPaths = HostPaths()) -> H
         if d["role"] == "nic":
             _check_peer(paths, where, d, problems)
     _check_groups(paths, keyed, problems)
-    _check_modules(paths, host["backends"], problems)
+    for mdev in mdevs:
+        _check_mdev(paths, mdev, problems)
+    _check_modules(paths, host["backends"], problems, pci=bool(entries))
     if problems:
         raise HostConfigError(path, problems)
     return HostConfig(path=path, name=host["name"] or path.stem, backends=host["backends"],
                       devices=tuple(devices), qemu=host["qemu"], target_qemu=host["target_qemu"],
-                      memory_mib=host.get("memory_mib"), accel=host["accel"], paths=paths)
+                      memory_mib=host.get("memory_mib"), accel=host["accel"], paths=paths,
+                      mdevs=tuple(mdevs))
 
 
 def load(path: Path, paths: HostPaths = HostPaths()) -> HostConfig:

@@ -2,16 +2,22 @@
 
 These tests need a host config (--cpr-host-config): the devices, their roles, the NIC's cabled peer
 port. Each runs once per backend the host config lists; where the host or QEMU cannot serve one,
-it is skipped with the reason (a failure under --cpr-strict).
+it is skipped with the reason (a failure under --cpr-strict). The mdev test needs an [[mdev]] entry
+instead of devices.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from pytest_cpr import checks
 from pytest_cpr.errors import TransferFailed
+from pytest_cpr.host.mdev import Mdev
+from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.vfio_fixtures import HostWatch, PassthroughGuest
+from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
 
@@ -108,3 +114,32 @@ def test_blocked_transfer_is_refused_and_guest_runs(cpr_vfio_guest: PassthroughG
     assert vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
     guest.check_guest_log()
     print(f"refused as expected: {refused.value}; blockers: {guest.devices.blockers}")
+
+
+def test_mdev_blocks_cpr_transfer(cpr_mdev_guest: tuple[CprVM, Mdev]) -> None:
+    """A guest with a mediated device (the host config's first [[mdev]] type, e.g. mtty) as vfio-pci on
+    the legacy container: QEMU adds a cpr-transfer blocker for it ("CPR does not support vfio mdev
+    <uuid>", hw/vfio/container-legacy.c), so `migrate` is refused with that text, the source keeps
+    running the guest (same boot, one QEMU generation: the waiting target is gone), the guest still
+    sees the device and its kernel log stays clean."""
+    vm, mdev = cpr_mdev_guest
+    vendor = vm.run(f"cat /sys/bus/pci/devices/{mdev.guest_address}/vendor").stdout.strip()
+    assert re.fullmatch(r"0x[0-9a-f]{4}", vendor) and vendor != "0xffff", \
+        f"the guest sees no PCI device at the mdev's address {mdev.guest_address}: vendor {vendor!r}"
+    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    with pytest.raises(TransferFailed) as refused:
+        vm.transfer()
+    reasons = vm.current.qmp.execute("query-migrate").get("blocked-reasons", [])
+    assert f"CPR does not support vfio mdev {mdev.uuid}" in reasons, \
+        f"QEMU does not list the mdev blocker for cpr-transfer: blocked-reasons {reasons}"
+    assert "CPR does not support vfio mdev" in str(refused.value), \
+        f"migrate was refused for another reason: {refused.value} (blocked-reasons {reasons})"
+    assert isinstance(refused.value.__cause__, QmpError) and refused.value.__cause__.command == "migrate", \
+        f"the refusal must be the answer to `migrate`, not a failure later on: {refused.value!r}"
+    assert vm.current.qmp.execute("query-status")["status"] == "running", \
+        "source must keep running the guest after the refusal"
+    assert len(vm.generations) == 1, "the refused target QEMU must be gone"
+    assert vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
+    assert vm.run(f"cat /sys/bus/pci/devices/{mdev.guest_address}/vendor").stdout.strip() == vendor
+    checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
+    print(f"refused as expected: {refused.value}")

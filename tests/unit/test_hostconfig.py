@@ -219,3 +219,96 @@ def test_bad_config_stops_pytest_before_any_test(pytester: pytest.Pytester, tmp_
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"*host config {bad}: host.nmae: unknown key; did you mean 'name'?*"])
     assert "test_never" not in result.stdout.str()
+
+
+# ---- [[mdev]]: a mediated device type (QEMU must refuse cpr-transfer with one)
+MDEV = '\n[[mdev]]\nparent = "mtty"\ntype = "mtty-2"\n'
+
+
+def make_mdev_parent(paths: HostPaths, parent: str = "mtty", types: dict[str, int] | None = None) -> Path:
+    """/sys/class/mdev_bus/<parent> (a symlink to the device, as the kernel makes it) with its types."""
+    device = paths.sysfs / "devices" / "virtual" / parent / parent
+    for kind, available in (types or {"mtty-1": 24, "mtty-2": 12}).items():
+        t = device / "mdev_supported_types" / kind
+        (t / "devices").mkdir(parents=True)
+        (t / "available_instances").write_text(f"{available}\n")
+        (t / "device_api").write_text("vfio-pci\n")
+        (t / "create").touch()
+    bus = paths.sysfs / "class" / "mdev_bus"
+    bus.mkdir(parents=True, exist_ok=True)
+    (bus / parent).symlink_to(device)
+    return device
+
+
+def test_valid_config_with_an_mdev(tmp_path: Path, host: HostPaths) -> None:
+    make_mdev_parent(host)
+    config = load(tmp_path, host, GOOD + MDEV)
+    assert config.mdevs == (hostconfig.MdevConfig(key="mdev[0]", parent="mtty", type="mtty-2"),)
+    assert len(config.devices) == 2
+    assert config.describe().endswith("; mdevs mtty/mtty-2")
+
+
+def test_a_host_with_only_mdevs_is_valid(tmp_path: Path, host: HostPaths) -> None:
+    make_mdev_parent(host)
+    (host.sysfs / "bus" / "pci" / "drivers" / "vfio-pci").rmdir()  # not needed without PCI devices
+    config = load(tmp_path, host, '[host]\nname = "mdev-host"\n' + MDEV + MDEV.replace("mtty-2", "mtty-1"))
+    assert config.devices == ()
+    assert [(m.key, m.type) for m in config.mdevs] == [("mdev[0]", "mtty-2"), ("mdev[1]", "mtty-1")]
+    assert "devices none; mdevs mtty/mtty-2, mtty/mtty-1" in config.describe()
+
+
+def test_a_config_without_mdevs_has_none(tmp_path: Path, host: HostPaths) -> None:
+    config = load(tmp_path, host, GOOD)
+    assert config.mdevs == ()
+    assert config.describe().endswith("0000:02:00.0 (nvme)")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[[mdev]]\ntype = "mtty-2"\n', 'mdev[0].parent: missing; set parent = "mtty" (a name under '
+                                     "/sys/class/mdev_bus)"),
+    ('[[mdev]]\nparent = "mtty"\n', 'mdev[0].type: missing; set type = "mtty-2" (a directory under '
+                                     "/sys/class/mdev_bus/<parent>/mdev_supported_types)"),
+    ('[[mdev]]\nparent = "mtty"\ntype = "mtty-2"\ntyp = "x"\n',
+     "mdev[0].typ: unknown key; did you mean 'type'? allowed: parent, type"),
+    ('[[mdev]]\nparent = 1\ntype = "mtty-2"\n', 'mdev[0].parent = 1: must be a str; write e.g. "mtty"'),
+    ('mdev = "mtty"\n', "mdev: must be an array of tables; write [[mdev]] (double brackets)"),
+    ('mdev = ["mtty"]\n', "mdev[0]: must be a table; write [[mdev]] with parent = ... and type = ..."),
+    ('[[mdevs]]\nparent = "mtty"\n', "mdevs: unknown key; did you mean 'mdev'?"),
+])
+def test_mdev_format_errors_name_the_key_and_the_fix(tmp_path: Path, host: HostPaths, text: str,
+                                                     expected: str) -> None:
+    make_mdev_parent(host)
+    found = problems(tmp_path, host, text)
+    assert any(expected in p for p in found), found
+
+
+def test_mdev_parent_not_loaded(tmp_path: Path, host: HostPaths) -> None:
+    make_mdev_parent(host, "0000:00:02.0", {"i915-GVTg_V5_4": 1})
+    [p] = problems(tmp_path, host, MDEV)
+    assert p == (f"mdev[0].parent = 'mtty': no mdev parent of that name in {host.sysfs}/class/mdev_bus: "
+                 "load its driver (e.g. modprobe mtty) or fix the name; present: ['0000:00:02.0']")
+
+
+def test_mdev_parent_without_mdev_bus_at_all(tmp_path: Path, host: HostPaths) -> None:
+    [p] = problems(tmp_path, host, MDEV)
+    assert p.endswith("load its driver (e.g. modprobe mtty) or fix the name; present: []")
+
+
+def test_mdev_type_not_offered(tmp_path: Path, host: HostPaths) -> None:
+    device = make_mdev_parent(host)
+    [p] = problems(tmp_path, host, MDEV.replace("mtty-2", "mtty-3"))
+    assert p == (f"mdev[0].type = 'mtty-3': parent 'mtty' offers no such mdev type; use one of "
+                 f"['mtty-1', 'mtty-2'] (directories in {host.sysfs}/class/mdev_bus/mtty/mdev_supported_types)")
+    assert device.is_dir()
+
+
+def test_mdev_type_without_available_instances(tmp_path: Path, host: HostPaths) -> None:
+    make_mdev_parent(host, types={"mtty-1": 24, "mtty-2": 0})
+    [p] = problems(tmp_path, host, MDEV)
+    assert p.startswith("mdev[0].type = 'mtty-2': available_instances is 0 (parent 'mtty' has no room for "
+                        "another instance); remove instances made by hand")
+
+
+def test_mdev_problems_and_device_problems_are_reported_together(tmp_path: Path, host: HostPaths) -> None:
+    found = problems(tmp_path, host, GOOD.replace(NVME, "0000:05:00.0") + MDEV)
+    assert [p.split(" ")[0] for p in found] == ["device[1].address", "mdev[0].parent"]

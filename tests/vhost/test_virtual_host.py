@@ -65,10 +65,15 @@ def fake_l1(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("iommufd", [False, True], ids=["legacy-only", "with-iommufd"])
 def test_generated_host_config_is_valid(fake_l1: tuple[Path, Path], tmp_path: Path, iommufd: bool) -> None:
     """The TOML written inside L1 finds igb and NVMe by vendor:device and passes the plugin's own
-    validation; iommufd is listed only when /dev/iommu exists, else the reason is written down."""
+    validation; iommufd is listed only when /dev/iommu exists, else the reason is written down; the
+    mtty mdev (the custom kernel has both) becomes an [[mdev]]."""
     sysfs, dev = fake_l1
     if iommufd:
         (dev / "iommu").touch()
+        mtty = sysfs / "class/mdev_bus/mtty/mdev_supported_types/mtty-2"
+        mtty.mkdir(parents=True)
+        for name, value in (("available_instances", "24"), ("device_api", "vfio-pci"), ("name", "Dual-port")):
+            (mtty / name).write_text(value + "\n")
     facts = vhost.gather_facts(sysfs, dev)
     text = vhost.host_config_text(facts)
     path = tmp_path / "host.toml"
@@ -80,6 +85,7 @@ def test_generated_host_config_is_valid(fake_l1: tuple[Path, Path], tmp_path: Pa
     assert config.with_role("nic")[0].peer_interface == vhost.PEER_NAME
     assert config.accel == "kvm"
     assert ("CONFIG_IOMMUFD" in text) is not iommufd
+    assert [(m.parent, m.type) for m in config.mdevs] == ([("mtty", "mtty-2")] if iommufd else [])
 
 
 def test_missing_device_is_named(fake_l1: tuple[Path, Path]) -> None:
