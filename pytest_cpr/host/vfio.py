@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gzip
 import os
 import re
 import struct
@@ -319,7 +320,7 @@ class HostProbe:
     container: dict[str, bool | int] | str
     iommufd: bool  # /dev/iommu exists
     change_process: bool | str  # IOMMU_IOAS_CHANGE_PROCESS works (True), or why not
-    vfio_cdev: bool
+    vfio_cdev: bool | None  # VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV); None: unknown until a device is bound
     kvm: bool
     hugepages: dict[str, int] = field(default_factory=dict)
 
@@ -336,9 +337,9 @@ class HostProbe:
             return None
         if not self.iommufd:
             return "no /dev/iommu: modprobe iommufd (the host kernel needs CONFIG_IOMMUFD)"
-        if not self.vfio_cdev:
-            return "no /dev/vfio/devices: the host kernel lacks CONFIG_VFIO_DEVICE_CDEV (needed by iommufd)"
-        return None
+        if self.vfio_cdev is False:
+            return "the host kernel is built without CONFIG_VFIO_DEVICE_CDEV (no /dev/vfio/devices): iommufd needs it"
+        return None  # unknown: checked per device once it is bound (cdev_missing)
 
     def header_lines(self) -> list[str]:
         ext = self.container if isinstance(self.container, str) else ", ".join(
@@ -349,8 +350,35 @@ class HostProbe:
                 f"  /dev/vfio/vfio: {ext}",
                 f"  /dev/iommu: {self.iommufd}; IOMMU_IOAS_CHANGE_PROCESS: "
                 f"{'supported' if self.change_process is True else self.change_process}"
-                f"; /dev/vfio/devices: {self.vfio_cdev}",
+                f"; VFIO device cdevs: {_cdev_text(self.vfio_cdev)}",
                 f"  KVM: {self.kvm}; hugepages: {self.hugepages or 'none'}"]
+
+
+def _cdev_text(cdev: bool | None) -> str:
+    if cdev is None:
+        return "unknown until a device is bound"
+    return "yes" if cdev else "no (CONFIG_VFIO_DEVICE_CDEV off)"
+
+
+def kernel_config(paths: HostPaths) -> str | None:
+    """The running kernel's build config (/proc/config.gz or /boot/config-<release>), if readable."""
+    root = paths.sysfs.parent
+    with contextlib.suppress(OSError):
+        return gzip.decompress((root / "proc/config.gz").read_bytes()).decode(errors="replace")
+    with contextlib.suppress(OSError):
+        return (root / "boot" / f"config-{os.uname().release}").read_text(errors="replace")
+    return None
+
+
+def vfio_cdev_support(paths: HostPaths) -> bool | None:
+    """Whether the kernel makes VFIO device cdevs (iommufd needs them). /dev/vfio/devices only appears
+    once a device is bound to a vfio driver, so before that the kernel config answers, if readable."""
+    if (paths.dev / "vfio" / "devices").is_dir():
+        return True
+    config = kernel_config(paths)
+    if config is None:
+        return None
+    return "CONFIG_VFIO_DEVICE_CDEV=y" in config
 
 
 def iommu_groups(paths: HostPaths) -> dict[str, list[str]]:
@@ -364,7 +392,7 @@ def iommu_groups(paths: HostPaths) -> dict[str, list[str]]:
 def probe_host(paths: HostPaths = HostPaths()) -> HostProbe:  # noqa: B008
     return HostProbe(groups=iommu_groups(paths), container=container_extensions(paths.dev),
                      iommufd=(paths.dev / "iommu").exists(), change_process=iommufd_change_process(paths.dev),
-                     vfio_cdev=(paths.dev / "vfio" / "devices").is_dir(),
+                     vfio_cdev=vfio_cdev_support(paths),
                      kvm=os.access(paths.dev / "kvm", os.R_OK | os.W_OK), hugepages=hugepages(paths.sysfs))
 
 

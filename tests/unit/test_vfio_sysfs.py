@@ -4,6 +4,7 @@ killed runs, holders, the probe and the QEMU arguments. The kernel's reaction to
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -273,3 +274,22 @@ def test_host_log_failures_are_recognised(line: str) -> None:
                                   "igb 0000:01:00.0: added PHC on eth1"])
 def test_ordinary_host_log_lines_pass(line: str) -> None:
     assert not vfio.HOST_LOG_FAILURES.search(line)
+
+
+def test_cdev_support_before_any_device_is_bound(fake: FakeSysfs) -> None:
+    """/dev/vfio/devices appears only once a device is bound: before that the kernel config decides,
+    and without a readable config the question stays open (checked per device after binding)."""
+    fake.device(NIC, group="5")
+    (fake.paths.dev / "iommu").touch()
+    assert vfio.vfio_cdev_support(fake.paths) is None
+    proc = fake.paths.sysfs.parent / "proc"
+    proc.mkdir(exist_ok=True)
+    (proc / "config.gz").write_bytes(gzip.compress(b"CONFIG_IOMMUFD=y\n# CONFIG_VFIO_DEVICE_CDEV is not set\n"))
+    probe = vfio.probe_host(fake.paths)
+    assert probe.vfio_cdev is False and "CONFIG_VFIO_DEVICE_CDEV" in (probe.missing("iommufd") or "")
+    (proc / "config.gz").write_bytes(gzip.compress(b"CONFIG_IOMMUFD=y\nCONFIG_VFIO_DEVICE_CDEV=y\n"))
+    probe = vfio.probe_host(fake.paths)
+    assert probe.vfio_cdev is True and probe.missing("iommufd") is None
+    (proc / "config.gz").unlink()
+    (fake.paths.dev / "vfio" / "devices").mkdir(parents=True)
+    assert vfio.vfio_cdev_support(fake.paths) is True
