@@ -24,13 +24,30 @@ from pytest_cpr import checks, cloudinit, leftovers, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
-from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
+from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_interrupts, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
 from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+
+
+def host_vfio_irq_rates(interval: float = 1.0) -> dict[str, float]:
+    """Interrupts per second of the host's vfio lines, over `interval` seconds (a measurement window)."""
+    def totals() -> dict[str, int]:
+        try:
+            text = Path("/proc/interrupts").read_text()
+        except OSError:
+            return {}
+        return {k: v.total for k, v in parse_interrupts(text).items() if "vfio" in v.name}
+
+    first = totals()
+    if not first:
+        return {}
+    time.sleep(interval)
+    second = totals()
+    return {k: (second[k] - n) / interval for k, n in first.items() if k in second}
 
 
 @dataclass
@@ -236,7 +253,41 @@ class CprVM:
             _, out = self.console().run(SNAPSHOT_COMMAND, timeout=60)
             return parse_snapshot(host_t, out)
         assert self.ssh is not None, "boot() first"
-        return snapshot(self.ssh)
+        try:
+            return snapshot(self.ssh)
+        except CprTimeout as exc:
+            raise CprTimeout(f"{exc}; {self.diagnose('a snapshot over SSH timed out')}") from None
+
+    def diagnose(self, why: str) -> str:
+        """Record why the guest stopped answering in guest-stuck.txt: the QEMU run state and vCPU
+        registers, the host's vfio interrupt rates (a storm starves the guest's userspace while its
+        kernel still answers pings) and whether the serial console's shell answers. Returns a
+        one-line summary naming the file."""
+        path = self.artifacts / "guest-stuck.txt"
+        parts = [f"== {why}"]
+        status = "?"
+        for cmd, args in (("query-status", None), ("query-cpus-fast", None),
+                          ("human-monitor-command", {"command-line": "info registers -a"})):
+            try:
+                reply = self.current.qmp.execute(cmd, args, timeout=10)
+                status = reply.get("status", status) if isinstance(reply, dict) else status
+                parts.append(f"== {cmd} {args or ''}\n{reply}")
+            except Exception as exc:  # diagnostics only: record and go on
+                parts.append(f"== {cmd}: {exc}")
+        rates = host_vfio_irq_rates()
+        parts.append(f"== host vfio interrupts per second: {rates or 'no vfio lines'}")
+        try:
+            _, out = self.console().run("cat /proc/loadavg; ps -eo stat,pid,comm | grep '^D' | head -20",
+                                        timeout=20)
+            console = "answers"
+            parts.append(f"== serial console shell\n{out}")
+        except Exception as exc:
+            console = "silent"
+            parts.append(f"== serial console shell: {exc}")
+        path.write_text("\n".join(parts) + "\n")
+        busiest = max(rates.items(), key=lambda kv: kv[1]) if rates else None
+        storm = f"; busiest host vfio line {busiest[0]} at {busiest[1]:.0f}/s" if busiest else ""
+        return f"QEMU {status}, serial console {console}{storm} (details: {path})"
 
     def nic_irq_pattern(self, ifname: str = "eth0") -> str:
         """Regex of the guest interrupt lines of a NIC (virtio-net: virtioN-input/output)."""

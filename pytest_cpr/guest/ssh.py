@@ -115,9 +115,15 @@ class GuestSSH:
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> CommandResult:
         """Run a command; raises CprTimeout if it does not finish in time."""
         timeout = timeout or self.command_timeout
-        channel = self.transport.open_session(timeout=timeout)
-        channel.settimeout(timeout)
-        channel.exec_command(command)
+        try:
+            channel = self.transport.open_session(timeout=timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+        except (paramiko.SSHException, TimeoutError) as exc:
+            if not self.transport.is_active():
+                raise
+            raise CprTimeout(f"guest command {command!r} did not start within {timeout:.0f}s "
+                             f"(sshd did not answer: {exc})") from None
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
         try:

@@ -4,10 +4,13 @@ migrate; virtio-net migrates its link state), so the target resumes a guest whos
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pytest_cpr import checks
 from pytest_cpr.checks import CheckFailed
+from pytest_cpr.errors import CprTimeout
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.vm import CprVM
 
@@ -42,3 +45,18 @@ def test_connectivity_and_interrupt_checks_catch_a_dead_nic(cpr_vm: CprVM) -> No
         cpr_vm.current.qmp.execute("set_link", {"name": "n0", "up": True})
         traffic.wait_answers(50, 60.0)
         assert cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == s0.boot_id
+
+
+def test_a_stuck_guest_is_diagnosed(cpr_vm_factory: Callable[..., CprVM]) -> None:
+    """A guest that stops answering (here: its QEMU paused) fails with a summary of why, and
+    guest-stuck.txt holds QEMU's run state, the vCPU registers and the console's answer, so a hang
+    after a transfer leaves evidence instead of a bare timeout."""
+    vm = cpr_vm_factory(command_timeout=10.0)
+    vm.boot()
+    vm.current.qmp.execute("stop")
+    with pytest.raises(CprTimeout, match=r"QEMU paused, serial console silent .*guest-stuck\.txt"):
+        vm.snapshot()
+    text = (vm.artifacts / "guest-stuck.txt").read_text()
+    assert "'status': 'paused'" in text and "RIP=" in text, text[:2000]
+    vm.current.qmp.execute("cont")
+    assert vm.snapshot(via="console").boot_id  # the same guest, alive again
