@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -244,7 +245,10 @@ class CprVM:
     # ---- guest access
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> CommandResult:
         assert self.ssh is not None, "boot() first"
-        return self.ssh.run(command, timeout, check)
+        try:
+            return self.ssh.run(command, timeout, check)
+        except CprTimeout as exc:
+            raise CprTimeout(f"{exc}; {self.diagnose(f'guest command {command!r} timed out')}") from None
 
     def snapshot(self, via: str = "ssh") -> GuestSnapshot:
         """Boot id, uptime and interrupts, over SSH or (when the network is down) the serial console."""
@@ -276,6 +280,9 @@ class CprVM:
                 parts.append(f"== {cmd}: {exc}")
         rates = host_vfio_irq_rates()
         parts.append(f"== host vfio interrupts per second: {rates or 'no vfio lines'}")
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            kernel = subprocess.run(["dmesg", "-T"], capture_output=True, text=True, timeout=10).stdout
+            parts.append("== host kernel log (last 40 lines)\n" + "\n".join(kernel.splitlines()[-40:]))
         try:
             _, out = self.console().run("cat /proc/loadavg; ps -eo stat,pid,comm | grep '^D' | head -20",
                                         timeout=20)
