@@ -28,8 +28,12 @@ fi
 # the legacy container and on iommufd. Nested SVM emulated by TCG has made L1's KVM stop an L2 guest
 # ("KVM internal error") or frozen L1 (seen with QEMU 10.0.2 running L1); only that evidence earns
 # one retry, and the retry is announced.
+# The CI subset: every legacy-container test (NIC traffic, NVMe DMA, both in two groups), the mdev
+# blocker, and NIC traffic on iommufd. NVMe DMA on iommufd is left out: in the virtual host it hangs
+# the L2 guest now and then even without any transfer (docs/virtual-host.md, "Known limits").
+CI_SUBSET='tests/hardware -k "legacy or mdev or (nic_traffic and iommufd)"'
 vhost_run() {  # $1: JUnit name
-  CPR_VHOST=1 CPR_VHOST_TESTS="${CPR_VHOST_TESTS:-tests/hardware}" \
+  CPR_VHOST=1 CPR_VHOST_TESTS="${CPR_VHOST_TESTS:-$CI_SUBSET}" \
     "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/$1.xml" "${ARGS[@]}"
 }
 vhost_image=$(.venv/bin/cpr-image path vhost 2>/dev/null)

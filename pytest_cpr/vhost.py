@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import codecs
 import contextlib
+import gzip
 import json
 import os
 import re
@@ -356,6 +358,40 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
     ]
 
 
+def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
+    """(cpu, RIP, halted) per vCPU from HMP `info registers -a`."""
+    out = []
+    for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
+        cpu = re.match(r"(\d+)", block)
+        rip = re.search(r"RIP=([0-9a-f]+)", block)
+        if cpu and rip:
+            out.append((int(cpu.group(1)), int(rip.group(1), 16), "HLT=1" in block))
+    return out
+
+
+def load_kallsyms(path: Path) -> list[tuple[int, str]]:
+    """Sorted (address, name) of a gzipped /proc/kallsyms text-symbol list; empty if unreadable."""
+    try:
+        text = gzip.decompress(path.read_bytes()).decode(errors="replace")
+    except (OSError, EOFError):
+        return []
+    rows = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            rows.append((int(fields[0], 16), fields[2] + (f" {fields[3]}" if len(fields) > 3 else "")))
+    return sorted(rows)
+
+
+def where_is(address: int, symbols: list[tuple[int, str]]) -> str:
+    """'symbol+0xoff' for a kernel address, or the bare address."""
+    i = bisect.bisect_right(symbols, (address, "\U0010ffff")) - 1
+    if i < 0 or not symbols:
+        return f"{address:#x}"
+    base, name = symbols[i]
+    return f"{name}+{address - base:#x} ({address:#x})"
+
+
 class VirtualHost:
     """Boot L1, run commands and pytest inside it, always shut it down (context manager)."""
 
@@ -440,6 +476,8 @@ class VirtualHost:
                  f"pytest_cpr.vhost hostconfig --out {L1_HOST_CONFIG} && "
                  f"cp {L1_HOST_CONFIG} {L1_OUT}/host.toml", 120).check()
         self.host_config = (self.inner / "host.toml").read_text()
+        # L1's kernel text symbols of this boot (KASLR): names the vCPU RIPs should L1 freeze
+        self.run(f"grep -E ' [tT] ' /proc/kallsyms | gzip -1 > {L1_OUT}/l1-kallsyms.txt.gz", 60)
 
     def run(self, command: str, timeout: float = 60.0, sink: Sink | None = None) -> AgentResult:
         """Run a bash command in L1 (as root, cwd /root)."""
@@ -458,12 +496,18 @@ class VirtualHost:
         except CprTimeout:
             pass
         dump = self.config.artifacts / "l1-stuck.txt"
+        symbols = load_kallsyms(self.inner / "l1-kallsyms.txt.gz")
         with dump.open("w") as fh:
             for cmd, args in (("query-status", None), ("query-cpus-fast", None),
                               ("human-monitor-command", {"command-line": "info registers -a"}),
+                              ("human-monitor-command", {"command-line": "info registers -a"}),
                               ("human-monitor-command", {"command-line": "info lapic"})):
                 try:
-                    fh.write(f"== {cmd} {args or ''}\n{self.process.qmp.execute(cmd, args, timeout=20)}\n")
+                    reply = self.process.qmp.execute(cmd, args, timeout=20)
+                    fh.write(f"== {cmd} {args or ''}\n{reply}\n")
+                    if "registers" in str(args) and isinstance(reply, str):
+                        fh.write("".join(f"== CPU#{cpu} at {where_is(rip, symbols)} (halted: {hlt})\n"
+                                         for cpu, rip, hlt in cpu_rips(reply)))
                 except Exception as exc:  # diagnostics only: record and go on
                     fh.write(f"== {cmd}: {exc}\n")
         raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "

@@ -234,3 +234,20 @@ def test_inner_passthrough_transfer(l1: VirtualHost) -> None:
         iommufd = [c.get("name") for c in passed if "iommufd" in (c.get("name") or "")]
         assert iommufd, f"L1 has /dev/iommu but no iommufd passthrough test passed: {[c.get('name') for c in cases]}"
     assert run.exit_code == 0, f"inner pytest exit code {run.exit_code}; inner log {run.log}"
+
+
+def test_frozen_l1_cpus_are_named_by_symbol(tmp_path: Path) -> None:
+    """When L1 freezes, each vCPU's RIP from `info registers -a` is named with L1's kallsyms."""
+    import gzip
+
+    registers = ("CPU#0\nRAX=0\nRIP=ffffffffa30611df RFL=00000216 [----AP-] CPL=0 II=0 A20=1 SMM=0 HLT=1\n"
+                 "CPU#1\nRAX=0\nRIP=ffffffffa258a230 RFL=00000046 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\n")
+    kallsyms = tmp_path / "k.gz"
+    kallsyms.write_bytes(gzip.compress(b"ffffffffa3061100 T default_idle\nffffffffa258a200 t svm_vcpu_run [kvm_amd]\n"
+                                       b"ffffffffa2580000 T early\n"))
+    symbols = vhost.load_kallsyms(kallsyms)
+    named = [(cpu, vhost.where_is(rip, symbols), hlt) for cpu, rip, hlt in vhost.cpu_rips(registers)]
+    assert named == [(0, "default_idle+0xdf (0xffffffffa30611df)", True),
+                     (1, "svm_vcpu_run [kvm_amd]+0x30 (0xffffffffa258a230)", False)]
+    assert vhost.load_kallsyms(tmp_path / "missing.gz") == []
+    assert vhost.where_is(0x10, symbols) == "0x10"
