@@ -124,6 +124,14 @@ def read_attr(path: Path) -> str | None:
         return None
 
 
+def write_attr(path: Path, text: str, error: type[Exception], hint: str) -> None:
+    """Write a sysfs attribute; a failure raises `error` naming the file, the value and `hint`."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise error(f"writing {text.strip()!r} to {path} failed: {exc.strerror or exc}; {hint}") from None
+
+
 def pci_id(paths: HostPaths, address: str) -> str:
     """'vendor:device' in lower-case hex without 0x, e.g. '8086:10c9'."""
     dev = paths.pci(address)

@@ -33,6 +33,7 @@ from pytest_cpr.host.hostconfig import (
     iommu_group_of,
     is_bridge,
     read_attr,
+    write_attr,
 )
 
 VFIO_DRIVER = "vfio-pci"
@@ -76,12 +77,8 @@ class DeviceBinding:
     named: bool  # named by the caller (else: a group companion)
 
 
-def _write(path: Path, text: str) -> None:
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise VfioError(f"writing {text.strip()!r} to {path} failed: {exc.strerror or exc}; run as root and "
-                        "check that nothing holds the device") from None
+def _write(path: Path, text: str) -> None:  # the seam unit tests replace with a fake kernel
+    write_attr(path, text, VfioError, "run as root and check that nothing holds the device")
 
 
 def _override_of(paths: HostPaths, address: str) -> str | None:
