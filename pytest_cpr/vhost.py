@@ -182,9 +182,12 @@ class AgentChannel:
                 raise QemuExited(f"virtual host exited while waiting for {what}: {reason}")
             return
         chunk = self._sock.recv(65536)
-        if not chunk:
+        if not chunk:  # QEMU closes the socket as it exits: give the exit a moment to be reaped
+            end = time.monotonic() + 5.0
+            while (reason := self._alive()) is None and time.monotonic() < end:
+                time.sleep(0.05)
             raise QemuExited(f"virtual host agent socket closed while waiting for {what}: "
-                             f"{self._alive() or 'QEMU still running'}; agent log {self.log_path}")
+                             f"{reason or 'QEMU still running'}; agent log {self.log_path}")
         text = self._decoder.decode(chunk)
         self._log.write(text)
         self._log.flush()

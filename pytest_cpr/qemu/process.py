@@ -136,7 +136,18 @@ class QemuProcess:
             return None
         rc = self.popen.returncode
         how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-        return f"QEMU {self.label} exited ({how}); stderr {self.stderr_path}:\n{tail(self.stderr_path)}"
+        return (f"QEMU {self.label} exited ({how}{self._shutdown_reason()}); stderr {self.stderr_path}:\n"
+                f"{tail(self.stderr_path)}")
+
+    def _shutdown_reason(self) -> str:
+        """', after SHUTDOWN (guest-reset)' when QMP saw why: a guest reset under -no-reboot is a crash
+        (panic=-1, or a triple fault) of the guest kernel."""
+        events = [e for e in self.qmp.events if e.get("event") == "SHUTDOWN"]
+        if not events:
+            return ""
+        data = events[-1].get("data", {})
+        who = "by the guest" if data.get("guest") else "by the host"
+        return f", after SHUTDOWN {who}: {data.get('reason', '?')}"
 
     def wait_for_path(self, path: Path, timeout: float, what: str, listening: bool = False) -> float:
         """Wait until QEMU creates a socket path (with `listening`: and listens on it, since bind()

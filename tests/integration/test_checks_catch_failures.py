@@ -60,3 +60,15 @@ def test_a_stuck_guest_is_diagnosed(cpr_vm_factory: Callable[..., CprVM]) -> Non
     assert "'status': 'paused'" in text and "RIP=" in text, text[:2000]
     vm.current.qmp.execute("cont")
     assert vm.snapshot(via="console").boot_id  # the same guest, alive again
+
+
+def test_a_guest_reset_is_named_when_qemu_exits(cpr_vm: CprVM) -> None:
+    """Under -no-reboot a guest reset ends QEMU; the exit message says the guest reset itself (a
+    kernel crash or triple fault looks like this), not just "exit code 0"."""
+    assert cpr_vm.ssh is not None
+    cpr_vm.ssh.start("echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
+    proc = cpr_vm.current
+    assert proc.popen is not None
+    proc.popen.wait(60)
+    proc.qmp.wait_event(lambda e: e.get("event") == "SHUTDOWN", 10, "the SHUTDOWN event")
+    assert "after SHUTDOWN by the guest: guest-reset" in (proc.exit_reason() or ""), proc.exit_reason()
