@@ -240,7 +240,8 @@ class AgentChannel:
 def l1_qemu(wanted: str, cache: Path) -> str:
     """The QEMU that runs L1. auto: the cached qemu-next build (QEMU 11.x) when there is one, else the
     system's. QEMU 10.0.2's TCG emulation of nested SVM froze L1 or made L1's KVM stop the L2 ("KVM
-    internal error", see docs/virtual-host.md); 11.1.3 ran the same tests without that, 4x faster."""
+    internal error", see docs/virtual-host.md) with the Debian kernel in L1; with 11.1.3 those two were
+    not seen again. Speed is about the same (bench/vhost_bench.py --l0 both)."""
     if wanted != "auto":
         return wanted
     nxt = cached_path("qemu-next", cache) / "bin/qemu-system-x86_64"
