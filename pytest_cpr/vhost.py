@@ -92,7 +92,7 @@ class L1Facts:
 
 def iommufd_reason(facts: L1Facts) -> str:
     return (f"/dev/iommu is absent: kernel {facts.kernel} is built without CONFIG_IOMMUFD (Debian's is); "
-            "boot L1 with the iommufd-capable kernel: `cpr-image build vhost-kernel` (12-20 min, cached)")
+            "boot L1 with the iommufd-capable kernel: `cpr-image build vhost-kernel` (11-17 min, cached)")
 
 
 def host_config_text(facts: L1Facts) -> str:
@@ -260,7 +260,7 @@ def l1_kernel(wanted: str, cache: Path) -> Path | None:
     if wanted == "iommufd":
         if not custom.is_file():
             raise CprSettingError(f"CPR_VHOST_KERNEL=iommufd: {custom} is not built: run `cpr-image build "
-                                  "vhost-kernel` (12-20 min on two cores) or use CPR_VHOST_KERNEL=auto")
+                                  "vhost-kernel` (11-17 min on two cores) or use CPR_VHOST_KERNEL=auto")
         return custom
     return Path(wanted)
 

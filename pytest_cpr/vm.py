@@ -25,30 +25,14 @@ from pytest_cpr import checks, cloudinit, leftovers, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
-from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_interrupts, parse_snapshot, snapshot
+from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
+from pytest_cpr.host import vfio
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
 from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
-
-
-def host_vfio_irq_rates(interval: float = 1.0) -> dict[str, float]:
-    """Interrupts per second of the host's vfio lines, over `interval` seconds (a measurement window)."""
-    def totals() -> dict[str, int]:
-        try:
-            text = Path("/proc/interrupts").read_text()
-        except OSError:
-            return {}
-        return {k: v.total for k, v in parse_interrupts(text).items() if "vfio" in v.name}
-
-    first = totals()
-    if not first:
-        return {}
-    time.sleep(interval)
-    second = totals()
-    return {k: (second[k] - n) / interval for k, n in first.items() if k in second}
 
 
 @dataclass
@@ -278,7 +262,7 @@ class CprVM:
                 parts.append(f"== {cmd} {args or ''}\n{reply}")
             except Exception as exc:  # diagnostics only: record and go on
                 parts.append(f"== {cmd}: {exc}")
-        rates = host_vfio_irq_rates()
+        rates = vfio.host_vfio_irq_rates()
         parts.append(f"== host vfio interrupts per second: {rates or 'no vfio lines'}")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             kernel = subprocess.run(["dmesg", "-T"], capture_output=True, text=True, timeout=10).stdout

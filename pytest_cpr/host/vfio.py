@@ -495,11 +495,26 @@ class HostKernelLog:
         self.close()
 
 
-def host_vfio_irqs(addresses: Sequence[str], proc: Path = Path("/proc")) -> dict[str, IrqLine]:
-    """The host's vfio interrupt lines of the devices (e.g. 'vfio-msix[0](0000:01:00.0)')."""
+def host_vfio_irqs(addresses: Sequence[str] | None, proc: Path = Path("/proc")) -> dict[str, IrqLine]:
+    """The host's vfio interrupt lines of the devices (e.g. 'vfio-msix[0](0000:01:00.0)'); None: of
+    every device."""
     lines = parse_interrupts((proc / "interrupts").read_text())
     return {k: v for k, v in lines.items()
-            if v.name.startswith("vfio") and any(a in v.name for a in addresses)}
+            if v.name.startswith("vfio") and (addresses is None or any(a in v.name for a in addresses))}
+
+
+def host_vfio_irq_rates(interval: float = 1.0, proc: Path = Path("/proc")) -> dict[str, float]:
+    """Interrupts per second of every host vfio line over `interval` seconds (a measurement window);
+    empty when there are none or /proc/interrupts is unreadable."""
+    try:
+        first = host_vfio_irqs(None, proc)
+        if not first:
+            return {}
+        time.sleep(interval)
+        second = host_vfio_irqs(None, proc)
+    except OSError:
+        return {}
+    return {k: (second[k].total - line.total) / interval for k, line in first.items() if k in second}
 
 
 def device_summary(paths: HostPaths, addresses: Sequence[str]) -> str:

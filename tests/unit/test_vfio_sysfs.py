@@ -258,6 +258,10 @@ def test_host_vfio_interrupt_lines(tmp_path: Path) -> None:
         " 42:         7         0  IR-PCI-MSIX-0000:02:00.0  0-edge  vfio-msix[0](0000:02:00.0)\n")
     lines = vfio.host_vfio_irqs([NIC], tmp_path)
     assert [(v.name, v.total) for v in lines.values()] == [("vfio-msix[0](0000:01:00.0)", 150)]
+    assert len(vfio.host_vfio_irqs(None, tmp_path)) == 2
+    assert vfio.host_vfio_irq_rates(0.01, tmp_path) == {"41:vfio-msix[0](0000:01:00.0)": 0.0,
+                                                        "42:vfio-msix[0](0000:02:00.0)": 0.0}
+    assert vfio.host_vfio_irq_rates(0.01, tmp_path / "missing") == {}
 
 
 @pytest.mark.parametrize("line", [
