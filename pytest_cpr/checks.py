@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
 from pytest_cpr.guest.traffic import StreamResult
+from pytest_cpr.qemu.bugs import KnownBug
 
 
 class CheckFailed(AssertionError):
@@ -22,6 +23,20 @@ def assert_completed(result: TransferResult, logs: object = None) -> None:
     if result.status != "completed":
         raise CheckFailed(f"transfer {result.index} ended {result.status!r}, expected 'completed': "
                           f"{result.error or result.qemu.get('error-desc')}{_where(logs)}")
+
+
+def assert_source_quit(result: TransferResult, known: Sequence[KnownBug] = (), logs: object = None) -> None:
+    """The old QEMU, told to quit after the transfer, exited with status 0. A crash that matches a
+    known bug of this build (qemu/bugs.py; its own test shows it) is named in the result's notes."""
+    if result.source_exit is None or result.source_exit == "exit code 0":
+        return
+    for bug in known:
+        if result.source_exit == bug.source_exit:
+            result.notes.append(f"old QEMU {result.source} ended {result.source_exit}: {bug.key} ({bug.summary})")
+            return
+    raise CheckFailed(f"transfer {result.index}: the old QEMU {result.source} ended {result.source_exit} "
+                      f"when told to quit, expected exit code 0 (its stderr and the host kernel log say "
+                      f"more){_where(logs)}")
 
 
 def assert_same_boot(before: GuestSnapshot, after: GuestSnapshot, max_pause_s: float = 30.0,

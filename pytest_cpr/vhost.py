@@ -281,6 +281,8 @@ class VhostConfig:
     boot_timeout: float = 240.0
     nvme_mib: int = 256
     junit_dir: Path | None = None  # where the inner JUnit XML is copied (default: <artifacts>/junit)
+    append: str = ""  # extra L1 kernel parameters (e.g. kvm_amd.vgif=0), after ours
+    tcg_thread: str = "multi"  # TCG's thread mode for L1: multi (a host thread per vCPU) or single
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -292,7 +294,8 @@ class VhostConfig:
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
                    qemu=l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache),
                    kernel=l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache),
-                   **overrides)  # type: ignore[arg-type]
+                   append=os.environ.get("CPR_VHOST_APPEND", ""),
+                   tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"), **overrides)  # type: ignore[arg-type]
 
     @property
     def vmlinuz(self) -> Path:
@@ -312,6 +315,9 @@ class VhostConfig:
                                   "--kernel): build it with `cpr-image build vhost-kernel`")
         if self.accel not in ("auto", "kvm", "tcg"):
             raise CprSettingError(f"virtual host accel {self.accel!r}: use auto, kvm or tcg")
+        if self.tcg_thread not in ("multi", "single"):
+            raise CprSettingError(f"virtual host TCG thread mode {self.tcg_thread!r} (CPR_VHOST_TCG_THREAD): "
+                                  "use multi or single")
 
 
 @dataclass(frozen=True)
@@ -330,10 +336,10 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
     peer port joined on hub 0, the three 9p shares, the agent console, QMP."""
     tcg = accel == "tcg"
     inner = cfg.artifacts / "inner"
-    append = f"console=ttyS0 intel_iommu=on panic=-1 quiet cpr.peer={PEER_MAC},{PEER_NAME}"
+    append = f"console=ttyS0 intel_iommu=on panic=-1 quiet cpr.peer={PEER_MAC},{PEER_NAME} {cfg.append}".rstrip()
     return [
         qemu, "-name", "cpr-vhost,debug-threads=on",
-        "-accel", "tcg,thread=multi,tb-size=512" if tcg else "kvm",
+        "-accel", f"tcg,thread={cfg.tcg_thread},tb-size=512" if tcg else "kvm",
         "-machine", "q35,kernel-irqchip=split", "-cpu", "max" if tcg else "host",
         "-smp", str(cfg.cpus), "-m", cfg.memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -559,7 +565,7 @@ class VirtualHost:
     def close(self) -> None:
         """Shut L1 down (quit over QMP, then signals) and remove the run folder; safe to call twice."""
         if self.agent is not None:
-            with contextlib.suppress(CprError):  # L1's kernel log: vfio, DMAR and KVM messages
+            with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
                 self.agent.run(f"dmesg > {L1_OUT}/l1-dmesg.log; sync", 30)
             self.agent.close()
             self.agent = None

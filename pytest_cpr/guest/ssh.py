@@ -15,7 +15,7 @@ from pathlib import Path
 
 import paramiko
 
-from pytest_cpr.errors import CprError, CprTimeout
+from pytest_cpr.errors import CprError, CprTimeout, QemuExited
 
 
 @dataclass
@@ -58,8 +58,12 @@ class GuestSSH:
     """One SSH connection to the guest, kept open across transfers."""
 
     def __init__(self, address: str, key: SessionKey, host_key_line: str,
-                 sock_factory: Callable[[float], socket.socket], command_timeout: float) -> None:
+                 sock_factory: Callable[[float], socket.socket], command_timeout: float,
+                 alive: Callable[[], str | None] | None = None) -> None:
+        """`alive`: None while the guest's QEMU runs, else why it is gone; a command waiting on a
+        guest whose QEMU exited ends at once with that reason instead of at its timeout."""
         self.address = address
+        self.alive = alive
         self.key = key
         kind, blob = host_key_line.split()[:2]
         self.host_key = paramiko.PKey.from_type_string(kind, base64.b64decode(blob))
@@ -115,19 +119,25 @@ class GuestSSH:
     def run(self, command: str, timeout: float | None = None, check: bool = True) -> CommandResult:
         """Run a command; raises CprTimeout if it does not finish in time."""
         timeout = timeout or self.command_timeout
+        self._check_alive(command)
         try:
             channel = self.transport.open_session(timeout=timeout)
             channel.settimeout(timeout)
             channel.exec_command(command)
         except (paramiko.SSHException, TimeoutError) as exc:
+            self._check_alive(command)
             if not self.transport.is_active():
                 raise
             raise CprTimeout(f"guest command {command!r} did not start within {timeout:.0f}s "
                              f"(sshd did not answer: {exc})") from None
-        out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout
+        out, err = bytearray(), bytearray()
+        checked = time.monotonic()
         try:
             while True:
+                if time.monotonic() - checked > 1.0:
+                    self._check_alive(command)
+                    checked = time.monotonic()
                 if channel.recv_ready():
                     out += channel.recv(65536)
                 elif channel.recv_stderr_ready():
@@ -147,6 +157,10 @@ class GuestSSH:
             channel.close()
         result = CommandResult(command, code, out.decode(errors="replace"), err.decode(errors="replace"))
         return result.check() if check else result
+
+    def _check_alive(self, command: str) -> None:
+        if self.alive is not None and (reason := self.alive()):
+            raise QemuExited(f"guest command {command!r}: the guest is gone: {reason}")
 
     def start(self, command: str) -> paramiko.Channel:
         """Start a long-running command; the caller reads and closes the channel."""

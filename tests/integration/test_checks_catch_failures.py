@@ -4,13 +4,14 @@ migrate; virtio-net migrates its link state), so the target resumes a guest whos
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
 
 from pytest_cpr import checks
 from pytest_cpr.checks import CheckFailed
-from pytest_cpr.errors import CprTimeout
+from pytest_cpr.errors import CprTimeout, QemuExited
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.vm import CprVM
 
@@ -72,3 +73,18 @@ def test_a_guest_reset_is_named_when_qemu_exits(cpr_vm: CprVM) -> None:
     proc.popen.wait(60)
     proc.qmp.wait_event(lambda e: e.get("event") == "SHUTDOWN", 10, "the SHUTDOWN event")
     assert "after SHUTDOWN by the guest: guest-reset" in (proc.exit_reason() or ""), proc.exit_reason()
+    started = time.monotonic()
+    with pytest.raises(QemuExited, match=r"the guest is gone: .*guest-reset"):
+        cpr_vm.run("true", timeout=120)  # ends at once: no waiting out the timeout on a dead guest
+    assert time.monotonic() - started < 60, "waited out the command timeout on a guest that is gone"
+
+
+def test_a_hung_boot_is_diagnosed(cpr_vm_factory: Callable[..., CprVM]) -> None:
+    """A guest that never finishes booting (here: no init to run, and panic=0 keeps the panicked
+    kernel spinning) fails at the boot timeout with guest-stuck.txt: QEMU still running, the vCPU
+    registers, the console silent; not just "no host key line"."""
+    vm = cpr_vm_factory(boot_timeout=30.0, cmdline=("rdinit=/nonexistent", "root=/dev/nonexistent", "panic=0"))
+    with pytest.raises(CprTimeout, match=r"(?s)CPR-HOSTKEY.*QEMU running, serial console silent .*guest-stuck\.txt"):
+        vm.boot()
+    text = (vm.artifacts / "guest-stuck.txt").read_text()
+    assert "== the guest did not finish booting" in text and "RIP=" in text, text[:2000]

@@ -6,8 +6,8 @@ L1 boots in minutes, so this is not part of the CI subset:
 It documents a QEMU bug found by the feasibility experiment: with the guest on TCG, cpr-transfer of a
 guest with a vfio-pci device crashes the old QEMU (SIGSEGV in kvm_vm_ioctl() called from
 migration_call_notifiers(): a KVM call with TCG as the accelerator). On the builds known to crash
-the test is a strict expected failure naming the version, so a fixed QEMU turns it red: then drop
-the version from KNOWN_CRASHING and keep the test as a plain transfer test.
+the test is a strict expected failure naming the version, so a fixed QEMU turns it red: then set
+`fixed_in` of KVM_CALL_UNDER_TCG in pytest_cpr/qemu/bugs.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from collections.abc import Callable
 import pytest
 
 from pytest_cpr.errors import CprError
+from pytest_cpr.qemu.bugs import KVM_CALL_UNDER_TCG
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.vfio_fixtures import VfioDevices
 from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
-
-KNOWN_CRASHING = {(11, 1, 3)}  # QEMU versions seen to SIGSEGV here (Debian 1:11.1.3+ds-1~bpo13+1)
 
 
 @pytest.mark.timeout(1800)
@@ -31,11 +30,9 @@ KNOWN_CRASHING = {(11, 1, 3)}  # QEMU versions seen to SIGSEGV here (Debian 1:11
 def test_vfio_transfer_with_guest_on_tcg(cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
                                          cpr_source_build: QemuBuild, request: pytest.FixtureRequest) -> None:
     """A vfio-pci guest on TCG through one cpr-transfer: completes, and the old QEMU exits cleanly."""
-    if cpr_source_build.version in KNOWN_CRASHING:
-        request.applymarker(pytest.mark.xfail(
-            strict=True, raises=(CprError, AssertionError),
-            reason=f"QEMU {cpr_source_build.short_version}: cpr-transfer of a vfio device with the guest "
-                   "on TCG crashes the old QEMU (SIGSEGV in kvm_vm_ioctl from migration_call_notifiers)"))
+    if KVM_CALL_UNDER_TCG.affects(cpr_source_build, "tcg", vfio=True):
+        request.applymarker(pytest.mark.xfail(strict=True, raises=(CprError, AssertionError),
+                                              reason=KVM_CALL_UNDER_TCG.describe(cpr_source_build)))
     vm = cpr_vm_factory(accel="tcg", extra_args=cpr_vfio.qemu_args(), kernel_flavor="full", memory_mib=512,
                         cmdline=cpr_vfio.kernel_args(), boot_timeout=900.0)
     vm.boot()
