@@ -19,6 +19,10 @@ class CprTimeout(CprError):
     """A bounded wait expired: the message says what was awaited, for how long, and where the logs are."""
 
 
+class BootHung(CprTimeout):
+    """The guest's QEMU runs but the guest did not finish booting in time."""
+
+
 class QemuExited(CprError):
     """A QEMU process exited while something was waiting on it."""
 

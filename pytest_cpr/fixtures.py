@@ -157,12 +157,14 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
         config = VmConfig(
             name=name, image=cpr_image, source=cpr_source_build, target=cpr_target_build, accel=cpr_accel,
             memory_mib=cpr_settings.memory, cpus=cpr_settings.cpus, boot_timeout=cpr_settings.boot_timeout,
-            transfer_timeout=cpr_settings.transfer_timeout, command_timeout=cpr_settings.command_timeout,
+            boot_attempts=cpr_settings.boot_attempts, transfer_timeout=cpr_settings.transfer_timeout,
+            command_timeout=cpr_settings.command_timeout,
             artifacts=cpr_artifacts / name if made else cpr_artifacts, key_dir=cpr_session_key.path.parent,
             vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms,
             user_image=Path(cpr_settings.user_image) if cpr_settings.user_image else None)
         for key, value in overrides.items():
             setattr(config, key, value)
+        config.cmdline = (*config.cmdline, *(cpr_settings.guest_cmdline or "").split())
         config.on_transfer.append(_record_transfer(request.node))
         vm = CprVM(config)
         made.append(vm)

@@ -110,6 +110,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cpus", "guest vCPUs", "1", parse_positive_int, fix="a whole number >= 1"),
     Setting("boot_timeout", "seconds from QEMU start to SSH ready", "240", parse_seconds,
             fix="a positive number of seconds"),
+    Setting("boot_attempts", "boots a guest gets when one hangs before printing its host key (QEMU "
+            "running, boot not finished): each retry is announced and the hung boot's logs kept; 1 on "
+            "hardware, the virtual host sets 2 (nested emulation hangs an L2 boot now and then)", "1",
+            parse_positive_int, fix="a whole number >= 1"),
+    Setting("guest_cmdline", "more guest kernel parameters, after the plugin's (e.g. loglevel=7 to see how "
+            "far a hanging boot gets; the plugin boots with quiet)", "", fix="kernel parameters, space separated"),
     Setting("transfer_timeout", "seconds for one cpr-transfer to complete", "120", parse_seconds,
             fix="a positive number of seconds"),
     Setting("command_timeout", "seconds for one guest command over SSH", "60", parse_seconds,

@@ -538,6 +538,8 @@ class VirtualHost:
         variables = {
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/root", "PY_COLORS": "0",
             "CPR_IMAGE": L1_GUEST, "CPR_ARTIFACTS": f"{L1_OUT}/cpr", "CPR_CACHE_DIR": "/tmp/cpr-cache",
+            # an L2 boots in ~12 s here; the nested emulation hangs one now and then before it is up
+            "CPR_BOOT_TIMEOUT": "120", "CPR_BOOT_ATTEMPTS": "2",
             "CPR_HOST_CONFIG": L1_HOST_CONFIG, **(env or {}),
         }
         exports = " ".join(f"{k}={_sh(v)}" for k, v in variables.items())

@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_cpr import checks, cloudinit, leftovers, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
-from pytest_cpr.errors import CprSettingError, CprTimeout, TransferFailed
+from pytest_cpr.errors import BootHung, CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
 from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
@@ -60,6 +61,7 @@ class VmConfig:
     kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
     user_image: Path | None = None  # a cloud image booted with a generated NoCloud seed instead
     cmdline: tuple[str, ...] = ()  # more guest kernel args, e.g. cpr.net1=<guest PCI addr>,<ip/prefix>
+    boot_attempts: int = 1  # > 1: a boot that hangs before the host key line is retried, announced
     on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)
     plots: bool = True  # draw timeline-t<i>.png/.svg per transfer (needs matplotlib)
 
@@ -142,7 +144,8 @@ class CprVM:
         self.traffic_now: Traffic | None = None
         self.boot_seconds: float | None = None
         self.ssh_ready_seconds: float | None = None
-        self._builds: dict[str, QemuBuild] = {"g0": config.source}
+        self._builds: dict[str, QemuBuild] = {}  # by process label
+        self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
         self._failed: list[QemuProcess] = []  # targets of failed transfers, reaped on close
 
     # ---- lifecycle
@@ -205,11 +208,31 @@ class CprVM:
                            con_log, pass_fds=self.spec.pass_fds())
         proc.start()
         self.generations.append(proc)
+        self._builds[label] = build
         return proc
 
     def boot(self) -> float:
-        """Boot generation 0 and wait for SSH; returns boot-to-SSH seconds."""
+        """Boot generation 0 and wait for SSH; returns boot-to-SSH seconds. With boot_attempts > 1 a
+        boot that hangs before the guest prints its host key is retried: announced (a warning and
+        the result's boot_retries), the hung attempt's logs kept under its own label."""
         self.spec = self._build_spec()
+        for attempt in range(1, self.config.boot_attempts + 1):
+            try:
+                return self._boot_once()
+            except BootHung as exc:
+                if attempt == self.config.boot_attempts:
+                    raise
+                hung = self.current.label
+                stuck = self.artifacts / "guest-stuck.txt"
+                if stuck.exists():
+                    stuck.rename(self.artifacts / f"guest-stuck-{hung}.txt")
+                self._failed_generation_cleanup(0)
+                self.boot_retries.append(f"{hung}: {str(exc).splitlines()[0]}")
+                warnings.warn(f"guest {self.config.name}: boot {attempt} of {self.config.boot_attempts} hung "
+                              f"({exc}); booting again (boot_attempts)", stacklevel=2)
+        raise AssertionError("unreachable")
+
+    def _boot_once(self) -> float:
         t0 = time.monotonic()
         proc = self._process(0, self.config.source, None)
         timeout = self.config.boot_timeout
@@ -221,7 +244,9 @@ class CprVM:
                 self.host_key = console.expect(r"CPR-HOSTKEY (ssh-ed25519 [A-Za-z0-9+/=]+)\r?\n", timeout,
                                                "the guest's SSH host key (CPR-HOSTKEY line)")
             except CprTimeout as exc:
-                raise CprTimeout(f"{exc}; {self.diagnose('the guest did not finish booting')}") from None
+                if proc.exit_reason() is not None:
+                    raise
+                raise BootHung(f"{exc}; {self.diagnose('the guest did not finish booting')}") from None
         assert self.host_key is not None
         self.boot_seconds = time.monotonic() - t0
         self.ssh = GuestSSH(self.guest_ip, self.key, self.host_key,
@@ -356,13 +381,12 @@ class CprVM:
         for stale in (incoming.main_socket, incoming.cpr_socket):
             stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
         try:
-            new = cpr_transfer(source, lambda: self._process(gen, build, incoming), incoming, result,
-                               self.config.transfer_timeout, before_migrate, after_spawn, after_migrate)
+            cpr_transfer(source, lambda: self._process(gen, build, incoming), incoming, result,
+                         self.config.transfer_timeout, before_migrate, after_spawn, after_migrate)
         except TransferFailed:
             self._failed_generation_cleanup(gen)
             self._record(result)
             raise
-        self._builds[new.label] = build
         if before_retire is not None:
             before_retire(source)
         retire_source(source, result)

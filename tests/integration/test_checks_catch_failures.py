@@ -11,7 +11,7 @@ import pytest
 
 from pytest_cpr import checks
 from pytest_cpr.checks import CheckFailed
-from pytest_cpr.errors import CprTimeout, QemuExited
+from pytest_cpr.errors import BootHung, CprTimeout, QemuExited
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.vm import CprVM
 
@@ -79,12 +79,20 @@ def test_a_guest_reset_is_named_when_qemu_exits(cpr_vm: CprVM) -> None:
     assert time.monotonic() - started < 60, "waited out the command timeout on a guest that is gone"
 
 
-def test_a_hung_boot_is_diagnosed(cpr_vm_factory: Callable[..., CprVM]) -> None:
+def test_a_hung_boot_is_diagnosed_and_retried(cpr_vm_factory: Callable[..., CprVM]) -> None:
     """A guest that never finishes booting (here: no init to run, and panic=0 keeps the panicked
     kernel spinning) fails at the boot timeout with guest-stuck.txt: QEMU still running, the vCPU
-    registers, the console silent; not just "no host key line"."""
-    vm = cpr_vm_factory(boot_timeout=30.0, cmdline=("rdinit=/nonexistent", "root=/dev/nonexistent", "panic=0"))
-    with pytest.raises(CprTimeout, match=r"(?s)CPR-HOSTKEY.*QEMU running, serial console silent .*guest-stuck\.txt"):
+    registers, the console silent; not just "no host key line". With boot_attempts = 2 the boot is
+    retried once, announced, the hung boot's console and diagnosis kept under its own label."""
+    vm = cpr_vm_factory(boot_timeout=30.0, boot_attempts=2,
+                        cmdline=("rdinit=/nonexistent", "root=/dev/nonexistent", "panic=0"))
+    with pytest.warns(UserWarning, match="boot 1 of 2 hung"), \
+            pytest.raises(BootHung, match=r"(?s)CPR-HOSTKEY.*QEMU running, serial console silent .*guest-stuck\.txt"):
         vm.boot()
+    assert [r.split(":")[0] for r in vm.boot_retries] == ["g0"]
     text = (vm.artifacts / "guest-stuck.txt").read_text()
     assert "== the guest did not finish booting" in text and "RIP=" in text, text[:2000]
+    assert "RIP=" in (vm.artifacts / "guest-stuck-g0.txt").read_text()
+    assert "Kernel panic" in (vm.artifacts / "console-g0.log").read_text()
+    assert "Kernel panic" in (vm.artifacts / "console-g0-retry1.log").read_text()
+    assert [p.label for p in vm.generations] == ["g0-retry1"]
