@@ -29,12 +29,13 @@ fi
 # Virtual hardware host tier (L1 VM under TCG with emulated VT-d, igb and NVMe bound to vfio-pci, the
 # iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1). The CI subset: NIC traffic and
 # NVMe DMA through legacy-container transfers (two devices, two IOMMU groups), NIC traffic through
-# iommufd transfers, the mdev blocker. NVMe DMA on iommufd is left out: in the virtual host it hangs
+# iommufd transfers, the mdev blocker, and the old QEMU's answers and exit after a transfer of a vfio
+# guest on KVM (a known QEMU 11.1.3 crash, pytest_cpr/qemu/bugs.py: a strict expected failure). NVMe DMA on iommufd is left out: in the virtual host it hangs
 # the L2 guest or L1 itself now and then even without any transfer (docs/virtual-host.md).
 # The nested emulation stalls an L2 guest now and then whatever the test does (the control test
 # without a transfer shows it), so a failed tier earns one retry; the retry is announced with what
 # failed, and both runs' JUnit XML and artifacts are kept. Hardware runners get no such retry.
-CI_SUBSET='tests/hardware -k "(two_groups and legacy) or mdev or (nic_traffic and iommufd)"'
+CI_SUBSET='tests/hardware -k "(two_groups and legacy) or mdev or (nic_traffic and iommufd) or (old_qemu_answers and legacy)"'
 vhost_run() {  # $1: JUnit name; at most CPR_VHOST_TIMEOUT seconds (default 25 min)
   timeout -k 60 "${CPR_VHOST_TIMEOUT:-1500}" env CPR_VHOST=1 CPR_VHOST_TESTS="${CPR_VHOST_TESTS:-$CI_SUBSET}" \
     "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/$1.xml" "${ARGS[@]}"

@@ -39,6 +39,15 @@ def assert_source_quit(result: TransferResult, known: Sequence[KnownBug] = (), l
                       f"more){_where(logs)}")
 
 
+def assert_old_qemu_answered(answers: dict[str, str], logs: object = None) -> None:
+    """The old QEMU answered every query after the transfer (cpr.query_source) and is still alive."""
+    died = [f"{cmd}: {a[len('died: '):]}" for cmd, a in answers.items() if a.startswith("died: ")]
+    if died or not answers:
+        raise CheckFailed(f"the old QEMU (postmigrate) did not survive the queries management software "
+                          f"asks after a migration: {died[0] if died else 'none asked'}; answers: {answers}"
+                          f"{_where(logs)}")
+
+
 def assert_same_boot(before: GuestSnapshot, after: GuestSnapshot, max_pause_s: float = 30.0,
                      logs: object = None) -> None:
     """Same boot id, and uptime continued: it advanced, and by no more than host time allows."""

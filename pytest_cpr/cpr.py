@@ -244,6 +244,32 @@ def _abandon(target: QemuProcess | None) -> None:
         target.shutdown(timeout=5)
 
 
+# What management software asks the old QEMU after a migration, before it tells it to quit.
+OLD_QEMU_QUERIES = ("query-status", "query-migrate", "query-name", "query-cpus-fast", "query-block",
+                    "query-balloon", "query-kvm")
+
+
+def query_source(source: QemuProcess, commands: tuple[str, ...] = OLD_QEMU_QUERIES) -> dict[str, str]:
+    """Ask the old QEMU (postmigrate) each query: command -> "return", "error: <desc>" (a QMP error
+    is an answer, e.g. no balloon device), or "died: <why>" for the one it did not survive (the
+    last entry then)."""
+    answers: dict[str, str] = {}
+    for command in commands:
+        try:
+            source.qmp.execute(command, timeout=10)
+            answers[command] = "return"
+        except QmpError as exc:
+            answers[command] = f"error: {exc}"
+        except (CprError, QMPError, OSError) as exc:
+            source.wait_exit(5.0)
+            answers[command] = f"died: {source.exit_reason() or f'no answer ({exc}), still running'}"
+            return answers
+        if (reason := source.exit_reason()) is not None:
+            answers[command] = f"died: {reason}"
+            return answers
+    return answers
+
+
 def retire_source(source: QemuProcess, result: TransferResult, timeout: float = 30.0) -> None:
     """Shut the old QEMU down cleanly (quit), recording how it ended."""
     source.shutdown(timeout)

@@ -283,6 +283,7 @@ class VhostConfig:
     junit_dir: Path | None = None  # where the inner JUnit XML is copied (default: <artifacts>/junit)
     append: str = ""  # extra L1 kernel parameters (e.g. kvm_amd.vgif=0), after ours
     tcg_thread: str = "multi"  # TCG's thread mode for L1: multi (a host thread per vCPU) or single
+    tb_size: int = 512  # MiB of TCG translation cache for L1 (`info jit` in l1-jit.txt: flushes)
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -295,7 +296,8 @@ class VhostConfig:
                    qemu=l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache),
                    kernel=l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache),
                    append=os.environ.get("CPR_VHOST_APPEND", ""),
-                   tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"), **overrides)  # type: ignore[arg-type]
+                   tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
+                   tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")), **overrides)  # type: ignore[arg-type]
 
     @property
     def vmlinuz(self) -> Path:
@@ -339,7 +341,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
     append = f"console=ttyS0 intel_iommu=on panic=-1 quiet cpr.peer={PEER_MAC},{PEER_NAME} {cfg.append}".rstrip()
     return [
         qemu, "-name", "cpr-vhost,debug-threads=on",
-        "-accel", f"tcg,thread={cfg.tcg_thread},tb-size=512" if tcg else "kvm",
+        "-accel", f"tcg,thread={cfg.tcg_thread},tb-size={cfg.tb_size}" if tcg else "kvm",
         "-machine", "q35,kernel-irqchip=split", "-cpu", "max" if tcg else "host",
         "-smp", str(cfg.cpus), "-m", cfg.memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -511,7 +513,8 @@ class VirtualHost:
             for cmd, args in (("query-status", None), ("query-cpus-fast", None),
                               ("human-monitor-command", {"command-line": "info registers -a"}),
                               ("human-monitor-command", {"command-line": "info registers -a"}),
-                              ("human-monitor-command", {"command-line": "info lapic"})):
+                              ("human-monitor-command", {"command-line": "info lapic"}),
+                              ("human-monitor-command", {"command-line": "info jit"})):
                 try:
                     reply = self.process.qmp.execute(cmd, args, timeout=20)
                     fh.write(f"== {cmd} {args or ''}\n{reply}\n")
@@ -566,6 +569,10 @@ class VirtualHost:
 
     def close(self) -> None:
         """Shut L1 down (quit over QMP, then signals) and remove the run folder; safe to call twice."""
+        if self.process is not None and self.process.exit_reason() is None and self.accel == "tcg":
+            with contextlib.suppress(Exception):  # TCG's translation cache: size, flushes
+                jit = self.process.qmp.execute("human-monitor-command", {"command-line": "info jit"}, timeout=20)
+                (self.config.artifacts / "l1-jit.txt").write_text(str(jit))
         if self.agent is not None:
             with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
                 self.agent.run(f"dmesg > {L1_OUT}/l1-dmesg.log; sync", 30)

@@ -32,13 +32,15 @@ class KnownBug:
 
 
 # Found in the virtual host (L2 on KVM inside L1, QEMU 11.1.3): every retired source with a vfio-pci
-# device died with SIGSEGV at kvm_vm_ioctl+0xae (s->vmfd with s == NULL) when told to quit.
+# device (legacy container and iommufd) died with SIGSEGV at kvm_vm_ioctl+0xae (s->vmfd with
+# s == NULL) when told to quit, or earlier on `query-balloon`. Without a vfio device the old QEMU
+# answers everything and exits 0 (KVM is closed after cpr only for VFIO CPR).
 KVM_STATE_NULL_AFTER_CPR = KnownBug(
     key="kvm-state-null-after-cpr",
-    summary="after a completed cpr-transfer the old QEMU has closed KVM and set kvm_state to NULL, so "
-            "what touches KVM afterwards crashes it (SIGSEGV): `quit` with a vfio-pci device "
-            "(kvm_vm_ioctl), `query-balloon` (kvm_has_sync_mmu)",
-    since=(10, 1, 0), fixed_in=None, accel="kvm", vfio=False,
+    summary="after a completed cpr-transfer of a guest with a vfio-pci device the old QEMU has closed "
+            "KVM and set kvm_state to NULL, so what touches KVM afterwards crashes it (SIGSEGV): "
+            "`quit` (kvm_vm_ioctl), `query-balloon` (kvm_has_sync_mmu)",
+    since=(10, 1, 0), fixed_in=None, accel="kvm", vfio=True,
     reference="QEMU 7ed0919119b0 'migration: close kvm after cpr'; proposed fix 'accel/kvm: Fix SIGSEGV "
               "when execute \"query-balloon\" after CPR transfer' (qemu-devel, Sep 2025)",
     source_exit="signal 11")

@@ -13,8 +13,12 @@ import re
 import pytest
 
 from pytest_cpr import checks
+from pytest_cpr.checks import CheckFailed
+from pytest_cpr.cpr import query_source
 from pytest_cpr.errors import TransferFailed
 from pytest_cpr.host.mdev import Mdev
+from pytest_cpr.qemu.bugs import known_bugs
+from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.vfio_fixtures import HostWatch, PassthroughGuest
 from pytest_cpr.vm import CprVM
@@ -93,6 +97,27 @@ def test_nic_and_nvme_in_two_groups(cpr_vfio_guest: PassthroughGuest, cpr_thresh
     dma.stop()
     checks.assert_stream_intact(traffic.stream_result, guest.vm.artifacts)
     guest.check_guest_log()
+
+
+@pytest.mark.vfio(role="nic")
+def test_old_qemu_answers_queries_then_quits_cleanly(cpr_vfio_guest: PassthroughGuest, cpr_source_build: QemuBuild,
+                                                     cpr_accel: str, request: pytest.FixtureRequest) -> None:
+    """With a passed-through NIC: after a completed transfer the old QEMU (postmigrate) answers what
+    management software asks after a migration, stays alive, and `quit` ends it with exit code 0;
+    the guest runs on in the new QEMU. On builds with a known bug here (pytest_cpr/qemu/bugs.py) this
+    is a strict expected failure, so a fixed build turns it red."""
+    bugs = known_bugs(cpr_source_build, cpr_accel, vfio=True)
+    if bugs:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=CheckFailed,
+                                              reason="; ".join(b.describe(cpr_source_build) for b in bugs)))
+    vm = cpr_vfio_guest.vm
+    answers: dict[str, str] = {}
+    result = vm.transfer(before_retire=lambda source: answers.update(query_source(source)))
+    checks.assert_completed(result, vm.artifacts)
+    print(f"old QEMU's answers: {answers}; it ended: {result.source_exit}")
+    vm.run("true")
+    checks.assert_old_qemu_answered(answers, vm.artifacts)
+    checks.assert_source_quit(result, (), vm.artifacts)
 
 
 @pytest.mark.vfio_blocker

@@ -5,11 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_cpr import checks
-from pytest_cpr.checks import CheckFailed
-from pytest_cpr.qemu.bugs import known_bugs
-from pytest_cpr.qemu.probe import QemuBuild
-from pytest_cpr.qemu.process import QemuProcess
-from pytest_cpr.qemu.qmp import QmpError
+from pytest_cpr.cpr import query_source
 from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
@@ -32,44 +28,16 @@ def test_three_transfers_keep_ssh_stream_and_interrupts(cpr_vm: CprVM, cpr_thres
         assert r.interrupts is not None and r.interrupts["after"], "NIC vectors must fire after transfer"
 
 
-# What management software asks the old QEMU after a migration, before it tells it to quit.
-QUERIES_AFTER_TRANSFER = ("query-status", "query-migrate", "query-name", "query-cpus-fast", "query-block",
-                          "query-balloon", "query-kvm")
 
-
-def test_old_qemu_answers_queries_then_quits_cleanly(cpr_vm: CprVM, cpr_source_build: QemuBuild, cpr_accel: str,
-                                                     request: pytest.FixtureRequest) -> None:
+def test_old_qemu_answers_queries_then_quits_cleanly(cpr_vm: CprVM) -> None:
     """After a completed transfer the old QEMU waits in postmigrate until it is told to quit, and
     management software still asks it what happened. Each query gets an answer (a return, or a QMP
-    error such as "no balloon device"), the process stays alive through all of them, and `quit` ends
-    it with exit code 0. On builds with a known bug here (qemu/bugs.py) this is a strict expected
-    failure, so a fixed build turns it red."""
-    bugs = known_bugs(cpr_source_build, cpr_accel, vfio=False)
-    if bugs:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=CheckFailed,
-                                              reason="; ".join(b.describe(cpr_source_build) for b in bugs)))
+    error such as "no balloon device"), the process stays alive through all of them, and `quit`
+    ends it with exit code 0. (With a vfio-pci device: tests/hardware, same name.)"""
     answers: dict[str, str] = {}
-    died: list[str] = []
-
-    def ask(source: QemuProcess) -> None:
-        for command in QUERIES_AFTER_TRANSFER:
-            try:
-                source.qmp.execute(command, timeout=10)
-                answers[command] = "return"
-            except QmpError as exc:
-                answers[command] = f"error: {exc}"
-            except Exception as exc:  # no answer at all: did the process die on this one?
-                source.wait_exit(5.0)
-                died.append(f"{command}: {exc}; {source.exit_reason() or 'still running'}")
-                return
-            if source.exit_reason() is not None:
-                died.append(f"{command}: {source.exit_reason()}")
-                return
-
-    result = cpr_vm.transfer(before_retire=ask)
+    result = cpr_vm.transfer(before_retire=lambda source: answers.update(query_source(source)))
     checks.assert_completed(result, cpr_vm.artifacts)
-    if died:
-        raise CheckFailed(f"the old QEMU (postmigrate) died answering {died[0]}; answered before: {answers}")
+    checks.assert_old_qemu_answered(answers, cpr_vm.artifacts)
     assert answers["query-status"] == "return" and answers["query-migrate"] == "return", answers
     checks.assert_source_quit(result, (), cpr_vm.artifacts)
     cpr_vm.run("true")
