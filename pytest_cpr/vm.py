@@ -330,7 +330,11 @@ class CprVM:
         result = self.transfer(target)
         checks.assert_completed(result, logs)
         checks.assert_source_quit(result, self.known_bugs(result), logs)
-        checks.assert_connectivity(result, logs)
+        try:
+            checks.assert_connectivity(result, logs)
+        except checks.CheckFailed as exc:
+            raise checks.CheckFailed(f"{exc}; {self.diagnose(f'no connectivity after transfer {result.index}')}") \
+                from None
         s2 = self.snapshot()
         traffic.wait_answers(window, 120.0)
         s3 = self.snapshot()
