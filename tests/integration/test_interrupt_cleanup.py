@@ -90,6 +90,9 @@ class Inner:
     def interrupt(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the foreground group
 
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)  # a CI job's timeout or `kill <pid>`: pytest alone
+
     def finish(self, timeout: float) -> tuple[int, str]:
         try:
             out, _ = self.proc.communicate(timeout=timeout)
@@ -178,6 +181,21 @@ def test_ctrl_c_mid_transfer_runs_teardown(inner: Callable[..., Inner]) -> None:
     left = _leftovers(run)
     print(f"[interrupt] Ctrl-C once: leftovers {len(left)}")
     assert not left, f"left behind after Ctrl-C: {left}\n{out[-4000:]}"
+
+
+def test_sigterm_mid_transfer_runs_teardown(inner: Callable[..., Inner]) -> None:
+    """SIGTERM to pytest (a CI job's timeout, `kill`) while transfers run: handled like one Ctrl-C,
+    so teardown shuts every QEMU down and nothing is left for the next run to clean."""
+    run = inner("test_loop.py::test_transfers")
+    run.wait_mark("transferred", 180)
+    (run.marks / "release").write_text("teardown may finish")
+    run.terminate()
+    code, out = run.finish(120)
+    assert code == 2 and "KeyboardInterrupt" in out, f"expected an interrupted run (exit 2):\n{out[-4000:]}"
+    assert (run.marks / "teardown").exists(), f"the test's teardown did not run:\n{out[-4000:]}"
+    left = _leftovers(run)
+    print(f"[interrupt] SIGTERM: leftovers {len(left)}")
+    assert not left, f"left behind after SIGTERM: {left}\n{out[-4000:]}"
 
 
 def test_second_ctrl_c_kills_what_is_left(inner: Callable[..., Inner]) -> None:
