@@ -30,6 +30,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -636,6 +637,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 3
 
 
+def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_cpr.vhost", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -657,11 +662,15 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", default=L1_HOST_CONFIG)
     h.add_argument("--peer", default=PEER_NAME)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # `kill`, a job timeout: L1 is shut down, not orphaned
     try:
         return _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args)
     except CprError as exc:
         print(f"cpr-vhost: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"cpr-vhost: interrupted ({exc or 'Ctrl-C'}); L1 was shut down", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
