@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pytest_cpr import checks, cloudinit, leftovers, plot
 from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
-from pytest_cpr.errors import BootHung, CprSettingError, CprTimeout, TransferFailed
+from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
 from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
 from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
@@ -336,7 +336,11 @@ class CprVM:
             raise checks.CheckFailed(f"{exc}; {self.diagnose(f'no connectivity after transfer {result.index}')}") \
                 from None
         s2 = self.snapshot()
-        traffic.wait_answers(window, 120.0)
+        try:
+            traffic.wait_answers(window, 120.0)
+        except CprTimeout as exc:  # the probes crawl: do the NIC's vectors still fire?
+            raise CprTimeout(f"{exc}; {self._vectors_since(s2, pattern)}; "
+                             f"{self.diagnose(f'probes crawl after transfer {result.index}')}") from None
         s3 = self.snapshot()
         # a slow vector (NVMe completions under nested emulation: a few per second) may miss one
         # window: the window after grows, while traffic flows, until each vector that fired before
@@ -356,6 +360,20 @@ class CprVM:
         build = self._builds[result.source.split()[0]]
         vfio_device = any(str(arg).startswith("vfio-pci") for arg in self.config.extra_args)
         return known_bugs(build, self.config.accel, vfio_device)
+
+    def _vectors_since(self, before: GuestSnapshot, pattern: str) -> str:
+        """How often the vectors matching `pattern` fired since `before` (an auto-masked MSI-X vector
+        whose message was lost stays silent until the driver's watchdog kicks it)."""
+        try:
+            now = self.snapshot()
+        except CprError:
+            try:
+                now = self.snapshot(via="console")
+            except CprError as exc:
+                return f"guest interrupt counts unreadable over SSH and console ({exc})"
+        fired = checks.active_vectors(before, now, pattern)
+        return (f"guest vectors {pattern!r} in the {now.uptime_s - before.uptime_s:.0f} s since the transfer: "
+                f"{fired or 'none fired'} (totals then: {before.irq_totals(pattern)})")
 
     def console(self) -> Console:
         proc = self.current
