@@ -352,6 +352,7 @@ class CprVM:
             s3 = self.snapshot()
         checks.assert_same_boot(s1, s2, logs=logs)
         result.interrupts = checks.assert_interrupts((s0, s1), (s2, s3), pattern, logs)
+        self._write_transfers()  # with the interrupt counts the checks just took
         checks.assert_thresholds(result, max_blackout_ms, max_lost_probes, logs)
         return result
 
@@ -461,6 +462,9 @@ class CprVM:
         self._save_measurements(result)
         for hook in self.config.on_transfer:
             hook(result)
+        self._write_transfers()
+
+    def _write_transfers(self) -> None:
         (self.artifacts / "transfers.json").write_text(
             json.dumps([r.as_dict() for r in self.transfers], indent=1, default=str))
 

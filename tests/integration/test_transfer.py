@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pytest_cpr import checks
@@ -25,3 +27,6 @@ def test_three_transfers_keep_ssh_stream_and_interrupts(cpr_vm: CprVM, cpr_thres
     for r in results:
         assert r.qemu_downtime_ms is not None and r.blackout_ms is not None
         assert r.interrupts is not None and r.interrupts["after"], "NIC vectors must fire after transfer"
+    saved = json.loads((cpr_vm.artifacts / "transfers.json").read_text())
+    assert [t["interrupts"] == r.interrupts for t, r in zip(saved, results, strict=True)] == [True] * 3, \
+        "transfers.json must hold each transfer's interrupt counts, the last one's too"
