@@ -108,9 +108,14 @@ def _second_interrupt_kills_leftovers() -> None:
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return
     interrupts = 0
+    session_pid = os.getpid()
 
     def on_sigint(signum: int, frame: Any) -> None:
         nonlocal interrupts
+        if os.getpid() != session_pid:  # a forked child (pyroute2's netns helper) must not run the
+            signal.signal(signum, signal.SIG_DFL)  # session's teardown: it just ends, as by default
+            os.kill(os.getpid(), signum)
+            return
         interrupts += 1
         if interrupts > 1:
             done = leftovers.clean_own()
