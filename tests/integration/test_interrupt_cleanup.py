@@ -169,33 +169,25 @@ def _leftovers(run: Inner) -> list[str]:
     return left
 
 
-def test_ctrl_c_mid_transfer_runs_teardown(inner: Callable[..., Inner]) -> None:
-    """One Ctrl-C while transfers run: pytest reports the interruption, teardown shuts everything down."""
+# how a run is stopped once: Ctrl-C at a terminal (SIGINT to the foreground group), or SIGTERM to
+# pytest alone (a CI job's timeout, `kill`), which the plugin handles like one Ctrl-C
+STOPS = {"Ctrl-C": Inner.interrupt, "SIGTERM": Inner.terminate}
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_stop_mid_transfer_runs_teardown(how: str, inner: Callable[..., Inner]) -> None:
+    """Stopped once while transfers run: pytest reports the interruption, teardown shuts every QEMU
+    down and nothing is left for the next run to clean."""
     run = inner("test_loop.py::test_transfers")
     run.wait_mark("transferred", 180)
     (run.marks / "release").write_text("teardown may finish")
-    run.interrupt()
+    STOPS[how](run)
     code, out = run.finish(120)
     assert code == 2 and "KeyboardInterrupt" in out, f"expected an interrupted run (exit 2):\n{out[-4000:]}"
     assert (run.marks / "teardown").exists(), f"the test's teardown did not run:\n{out[-4000:]}"
     left = _leftovers(run)
-    print(f"[interrupt] Ctrl-C once: leftovers {len(left)}")
-    assert not left, f"left behind after Ctrl-C: {left}\n{out[-4000:]}"
-
-
-def test_sigterm_mid_transfer_runs_teardown(inner: Callable[..., Inner]) -> None:
-    """SIGTERM to pytest (a CI job's timeout, `kill`) while transfers run: handled like one Ctrl-C,
-    so teardown shuts every QEMU down and nothing is left for the next run to clean."""
-    run = inner("test_loop.py::test_transfers")
-    run.wait_mark("transferred", 180)
-    (run.marks / "release").write_text("teardown may finish")
-    run.terminate()
-    code, out = run.finish(120)
-    assert code == 2 and "KeyboardInterrupt" in out, f"expected an interrupted run (exit 2):\n{out[-4000:]}"
-    assert (run.marks / "teardown").exists(), f"the test's teardown did not run:\n{out[-4000:]}"
-    left = _leftovers(run)
-    print(f"[interrupt] SIGTERM: leftovers {len(left)}")
-    assert not left, f"left behind after SIGTERM: {left}\n{out[-4000:]}"
+    print(f"[interrupt] {how} once: leftovers {len(left)}")
+    assert not left, f"left behind after {how}: {left}\n{out[-4000:]}"
 
 
 def test_second_ctrl_c_kills_what_is_left(inner: Callable[..., Inner]) -> None:

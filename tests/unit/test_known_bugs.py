@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pytest_cpr import checks
@@ -28,7 +30,6 @@ def test_which_builds_and_setups_a_bug_affects(version: tuple[int, int, int], ac
 
 
 def test_a_fixed_build_is_no_longer_affected() -> None:
-    from dataclasses import replace
     fixed = replace(KVM_STATE_NULL_AFTER_CPR, fixed_in=(11, 2, 0))
     assert fixed.affects(build((11, 1, 3)), "kvm", True)
     assert not fixed.affects(build((11, 2, 0)), "kvm", True)
