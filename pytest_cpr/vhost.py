@@ -285,6 +285,7 @@ class VhostConfig:
     append: str = ""  # extra L1 kernel parameters (e.g. kvm_amd.vgif=0), after ours
     tcg_thread: str = "multi"  # TCG's thread mode for L1: multi (a host thread per vCPU) or single
     tb_size: int = 512  # MiB of TCG translation cache for L1 (`info jit` in l1-jit.txt: flushes)
+    cpu: str = "max"  # L1's CPU model under TCG (it must offer SVM: L2 runs on KVM inside L1)
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -343,7 +344,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
     return [
         qemu, "-name", "cpr-vhost,debug-threads=on",
         "-accel", f"tcg,thread={cfg.tcg_thread},tb-size={cfg.tb_size}" if tcg else "kvm",
-        "-machine", "q35,kernel-irqchip=split", "-cpu", "max" if tcg else "host",
+        "-machine", "q35,kernel-irqchip=split", "-cpu", cfg.cpu if tcg else "host",
         "-smp", str(cfg.cpus), "-m", cfg.memory,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-device", "intel-iommu,intremap=on,caching-mode=on",

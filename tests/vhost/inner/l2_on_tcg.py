@@ -1,7 +1,7 @@
 """Run inside the virtual host only (needs its host config), on demand: an L2 on TCG inside a TCG
 L1 boots in minutes, so this is not part of the CI subset:
 
-    python -m pytest_cpr.vhost run --name tcg-l2 --timeout 2400 -- tests/vhost/inner -rs
+    python -m pytest_cpr.vhost run --name tcg-l2 --timeout 2400 -- tests/vhost/inner/l2_on_tcg.py -rs
 
 It documents a QEMU bug found by the feasibility experiment: with the guest on TCG, cpr-transfer of a
 guest with a vfio-pci device crashes the old QEMU (SIGSEGV in kvm_vm_ioctl() called from
