@@ -16,6 +16,7 @@ from pytest_cpr import checks
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.cpr import query_source
 from pytest_cpr.errors import TransferFailed
+from pytest_cpr.host import procfds
 from pytest_cpr.host.mdev import Mdev
 from pytest_cpr.qemu.bugs import known_bugs
 from pytest_cpr.qemu.probe import QemuBuild
@@ -118,6 +119,28 @@ def test_old_qemu_answers_queries_then_quits_cleanly(cpr_vfio_guest: Passthrough
     vm.run("true")
     checks.assert_old_qemu_answered(answers, vm.artifacts)
     checks.assert_source_quit(result, (), vm.artifacts)
+
+
+@pytest.mark.vfio(role="nic")
+def test_old_qemu_closed_kvm_after_transfer(cpr_vfio_guest: PassthroughGuest, cpr_accel: str) -> None:
+    """The irq bypass -16 fix (QEMU 7ed0919119 "migration: close kvm after cpr", seed 001): after a
+    completed transfer the old QEMU holds no /dev/kvm, KVM VM or vCPU fd, so the new QEMU's KVM can
+    register the irq bypass consumers of the device's interrupts (where device posted interrupts are
+    on, a held VM fd shows as "irq bypass consumer ... registration fails: -16" and dead vfio
+    networking; this checks the mechanism on every host). Control: the source held them before."""
+    if cpr_accel != "kvm":
+        pytest.skip(f"the guest runs on {cpr_accel}: no KVM fds to close")
+    vm = cpr_vfio_guest.vm
+    before = procfds.kvm_files(procfds.open_files(vm.current.pid))
+    assert before, f"the source QEMU holds no KVM fd before the transfer: nothing to check; logs {vm.artifacts}"
+    held: list[str] = []
+    result = vm.transfer(before_retire=lambda source: held.extend(procfds.wait_kvm_closed(source.pid, 5.0)))
+    checks.assert_completed(result, vm.artifacts)
+    assert not held, (f"the old QEMU (postmigrate) still holds {held} 5 s after the transfer completed "
+                      f"(before it: {before}); logs {vm.artifacts}")
+    target = procfds.kvm_files(procfds.open_files(vm.current.pid))
+    assert "anon_inode:kvm-vm" in target, f"the new QEMU holds no KVM VM fd: {target}"
+    vm.run("true")
 
 
 @pytest.mark.vfio_blocker

@@ -297,3 +297,23 @@ def test_cdev_support_before_any_device_is_bound(fake: FakeSysfs) -> None:
     (proc / "config.gz").unlink()
     (fake.paths.dev / "vfio" / "devices").mkdir(parents=True)
     assert vfio.vfio_cdev_support(fake.paths) is True
+
+
+def test_procfds_reads_kvm_and_container_files(tmp_path: Path) -> None:
+    """The fd facts behind the close-KVM-after-CPR check and the container count, on a fake /proc."""
+    from pytest_cpr.host import procfds
+
+    fd = tmp_path / "42" / "fd"
+    fd.mkdir(parents=True)
+    for n, target in enumerate(["/dev/null", "/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0",
+                                "anon_inode:kvm-vcpu:1", "/dev/vfio/vfio", "/dev/vfio/7", "/dev/vfio/vfio",
+                                "anon_inode:[eventfd]"]):
+        (fd / str(n)).symlink_to(target)
+    files = procfds.open_files(42, tmp_path)
+    assert procfds.kvm_files(files) == ["/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0",
+                                        "anon_inode:kvm-vcpu:1"]
+    assert procfds.vfio_containers(files) == 2
+    assert procfds.wait_kvm_closed(42, 0.2, tmp_path) == procfds.kvm_files(files)
+    for n in (1, 2, 3, 4):
+        (fd / str(n)).unlink()
+    assert procfds.wait_kvm_closed(42, 5.0, tmp_path) == []
