@@ -197,8 +197,8 @@ class Runner:
             try:
                 with VirtualHost(cfg) as l1:
                     # evidence that the configuration took effect: L1's KVM module parameters
-                    l1.run(f"grep -H . /sys/module/kvm_amd/parameters/* /sys/module/kvm/parameters/* "
-                           f"> {L1_OUT}/kvm-parameters.txt 2>&1", 60)
+                    l1.run(f"(grep -H . /sys/module/kvm_amd/parameters/* /sys/module/kvm/parameters/*; "
+                           f"grep -m1 '^flags' /proc/cpuinfo) > {L1_OUT}/kvm-parameters.txt 2>&1", 60)
                     while index < self.rounds:
                         rnd = self._one_round(l1, index)
                         records.append(rnd)
