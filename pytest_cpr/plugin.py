@@ -74,7 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SETTINGS_KEY] = resolve(cli, os.environ, ini)
     except CprSettingError as exc:
         raise pytest.UsageError(str(exc)) from None
-    vfio_fixtures.configure(config, config.stash[SETTINGS_KEY])
+    config.stash[SETTINGS_KEY] = vfio_fixtures.configure(config, config.stash[SETTINGS_KEY])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

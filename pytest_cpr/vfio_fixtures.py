@@ -26,6 +26,7 @@ from pytest_cpr.host import hostconfig, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig, HostConfigError, HostPaths
 from pytest_cpr.host.mdev import Mdev, guest_slot
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
+from pytest_cpr.kinds import Backend, Role
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM, Traffic
@@ -37,9 +38,9 @@ NO_CONFIG = ("no host config: this test needs passthrough devices; describe them
 
 
 # ---- hooks' helpers (called from plugin.py)
-def configure(config: pytest.Config, settings: CprSettings) -> None:
-    """Load and validate the host config before anything starts; its qemu/target_qemu/accel
-    override the settings for this host (shown as 'host config' in the header)."""
+def configure(config: pytest.Config, settings: CprSettings) -> CprSettings:
+    """Load and validate the host config before anything starts; returns the settings with its
+    qemu/target_qemu/accel taking over for this host (shown as 'host config' in the header)."""
     config.addinivalue_line("markers", "vfio_blocker: the test expects QEMU to refuse cpr-transfer of "
                             "its vfio devices (a kernel or QEMU feature is missing); skipped where nothing "
                             "blocks")
@@ -51,10 +52,11 @@ def configure(config: pytest.Config, settings: CprSettings) -> None:
             host = hostconfig.load(Path(settings.host_config))
         except HostConfigError as exc:
             raise pytest.UsageError(str(exc)) from None
-        for key, value in (("qemu", host.qemu), ("target_qemu", host.target_qemu), ("accel", host.accel)):
-            if value is not None:
-                settings.values[key], settings.source[key] = value, f"host config {host.path}"
+        given = {"qemu": host.qemu, "target_qemu": host.target_qemu, "accel": host.accel}
+        settings = settings.overridden({k: v for k, v in given.items() if v is not None},
+                                       f"host config {host.path}")
     config.stash[HOST_CONFIG_KEY] = host
+    return settings
 
 
 def host_probe(config: pytest.Config) -> HostProbe:
@@ -77,9 +79,9 @@ def header_lines(config: pytest.Config) -> list[str]:
 
 @dataclass(frozen=True)
 class Want:
-    role: str
+    role: Role
     count: int
-    backend: str | None
+    backend: Backend | None
 
 
 def wants(node: pytest.Item | Any) -> list[Want]:
@@ -90,21 +92,25 @@ def wants(node: pytest.Item | Any) -> list[Want]:
         if role not in hostconfig.ROLES:
             raise pytest.UsageError(f"{node.nodeid}: vfio marker role={role!r}: use one of "
                                     f"{hostconfig.ROLES}")
-        out.append(Want(role, int(mark.kwargs.get("count", 1)), mark.kwargs.get("backend")))
+        backend = mark.kwargs.get("backend")
+        if backend is not None and backend not in hostconfig.BACKENDS:
+            raise pytest.UsageError(f"{node.nodeid}: vfio marker backend={backend!r}: use one of "
+                                    f"{hostconfig.BACKENDS}")
+        out.append(Want(Role(role), int(mark.kwargs.get("count", 1)), None if backend is None else Backend(backend)))
     return out
 
 
-def backends_for(node: Any, host: HostConfig | None) -> list[str]:
+def backends_for(node: Any, host: HostConfig | None) -> list[Backend]:
     """Backends a test runs on: its marker's backend, else `iommufd` marker, else the host's."""
     fixed = {w.backend for w in wants(node) if w.backend}
     if node.get_closest_marker("iommufd") is not None:
-        fixed.add("iommufd")
+        fixed.add(Backend.IOMMUFD)
     if len(fixed) > 1:
         raise pytest.UsageError(f"{node.nodeid}: vfio markers ask for backends {sorted(fixed)}; one test "
                                 "runs on one backend")
     if fixed:
         return sorted(fixed)
-    return list(host.backends) if host else list(hostconfig.BACKENDS)
+    return [Backend(b) for b in (host.backends if host else hostconfig.BACKENDS)]
 
 
 def generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -171,15 +177,14 @@ def cpr_host(pytestconfig: pytest.Config, cpr_settings: CprSettings) -> CprHost:
     config = pytestconfig.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
     return CprHost(config, host_probe(pytestconfig))
 
 
 @pytest.fixture
-def cpr_vfio_backend(request: pytest.FixtureRequest) -> str:
+def cpr_vfio_backend(request: pytest.FixtureRequest) -> Backend:
     """The VFIO backend of this test (legacy or iommufd): pytest-cpr parametrizes tests over the
     backends in the host config; a `vfio(backend=...)` or `iommufd` marker narrows that."""
-    return str(getattr(request, "param", None) or backends_for(request.node, None)[0])
+    return Backend(getattr(request, "param", None) or backends_for(request.node, None)[0])
 
 
 @dataclass
@@ -187,12 +192,12 @@ class VfioDevices:
     """The devices bound to vfio-pci for one test, and why QEMU would refuse cpr-transfer with them."""
 
     host: HostConfig
-    backend: str
+    backend: Backend
     devices: list[tuple[DeviceConfig, Passthrough]]
     binding: VfioBinding
     blockers: list[str] = field(default_factory=list)
 
-    def with_role(self, role: str) -> list[tuple[DeviceConfig, Passthrough]]:
+    def with_role(self, role: Role) -> list[tuple[DeviceConfig, Passthrough]]:
         return [(c, p) for c, p in self.devices if c.role == role]
 
     @property
@@ -208,15 +213,15 @@ class VfioDevices:
     def kernel_args(self) -> tuple[str, ...]:
         """cpr.net<N>=<guest PCI address>,<ip/prefix> for each NIC (N >= 1: net0 is the virtio NIC)."""
         return tuple(f"cpr.net{n}={p.guest_address},{c.guest_ip}"
-                     for n, (c, p) in enumerate(self.with_role("nic"), start=1))
+                     for n, (c, p) in enumerate(self.with_role(Role.NIC), start=1))
 
 
-def _build_reasons(source: QemuBuild, target: QemuBuild, backend: str) -> tuple[list[str], list[str]]:
+def _build_reasons(source: QemuBuild, target: QemuBuild, backend: Backend) -> tuple[list[str], list[str]]:
     """(unavailable, blockers) of the QEMU builds: no vfio-pci/iommufd = cannot run; no VFIO CPR =
     QEMU refuses cpr-transfer (a blocker)."""
     unavailable, blockers = [], []
     for build in dict.fromkeys((source, target)):
-        for feature in ("vfio-pci", *(("iommufd",) if backend == "iommufd" else ())):
+        for feature in ("vfio-pci", *(("iommufd",) if backend == Backend.IOMMUFD else ())):
             if (reason := build.missing(feature)) is not None:
                 unavailable.append(reason)
         if (reason := build.missing("vfio-cpr")) is not None:
@@ -224,15 +229,15 @@ def _build_reasons(source: QemuBuild, target: QemuBuild, backend: str) -> tuple[
     return unavailable, blockers
 
 
-def _kernel_blockers(probe: HostProbe, binding: VfioBinding, backend: str) -> list[str]:
-    if backend == "iommufd":
+def _kernel_blockers(probe: HostProbe, binding: VfioBinding, backend: Backend) -> list[str]:
+    if backend == Backend.IOMMUFD:
         return [] if probe.change_process is True else [str(probe.change_process)]
     return [r for g in binding.groups() if (r := vfio.legacy_cpr_missing(g, binding.paths.dev)) is not None]
 
 
 @pytest.fixture
 def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-             cpr_target_build: QemuBuild, cpr_vfio_backend: str) -> Iterator[VfioDevices]:
+             cpr_target_build: QemuBuild, cpr_vfio_backend: Backend) -> Iterator[VfioDevices]:
     """The devices the test's `vfio` markers ask for, with their IOMMU group companions, bound to
     vfio-pci for this test and given back to their drivers afterwards (also on failure or Ctrl-C).
     Skipped (failed with --cpr-strict) with the precise reason where the host or QEMU cannot serve;
@@ -247,14 +252,12 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     config = request.config.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
     probe = host_probe(request.config)
     if (reason := probe.missing(cpr_vfio_backend)) is not None:
         host_unavailable(reason, cpr_settings)
     chosen = select(config, want)
     if isinstance(chosen, str):
         host_unavailable(chosen, cpr_settings)
-        raise AssertionError("unreachable")
     binding = VfioBinding([d.address for d in chosen], config.paths)
     devices = VfioDevices(config, cpr_vfio_backend, [(d, Passthrough(d.address, d.index, d.role))
                                                      for d in chosen], binding, blockers)
@@ -270,7 +273,7 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
 
 def _after_bind(devices: VfioDevices, probe: HostProbe, expects_blocker: bool) -> str | None:
     """Checks that need the devices on vfio-pci; returns a skip reason or None."""
-    if devices.backend == "iommufd":
+    if devices.backend == Backend.IOMMUFD:
         for address in devices.addresses:
             if (reason := vfio.cdev_missing(devices.binding.paths, address)) is not None:
                 return reason
@@ -455,11 +458,11 @@ class PassthroughGuest:
 
     @property
     def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
-        return self.devices.with_role("nic")
+        return self.devices.with_role(Role.NIC)
 
     @property
     def nvmes(self) -> list[tuple[DeviceConfig, Passthrough]]:
-        return self.devices.with_role("nvme")
+        return self.devices.with_role(Role.NVME)
 
     def guest_ifname(self, dev: Passthrough, timeout: float = 30.0) -> str:
         out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do n=$(ls /sys/bus/pci/devices/"
@@ -555,7 +558,7 @@ def _mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild) 
     if not (config.paths.dev / "vfio" / "vfio").exists():
         return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
                 "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")
-    unavailable, blockers = _build_reasons(source, target, "legacy")
+    unavailable, blockers = _build_reasons(source, target, Backend.LEGACY)
     return "; ".join(unavailable + blockers) or None
 
 
@@ -569,7 +572,6 @@ def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     config = request.config.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
     if (reason := _mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
         host_unavailable(reason, cpr_settings)
     first = config.mdevs[0]

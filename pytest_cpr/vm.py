@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_cpr import checks, cloudinit, leftovers, plot
-from pytest_cpr.cpr import TransferResult, cpr_transfer, retire_source
+from pytest_cpr.cpr import ProcessRef, TransferResult, cpr_transfer, retire_source
 from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout, TransferFailed
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
 from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
@@ -31,6 +31,7 @@ from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
 from pytest_cpr.host import vfio
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
+from pytest_cpr.kinds import Accel, Phase
 from pytest_cpr.qemu.bugs import KnownBug, known_bugs
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
@@ -47,7 +48,7 @@ class VmConfig:
     image: GuestImage | None  # None: user_image must be set
     source: QemuBuild
     target: QemuBuild
-    accel: str
+    accel: Accel
     memory_mib: int = 512
     cpus: int = 1
     boot_timeout: float = 240.0
@@ -356,7 +357,7 @@ class CprVM:
 
     def known_bugs(self, result: TransferResult) -> list[KnownBug]:
         """The known QEMU bugs the old QEMU of that transfer can meet (its build, accelerator, devices)."""
-        build = self._builds[result.source.split()[0]]
+        build = self._builds[result.source.label]
         vfio_device = any(str(arg).startswith("vfio-pci") for arg in self.config.extra_args)
         return known_bugs(build, self.config.accel, vfio_device)
 
@@ -396,8 +397,8 @@ class CprVM:
         index = len(self.transfers) + 1
         gen = len(self.generations)
         incoming = Incoming(self.rundir / f"mig-g{gen}.sock", self.rundir / f"cpr-g{gen}.sock")
-        result = TransferResult(index, f"{source.label} {self._builds[source.label].short_version}",
-                                f"g{gen} {build.short_version}")
+        result = TransferResult(index, ProcessRef(source.label, self._builds[source.label].short_version),
+                                ProcessRef(f"g{gen}", build.short_version))
         self.transfers.append(result)
         for stale in (incoming.main_socket, incoming.cpr_socket):
             stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
@@ -422,7 +423,7 @@ class CprVM:
 
     def _after_transfer(self, result: TransferResult) -> None:
         t = result.timeline
-        if "target_running" not in t:  # source was paused: so is the target, nothing to wait for
+        if Phase.TARGET_RUNNING not in t:  # source was paused: so is the target, nothing to wait for
             self._record(result)
             return
         if self.traffic_now is not None:
@@ -430,7 +431,7 @@ class CprVM:
         try:
             assert self.ssh is not None
             self.ssh.run("true", timeout=min(self.config.command_timeout, 20.0))
-            t["ssh_answered"] = time.time()
+            t[Phase.SSH_ANSWERED] = time.time()
         except Exception as exc:
             result.notes.append(f"SSH after transfer failed: {exc}")
         self._record(result)
@@ -442,18 +443,18 @@ class CprVM:
         came back is lost."""
         t = result.timeline
         try:
-            traffic.wait_answers(20, 15.0, since=t["target_running"])
+            traffic.wait_answers(20, 15.0, since=t[Phase.TARGET_RUNNING])
             window_end = time.time()
             traffic.wait_answers(3, 5.0, since=window_end)
         except CprTimeout as exc:
             result.notes.append(f"probe stream did not recover: {exc}")
             window_end = time.time()
         probes = traffic.probe.snapshot()
-        answers = [p.t_recv for p in probes if p.t_recv is not None and p.t_recv >= t["target_running"]]
+        answers = [p.t_recv for p in probes if p.t_recv is not None and p.t_recv >= t[Phase.TARGET_RUNNING]]
         if answers:
-            t["first_probe_after"] = min(answers)
-        stats = traffic.probe.stats(t["step_start"], window_end, grace_s=0.0)
-        series = plot.ProbeSeries.of(probes, t["step_start"], window_end, traffic.probe.interval_ms)
+            t[Phase.FIRST_PROBE_AFTER] = min(answers)
+        stats = traffic.probe.stats(t[Phase.STEP_START], window_end, grace_s=0.0)
+        series = plot.ProbeSeries.of(probes, t[Phase.STEP_START], window_end, traffic.probe.interval_ms)
         result.probe = {**stats.as_dict(), **series.send_stall(stats.gap_start, stats.gap_end)}
 
     def _record(self, result: TransferResult) -> None:
@@ -472,8 +473,8 @@ class CprVM:
         t, i = result.timeline, result.index
         series = None
         traffic = self.traffic_now
-        if traffic is not None and "step_start" in t:
-            series = plot.ProbeSeries.of(traffic.probe.snapshot(), t["step_start"] - plot.CONTEXT_BEFORE_S,
+        if traffic is not None and Phase.STEP_START in t:
+            series = plot.ProbeSeries.of(traffic.probe.snapshot(), t[Phase.STEP_START] - plot.CONTEXT_BEFORE_S,
                                          time.time(), traffic.probe.interval_ms)
             result.files["probe_series"] = str(series.save(self.artifacts / f"probe-t{i}.json"))
         if series is not None and self.config.plots:

@@ -35,6 +35,7 @@ from pytest_cpr.host.hostconfig import (
     read_attr,
     write_attr,
 )
+from pytest_cpr.kinds import Backend, values
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -326,7 +327,7 @@ class HostProbe:
         if not self.groups:
             return ("no IOMMU groups on this host: boot with intel_iommu=on iommu=pt "
                     "(or amd_iommu=on iommu=pt)")
-        if backend == "legacy":
+        if backend == Backend.LEGACY:
             if isinstance(self.container, str):
                 return f"legacy VFIO container unusable: {self.container}"
             if not self.container.get("unmap_all"):
@@ -432,11 +433,11 @@ class Passthrough:
 
 def qemu_args(devices: Sequence[Passthrough], backend: str, iommufd_id: str = "iommufd0") -> list[str]:
     """-device vfio-pci,... per device; with iommufd, one `-object iommufd` shared by all of them."""
-    if backend not in ("legacy", "iommufd"):
+    if backend not in values(Backend):
         raise CprUnsupported(f"unknown VFIO backend {backend!r}: use legacy or iommufd")
-    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == "iommufd" and devices else []
+    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == Backend.IOMMUFD and devices else []
     for d in devices:
-        args += ["-device", d.device_arg(iommufd_id if backend == "iommufd" else None)]
+        args += ["-device", d.device_arg(iommufd_id if backend == Backend.IOMMUFD else None)]
     return args
 
 
