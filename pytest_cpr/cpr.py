@@ -18,6 +18,7 @@ from qemu.qmp import QMPError
 
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
 from pytest_cpr.kinds import Phase
+from pytest_cpr.observers import Observer, TransferObserver
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.qemu.spec import Incoming
@@ -147,18 +148,16 @@ class _TargetMonitor:
 
 
 def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
-                 result: TransferResult, timeout: float,
-                 before_migrate: Callable[[QemuProcess], None] | None = None,
-                 after_spawn: Callable[[QemuProcess], None] | None = None,
-                 after_migrate: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
+                 result: TransferResult, timeout: float, observer: TransferObserver | None = None) -> QemuProcess:
     """Transfer the guest from `source` to a new QEMU made by `start_target`; returns the target.
 
     On failure raises TransferFailed (result filled in as far as it got); the source is left as
     QEMU left it (it should be running the guest again) and the target is shut down.
-    Fault-injection hooks, each called with the target: `after_spawn` right after it was started,
-    `before_migrate` once it listens, `after_migrate` once the source accepted `migrate`.
+    `observer` is told, with the target: on_spawned right after it was started, on_before_migrate
+    once it listens, on_after_migrate once the source accepted `migrate`.
     A source that was not running (paused guest) leaves the target paused too, as QEMU does.
     """
+    observer = observer or Observer()
     t = result.timeline
     source_status = source.qmp.execute("query-status")["status"]
     t[Phase.STEP_START] = time.time()
@@ -166,21 +165,18 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
     try:
         target = start_target()
         t[Phase.TARGET_SPAWNED] = target.t_spawn
-        if after_spawn is not None:
-            after_spawn(target)
+        observer.on_spawned(target)
         t[Phase.TARGET_LISTENING] = target.wait_for_path(incoming.cpr_socket, timeout,
                                                      f"cpr channel of target {target.label}", listening=True)
         monitor = _TargetMonitor(target, timeout)
-        if before_migrate is not None:
-            before_migrate(target)
+        observer.on_before_migrate(target)
         qmp = source.qmp
         mark = len(qmp.events)
         qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         qmp.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
         t[Phase.MIGRATE_ISSUED] = time.time()
         qmp.execute("migrate", {"channels": incoming.channels()})
-        if after_migrate is not None:
-            after_migrate(target)
+        observer.on_after_migrate(target)
         final = qmp.wait_event(_status_is(*FINAL_STATES), timeout, "MIGRATION completed/failed",
                                since=mark, alive=source.exit_reason)
         t[Phase.migration_ended(final["data"]["status"])] = _event_time(final)

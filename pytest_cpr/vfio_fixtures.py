@@ -8,7 +8,6 @@ pytest); plugin.py calls configure()/header_lines()/generate_tests()/group_items
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig, HostConfigError
 from pytest_cpr.host.mdev import Mdev, guest_slot
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
 from pytest_cpr.kinds import Backend, Role
+from pytest_cpr.observers import Observer
 from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM, Traffic
 
@@ -401,8 +402,9 @@ class NvmeDma:
         return int(text.split("DONE")[-1].split()[0])
 
 
-class HostWatch:
-    """Host side of a transfer: the kernel log and the devices' vfio interrupt lines."""
+class HostWatch(Observer):
+    """Host side of a transfer: the kernel log and the devices' vfio interrupt lines. As an observer
+    of a transfer it samples the lines right after the target started and once the transfer ended."""
 
     def __init__(self, addresses: list[str], dev: Path = Path("/dev")) -> None:
         self.addresses = addresses
@@ -420,6 +422,13 @@ class HostWatch:
 
     def sample(self) -> None:
         self.irqs.append(vfio.host_vfio_irqs(self.addresses))
+
+    def on_spawned(self, target: QemuProcess) -> None:
+        self.sample()
+
+    def on_result(self, result: TransferResult) -> None:
+        if result.status == "completed":
+            self.sample()
 
     def check_log(self, logs: object = None) -> None:
         bad = self.log.failures()
@@ -504,30 +513,12 @@ class PassthroughGuest:
                          max_lost_probes: float | None = None) -> TransferResult:
         """vm.live_update with host samples around it: guest vectors and host vfio lines keep counting."""
         watch.sample()
-        with _sample_before_transfer(self.vm, watch):
+        with self.vm.observing(watch):  # samples inside live_update's windows, around the transfer
             result = self.vm.live_update(traffic, irq_pattern=irq_pattern, max_blackout_ms=max_blackout_ms,
                                          max_lost_probes=max_lost_probes)
         watch.sample()
         result.notes += watch.notes
         return result
-
-
-@contextlib.contextmanager
-def _sample_before_transfer(vm: CprVM, watch: HostWatch) -> Iterator[None]:
-    """Take host samples right before the transfer and right after it, inside live_update's windows."""
-    original = vm.transfer
-
-    def transfer(*args: Any, **kwargs: Any) -> TransferResult:
-        watch.sample()
-        result = original(*args, **kwargs)
-        watch.sample()
-        return result
-
-    vm.transfer = transfer  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del vm.transfer
 
 
 @pytest.fixture
