@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
-from pytest_cpr.guest.traffic import StreamResult
 from pytest_cpr.kinds import Phase
+from pytest_cpr.net.traffic import StreamResult
 from pytest_cpr.qemu.bugs import KnownBug
 
 

@@ -292,5 +292,3 @@ def clean_private_dir(rec: dict[str, object]) -> str:
     shutil.rmtree(path, ignore_errors=True)
     return f"removed stale run directory {path} (sockets, session key)"
 
-
-leftovers.register_cleaner("rundir", clean_private_dir)

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprTimeout
-from pytest_cpr.guest.state import IrqLine
 from pytest_cpr.host import vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
 from pytest_cpr.kinds import Backend, Role
 from pytest_cpr.observers import Observer
+from pytest_cpr.procfs import IrqLine
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import QemuProcess
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from pytest_cpr import plot
 from pytest_cpr.errors import CprTimeout
-from pytest_cpr.guest.traffic import IcmpProbe, StreamResult, TcpStream
 from pytest_cpr.kinds import Phase
+from pytest_cpr.net.traffic import IcmpProbe, StreamResult, TcpStream
 from pytest_cpr.observers import Observer
 from pytest_cpr.waits import (
     CONFIRM_ANSWERS,

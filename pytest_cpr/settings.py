@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,6 +17,7 @@ from typing import Any
 
 from pytest_cpr.errors import CprSettingError
 from pytest_cpr.kinds import Accel, values
+from pytest_cpr.units import parse_mib as parse_mib  # re-exported: its old home
 
 
 @dataclass(frozen=True)
@@ -42,21 +42,6 @@ class Setting:
 
     def names(self) -> str:
         return f"{self.option} / {self.env} / ini {self.ini}"
-
-
-_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_mib(text: str) -> int:
-    """'512M', '2G', '1024' (MiB) -> MiB."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size")
-    n, unit = int(m.group(1)), m.group(2).upper()
-    mib = {"": n, "K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
-    if mib < 64:
-        raise ValueError(f"{text!r} is below 64 MiB, too small to boot a guest")
-    return mib
 
 
 def parse_positive_int(text: str) -> int:

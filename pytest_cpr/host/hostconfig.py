@@ -34,7 +34,7 @@ from typing import Any
 
 from pytest_cpr.errors import CprSettingError
 from pytest_cpr.kinds import Accel, Backend, Role, values
-from pytest_cpr.settings import parse_mib
+from pytest_cpr.units import parse_mib
 
 ROLES = values(Role)
 BACKENDS = values(Backend)

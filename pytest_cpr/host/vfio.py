@@ -24,7 +24,6 @@ from typing import Any
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprUnsupported
-from pytest_cpr.guest.state import IrqLine, parse_interrupts
 from pytest_cpr.host.hostconfig import (
     HostPaths,
     describe_device,
@@ -36,6 +35,7 @@ from pytest_cpr.host.hostconfig import (
     write_attr,
 )
 from pytest_cpr.kinds import Backend, values
+from pytest_cpr.procfs import IrqLine, parse_interrupts
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -145,13 +145,10 @@ def _record_key(address: str) -> str:
     return address.replace(":", "_")
 
 
-def _clean_vfio(rec: dict[str, Any]) -> str:
+def clean_vfio(rec: dict[str, Any]) -> str:
     paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
     return "vfio binding of a killed run: " + restore_device(paths, rec["address"], rec.get("driver"),
                                                              rec.get("override"))
-
-
-leftovers.register_cleaner("vfio", _clean_vfio)
 
 
 class VfioBinding:
