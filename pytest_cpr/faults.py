@@ -26,25 +26,23 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
-from pytest_cpr.observers import Observer
+from pytest_cpr.observers import Callbacks, ProcessHook
 from pytest_cpr.qemu.process import QemuProcess
 
 if TYPE_CHECKING:
     from pytest_cpr.cpr import TransferResult
     from pytest_cpr.vm import CprVM
 
-Hook = Callable[[QemuProcess], None]
+Hook = ProcessHook  # a function given the target QEMU
 
 
 @dataclass
-class Fault(Observer):
-    """One way to break a transfer. Hooks get the target QEMU; `setup`/`teardown` get the VM."""
+class Fault(Callbacks):
+    """One way to break a transfer. Hooks (after_spawn, before_migrate, after_migrate, keyword
+    arguments) get the target QEMU; `setup`/`teardown` get the VM."""
 
     name: str
     description: str
-    after_spawn: Hook | None = None
-    before_migrate: Hook | None = None
-    after_migrate: Hook | None = None
     setup: Callable[[CprVM], None] | None = None
     teardown: Callable[[CprVM], None] | None = None
     seen: list[str] = field(default_factory=list)  # what the fault observed when it struck
@@ -53,16 +51,7 @@ class Fault(Observer):
 
     def on_spawned(self, target: QemuProcess) -> None:
         self.target = target
-        if self.after_spawn is not None:
-            self.after_spawn(target)
-
-    def on_before_migrate(self, target: QemuProcess) -> None:
-        if self.before_migrate is not None:
-            self.before_migrate(target)
-
-    def on_after_migrate(self, target: QemuProcess) -> None:
-        if self.after_migrate is not None:
-            self.after_migrate(target)
+        super().on_spawned(target)
 
     def note(self, text: str) -> None:
         self.seen.append(f"{time.time():.6f} {text}")

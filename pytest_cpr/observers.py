@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -97,47 +98,48 @@ class Observers(Observer):
         """The first observer that holds the probe stream (a running Traffic's measurement)."""
         return next((m for m in self._members if isinstance(m, ProbeSeriesSource)), None)
 
+    def _tell(self, event: Callable[[TransferObserver], None]) -> None:
+        for member in list(self._members):  # a copy: an observer may detach itself
+            event(member)
+
     def on_spawned(self, target: QemuProcess) -> None:
-        for member in list(self._members):
-            member.on_spawned(target)
+        self._tell(lambda o: o.on_spawned(target))
 
     def on_before_migrate(self, target: QemuProcess) -> None:
-        for member in list(self._members):
-            member.on_before_migrate(target)
+        self._tell(lambda o: o.on_before_migrate(target))
 
     def on_after_migrate(self, target: QemuProcess) -> None:
-        for member in list(self._members):
-            member.on_after_migrate(target)
+        self._tell(lambda o: o.on_after_migrate(target))
 
     def on_before_retire(self, source: QemuProcess) -> None:
-        for member in list(self._members):
-            member.on_before_retire(source)
+        self._tell(lambda o: o.on_before_retire(source))
 
     def on_result(self, result: TransferResult) -> None:
-        for member in list(self._members):
-            member.on_result(result)
+        self._tell(lambda o: o.on_result(result))
 
 
+@dataclass(kw_only=True)
 class Callbacks(Observer):
-    """Plain functions as an observer (the keyword arguments of CprVM.transfer)."""
+    """Plain functions as an observer (the keyword arguments of CprVM.transfer, a Fault's hooks)."""
 
-    def __init__(self, after_spawn: ProcessHook | None = None, before_migrate: ProcessHook | None = None,
-                 after_migrate: ProcessHook | None = None, before_retire: ProcessHook | None = None) -> None:
-        self._after_spawn, self._before_migrate = after_spawn, before_migrate
-        self._after_migrate, self._before_retire = after_migrate, before_retire
+    after_spawn: ProcessHook | None = None
+    before_migrate: ProcessHook | None = None
+    after_migrate: ProcessHook | None = None
+    before_retire: ProcessHook | None = None
 
     def on_spawned(self, target: QemuProcess) -> None:
-        if self._after_spawn is not None:
-            self._after_spawn(target)
+        _call(self.after_spawn, target)
 
     def on_before_migrate(self, target: QemuProcess) -> None:
-        if self._before_migrate is not None:
-            self._before_migrate(target)
+        _call(self.before_migrate, target)
 
     def on_after_migrate(self, target: QemuProcess) -> None:
-        if self._after_migrate is not None:
-            self._after_migrate(target)
+        _call(self.after_migrate, target)
 
     def on_before_retire(self, source: QemuProcess) -> None:
-        if self._before_retire is not None:
-            self._before_retire(source)
+        _call(self.before_retire, source)
+
+
+def _call(hook: ProcessHook | None, process: QemuProcess) -> None:
+    if hook is not None:
+        hook(process)

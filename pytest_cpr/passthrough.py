@@ -21,6 +21,12 @@ from pytest_cpr.observers import Observer
 from pytest_cpr.procfs import IrqLine
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.waits import (
+    DEVICE_APPEAR_TIMEOUT_S,
+    DMA_LOG_READ_TIMEOUT_S,
+    DMA_VERIFY_TIMEOUT_S,
+    GUEST_SHELL_MARGIN_S,
+)
 
 if TYPE_CHECKING:
     from pytest_cpr.probing import Traffic
@@ -156,11 +162,11 @@ class NvmeDma:
         self.namespace = ""
         self.log: str = ""
 
-    def find(self, timeout: float = 30.0) -> str:
+    def find(self, timeout: float = DEVICE_APPEAR_TIMEOUT_S) -> str:
         """The guest's namespace block device of this controller, waited for (the driver probes async)."""
         out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do {self._FIND % self.guest_address} "
                           '[ -n "$ns" ] && break; sleep 0.1; done; echo "$c/$ns"',
-                          timeout=timeout + 10).stdout.strip()
+                          timeout=timeout + GUEST_SHELL_MARGIN_S).stdout.strip()
         self.controller, _, self.namespace = out.partition("/")
         if not self.namespace:
             raise CprTimeout(f"no NVMe namespace appeared at guest PCI {self.guest_address} within "
@@ -187,7 +193,7 @@ class NvmeDma:
 
     def progress(self) -> tuple[int, list[str]]:
         """(write/read-back rounds that passed, failure lines) so far."""
-        text = self.vm.run("cat /tmp/cpr-dma.log", timeout=30).stdout
+        text = self.vm.run("cat /tmp/cpr-dma.log", timeout=DMA_LOG_READ_TIMEOUT_S).stdout
         return sum(1 for ln in text.splitlines() if ln.startswith("OK ")), \
             [ln for ln in text.splitlines() if ln.startswith("FAIL")]
 
@@ -207,11 +213,11 @@ class NvmeDma:
                                  f"{timeout:.0f}s (I/O stalled?); logs: {self.vm.artifacts}")
             time.sleep(0.2)
 
-    def stop(self, timeout: float = 120.0) -> int:
+    def stop(self, timeout: float = DMA_VERIFY_TIMEOUT_S) -> int:
         """Stop, verify every slot, and return the rounds done; raises CheckFailed on any mismatch."""
         self.vm.run("touch /tmp/cpr-dma.stop")
         deadline = time.monotonic() + timeout
-        while "DONE" not in (text := self.vm.run("cat /tmp/cpr-dma.log", timeout=30).stdout):
+        while "DONE" not in (text := self.vm.run("cat /tmp/cpr-dma.log", timeout=DMA_LOG_READ_TIMEOUT_S).stdout):
             if time.monotonic() > deadline:
                 raise CprTimeout(f"NVMe DMA did not finish its read-back within {timeout:.0f}s")
             time.sleep(0.2)
@@ -295,10 +301,10 @@ class PassthroughGuest:
     def nvmes(self) -> list[tuple[DeviceConfig, Passthrough]]:
         return self.devices.with_role(Role.NVME)
 
-    def guest_ifname(self, dev: Passthrough, timeout: float = 30.0) -> str:
+    def guest_ifname(self, dev: Passthrough, timeout: float = DEVICE_APPEAR_TIMEOUT_S) -> str:
         out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do n=$(ls /sys/bus/pci/devices/"
                           f"{dev.guest_address}/net 2>/dev/null | head -1); [ -n \"$n\" ] && break; "
-                          'sleep 0.1; done; echo "$n"', timeout=timeout + 10).stdout.strip()
+                          'sleep 0.1; done; echo "$n"', timeout=timeout + GUEST_SHELL_MARGIN_S).stdout.strip()
         if not out:
             raise CprTimeout(f"no network interface at guest PCI {dev.guest_address} within {timeout:.0f}s "
                              f"(driver missing in the guest kernel?); logs: {self.vm.artifacts}")

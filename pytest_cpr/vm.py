@@ -146,7 +146,9 @@ class CprVM:
         build). The old process is retired (`before_retire` gets it first, in postmigrate); the new
         one owns the guest. With traffic running, waits for the probe stream to come back and
         records the guest-visible blackout. The hooks are a one-transfer observer."""
-        with self.observing(Callbacks(after_spawn, before_migrate, after_migrate, before_retire)):
+        hooks = Callbacks(after_spawn=after_spawn, before_migrate=before_migrate, after_migrate=after_migrate,
+                          before_retire=before_retire)
+        with self.observing(hooks):
             return self._runner.run(target)
 
     def live_update(self, traffic: Traffic, target: QemuBuild | None = None, window: int = 100,

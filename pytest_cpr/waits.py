@@ -37,6 +37,13 @@ DMESG_CONSOLE_TIMEOUT_S = 30.0
 SNAPSHOT_CONSOLE_TIMEOUT_S = 60.0
 CONSOLE_CONNECT_TIMEOUT_S = 10.0
 
+# Passthrough devices in the guest: the driver probes asynchronously; the DMA stream's log is read
+# over SSH; at stop it reads every slot back.
+DEVICE_APPEAR_TIMEOUT_S = 30.0
+GUEST_SHELL_MARGIN_S = 10.0  # the SSH command that waits for a device may take this much longer
+DMA_LOG_READ_TIMEOUT_S = 30.0
+DMA_VERIFY_TIMEOUT_S = 120.0
+
 # Shutting QEMU down: a failed generation, and every generation at close.
 FAILED_GENERATION_SHUTDOWN_S = 5.0
 CLOSE_SHUTDOWN_S = 10.0
