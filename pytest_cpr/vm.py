@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from pytest_cpr.artifacts import ArtifactWriter
@@ -141,7 +141,7 @@ class CprVM:
 
     def transfer(self, target: QemuBuild | None = None, before_migrate: ProcessHook | None = None,
                  after_spawn: ProcessHook | None = None, after_migrate: ProcessHook | None = None,
-                 before_retire: Callable[[QemuProcess], None] | None = None) -> TransferResult:
+                 before_retire: ProcessHook | None = None) -> TransferResult:
         """cpr-transfer the guest to a new QEMU process (of `target`, default: the configured target
         build). The old process is retired (`before_retire` gets it first, in postmigrate); the new
         one owns the guest. With traffic running, waits for the probe stream to come back and
