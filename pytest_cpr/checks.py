@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
-from pytest_cpr.guest.traffic import StreamResult
+from pytest_cpr.kinds import Phase
+from pytest_cpr.net.traffic import StreamResult
 from pytest_cpr.qemu.bugs import KnownBug
 
 
@@ -65,11 +66,11 @@ def assert_same_boot(before: GuestSnapshot, after: GuestSnapshot, max_pause_s: f
 
 def assert_connectivity(result: TransferResult, logs: object = None) -> None:
     """The SSH session opened before the transfer answered after it, and probes came back."""
-    if "ssh_answered" not in result.timeline:
+    if Phase.SSH_ANSWERED not in result.timeline:
         notes = "; ".join(result.notes) or "no answer"
         raise CheckFailed(f"transfer {result.index}: the SSH session opened before the transfer did not "
                           f"run a command after it: {notes}{_where(logs)}")
-    if result.probe is not None and "first_probe_after" not in result.timeline:
+    if result.probe is not None and Phase.FIRST_PROBE_AFTER not in result.timeline:
         raise CheckFailed(f"transfer {result.index}: no probe was answered after the target resumed "
                           f"(probe stats {result.probe}){_where(logs)}")
 

@@ -15,7 +15,6 @@ something could not be cleaned (the next run would trip over it), 2 on a usage e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -28,14 +27,10 @@ from pathlib import Path
 
 from pytest_cpr import leftovers
 
-try:  # registers the "netns" cleaner
+try:  # deletes orphaned namespaces (the cleaners of records come from leftovers.CLEANERS)
     from pytest_cpr.host import netns as _netns
 except ImportError:  # pragma: no cover - pyroute2 is a dependency; keep the CLI usable without it
     _netns = None  # type: ignore[assignment]
-with contextlib.suppress(ImportError):  # registers the "vfio" cleaner (restores device bindings)
-    import pytest_cpr.host.vfio
-with contextlib.suppress(ImportError):  # registers the "mdev" cleaner (removes mediated devices)
-    import pytest_cpr.host.mdev  # noqa: F401
 
 PROC = Path("/proc")
 NETNS_DIR = Path("/var/run/netns")

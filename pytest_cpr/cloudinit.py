@@ -17,6 +17,9 @@ from pathlib import Path
 
 from pytest_cpr.errors import CprSettingError
 
+MISSING_PYCDLIB = ("--cpr-user-image needs pycdlib to write the cloud-init seed: "
+                   "pip install 'pytest-cpr[cloud]'")
+
 
 @dataclass(frozen=True)
 class HostKey:
@@ -74,7 +77,10 @@ def meta_data(instance_id: str, hostname: str) -> str:
 def write_seed(path: Path, *, instance_id: str, hostname: str, authorized_key: str, host_key: HostKey,
                nics: list[tuple[str, str]]) -> Path:
     """Write the NoCloud seed ISO (volume id `cidata`) and return its path."""
-    import pycdlib
+    try:
+        import pycdlib
+    except ImportError:
+        raise CprSettingError(MISSING_PYCDLIB) from None
 
     files = {"user-data": user_data(authorized_key, host_key), "meta-data": meta_data(instance_id, hostname),
              "network-config": network_config(nics)}

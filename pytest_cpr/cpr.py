@@ -17,6 +17,8 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
+from pytest_cpr.kinds import Phase
+from pytest_cpr.observers import Observer, TransferObserver
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.qemu.spec import Incoming
@@ -24,14 +26,25 @@ from pytest_cpr.qemu.spec import Incoming
 FINAL_STATES = ("completed", "failed", "cancelled")
 
 
+@dataclass(frozen=True)
+class ProcessRef:
+    """One QEMU generation of a transfer: its label (g0, g1, g1-retry1, ...) and its build's version."""
+
+    label: str
+    version: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.version}" if self.version else self.label
+
+
 @dataclass
 class TransferResult:
     index: int
-    source: str  # "label: QEMU version"
-    target: str
+    source: ProcessRef
+    target: ProcessRef
     status: str = "not started"
     error: str | None = None
-    timeline: dict[str, float] = field(default_factory=dict)  # phase -> host wall time (s)
+    timeline: dict[Phase, float] = field(default_factory=dict)  # phase -> host wall time (s)
     qemu: dict[str, Any] = field(default_factory=dict)  # query-migrate numbers of the source
     probe: dict[str, Any] | None = None  # ProbeStats of this transfer's window
     source_exit: str | None = None
@@ -42,7 +55,7 @@ class TransferResult:
     dma_stall_ms: float | None = None
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
 
-    def ms(self, start: str, end: str) -> float | None:
+    def ms(self, start: Phase, end: Phase) -> float | None:
         t = self.timeline
         return round((t[end] - t[start]) * 1000, 3) if start in t and end in t else None
 
@@ -61,8 +74,8 @@ class TransferResult:
     @property
     def overhead_ratio(self) -> float | None:
         """transfer step wall time / (target spawn-to-listening + QEMU total-time)."""
-        step = self.ms("step_start", "target_running")
-        listen = self.ms("target_spawned", "target_listening")
+        step = self.ms(Phase.STEP_START, Phase.TARGET_RUNNING)
+        listen = self.ms(Phase.TARGET_SPAWNED, Phase.TARGET_LISTENING)
         total = self.qemu_total_ms
         if step is None or listen is None or not total:
             return None
@@ -76,13 +89,13 @@ class TransferResult:
             "qemu_downtime_ms": self.qemu_downtime_ms,
             "qemu_total_ms": self.qemu_total_ms,
             "qemu_setup_ms": self.qemu.get("setup-time"),
-            "wall_ms": self.ms("migrate_issued", "target_running"),
-            "step_ms": self.ms("step_start", "target_running"),
-            "spawn_to_listen_ms": self.ms("target_spawned", "target_listening"),
+            "wall_ms": self.ms(Phase.MIGRATE_ISSUED, Phase.TARGET_RUNNING),
+            "step_ms": self.ms(Phase.STEP_START, Phase.TARGET_RUNNING),
+            "spawn_to_listen_ms": self.ms(Phase.TARGET_SPAWNED, Phase.TARGET_LISTENING),
             "blackout_ms": self.blackout_ms,
             "lost_probes": probe.get("lost"),
             "reordered_probes": probe.get("reordered"),
-            "ssh_after_ms": self.ms("target_running", "ssh_answered"),
+            "ssh_after_ms": self.ms(Phase.TARGET_RUNNING, Phase.SSH_ANSWERED),
             "overhead_ratio": self.overhead_ratio,
             "dma_stall_ms": self.dma_stall_ms,
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
@@ -90,6 +103,7 @@ class TransferResult:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["source"], data["target"] = str(self.source), str(self.target)  # "label version" in JSON
         data["numbers"] = self.numbers()
         return data
 
@@ -134,46 +148,41 @@ class _TargetMonitor:
 
 
 def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
-                 result: TransferResult, timeout: float,
-                 before_migrate: Callable[[QemuProcess], None] | None = None,
-                 after_spawn: Callable[[QemuProcess], None] | None = None,
-                 after_migrate: Callable[[QemuProcess], None] | None = None) -> QemuProcess:
+                 result: TransferResult, timeout: float, observer: TransferObserver | None = None) -> QemuProcess:
     """Transfer the guest from `source` to a new QEMU made by `start_target`; returns the target.
 
     On failure raises TransferFailed (result filled in as far as it got); the source is left as
     QEMU left it (it should be running the guest again) and the target is shut down.
-    Fault-injection hooks, each called with the target: `after_spawn` right after it was started,
-    `before_migrate` once it listens, `after_migrate` once the source accepted `migrate`.
+    `observer` is told, with the target: on_spawned right after it was started, on_before_migrate
+    once it listens, on_after_migrate once the source accepted `migrate`.
     A source that was not running (paused guest) leaves the target paused too, as QEMU does.
     """
+    observer = observer or Observer()
     t = result.timeline
     source_status = source.qmp.execute("query-status")["status"]
-    t["step_start"] = time.time()
+    t[Phase.STEP_START] = time.time()
     target: QemuProcess | None = None
     try:
         target = start_target()
-        t["target_spawned"] = target.t_spawn
-        if after_spawn is not None:
-            after_spawn(target)
-        t["target_listening"] = target.wait_for_path(incoming.cpr_socket, timeout,
+        t[Phase.TARGET_SPAWNED] = target.t_spawn
+        observer.on_spawned(target)
+        t[Phase.TARGET_LISTENING] = target.wait_for_path(incoming.cpr_socket, timeout,
                                                      f"cpr channel of target {target.label}", listening=True)
         monitor = _TargetMonitor(target, timeout)
-        if before_migrate is not None:
-            before_migrate(target)
+        observer.on_before_migrate(target)
         qmp = source.qmp
         mark = len(qmp.events)
         qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         qmp.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
-        t["migrate_issued"] = time.time()
+        t[Phase.MIGRATE_ISSUED] = time.time()
         qmp.execute("migrate", {"channels": incoming.channels()})
-        if after_migrate is not None:
-            after_migrate(target)
+        observer.on_after_migrate(target)
         final = qmp.wait_event(_status_is(*FINAL_STATES), timeout, "MIGRATION completed/failed",
                                since=mark, alive=source.exit_reason)
-        t["migration_" + final["data"]["status"]] = _event_time(final)
+        t[Phase.migration_ended(final["data"]["status"])] = _event_time(final)
         for event in qmp.events[mark:]:
-            if event.get("event") == "STOP" and "source_stopped" not in t:
-                t["source_stopped"] = _event_time(event)
+            if event.get("event") == "STOP" and Phase.SOURCE_STOPPED not in t:
+                t[Phase.SOURCE_STOPPED] = _event_time(event)
         info = qmp.execute("query-migrate")
         result.qemu = {k: info.get(k) for k in ("status", "downtime", "total-time", "setup-time",
                                                 "error-desc") if k in info}
@@ -195,10 +204,10 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
         elif tq.execute("query-status")["status"] != "running":
             ev = tq.wait_event(lambda e: e.get("event") == "RESUME", timeout, "RESUME of the target",
                                alive=target.exit_reason)
-            t["target_running"] = _event_time(ev)
+            t[Phase.TARGET_RUNNING] = _event_time(ev)
         else:
             resumed = [e for e in tq.events if e.get("event") == "RESUME"]
-            t["target_running"] = _event_time(resumed[0]) if resumed else time.time()
+            t[Phase.TARGET_RUNNING] = _event_time(resumed[0]) if resumed else time.time()
             if not resumed:
                 result.notes.append("target was already running when its QMP answered; "
                                     "target_running is the time of that answer")
@@ -209,7 +218,7 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
     except TransferFailed:
         _abandon(target)
         raise
-    except (CprError, QmpError, QMPError, OSError) as exc:
+    except (CprError, QMPError, OSError) as exc:  # QmpError is a CprError
         result.status = "failed"
         result.error = _failure(exc, target, result)
         _abandon(target)
@@ -274,5 +283,5 @@ def retire_source(source: QemuProcess, result: TransferResult, timeout: float = 
     """Shut the old QEMU down cleanly (quit), recording how it ended."""
     source.shutdown(timeout)
     rc = source.popen.returncode if source.popen else None
-    result.timeline["source_exited"] = time.time()
+    result.timeline[Phase.SOURCE_EXITED] = time.time()
     result.source_exit = f"exit code {rc}" if rc is not None and rc >= 0 else f"signal {-(rc or 0)}"

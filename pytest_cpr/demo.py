@@ -63,7 +63,7 @@ def run(transfers: int, artifacts: Path) -> int:
                       if r.interrupts else f"transfer {r.index}: {r.status}", flush=True)
         checks.assert_stream_intact(traffic.stream_result, vm.artifacts)
         checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
-    rows = [[str(r.index), f"{r.source.split()[-1]} -> {r.target.split()[-1]}",
+    rows = [[str(r.index), f"{r.source.version} -> {r.target.version}",
              *(str(r.numbers()[k]) for k in ("qemu_downtime_ms", "qemu_total_ms", "wall_ms", "blackout_ms",
                                              "lost_probes", "ssh_after_ms"))] for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]

@@ -1,10 +1,11 @@
 """Fault injection around a cpr-transfer: break the transfer at a precise point, then tell what happened.
 
-Each fault is a `Fault`: hooks for cpr_transfer() (after_spawn, before_migrate, after_migrate), plus
-an optional setup/teardown on the VM (pause the guest, change the target's arguments, ask the
-source to pause before switchover). `inject(vm, fault)` runs one transfer with the fault and
-returns a `FaultOutcome`: the TransferResult, the error (if the transfer failed), what the fault
-saw when it struck, and the state of the source afterwards. Usable without pytest:
+Each fault is a `Fault`, an observer of the transfer (pytest_cpr.observers) with hooks at three of
+its events (after_spawn, before_migrate, after_migrate), plus an optional setup/teardown on the VM
+(pause the guest, change the target's arguments, ask the source to pause before switchover).
+`inject(vm, fault)` runs one transfer with the fault and returns a `FaultOutcome`: the
+TransferResult, the error (if the transfer failed), what the fault saw when it struck, and the
+state of the source afterwards. Usable without pytest:
 
     outcome = inject(vm, kill_target_after_cpr_state())
     assert outcome.failed and outcome.source_status == "running"
@@ -24,29 +25,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_cpr import leftovers
-from pytest_cpr.errors import CprTimeout, TransferFailed
+from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
+from pytest_cpr.observers import Callbacks, ProcessHook
 from pytest_cpr.qemu.process import QemuProcess
 
 if TYPE_CHECKING:
     from pytest_cpr.cpr import TransferResult
     from pytest_cpr.vm import CprVM
 
-Hook = Callable[[QemuProcess], None]
+Hook = ProcessHook  # a function given the target QEMU
 
 
 @dataclass
-class Fault:
-    """One way to break a transfer. Hooks get the target QEMU; `setup`/`teardown` get the VM."""
+class Fault(Callbacks):
+    """One way to break a transfer. Hooks (after_spawn, before_migrate, after_migrate, keyword
+    arguments) get the target QEMU; `setup`/`teardown` get the VM."""
 
     name: str
     description: str
-    after_spawn: Hook | None = None
-    before_migrate: Hook | None = None
-    after_migrate: Hook | None = None
     setup: Callable[[CprVM], None] | None = None
     teardown: Callable[[CprVM], None] | None = None
     seen: list[str] = field(default_factory=list)  # what the fault observed when it struck
     vm: CprVM | None = None
+    target: QemuProcess | None = None  # the target of the transfer, once started
+
+    def on_spawned(self, target: QemuProcess) -> None:
+        self.target = target
+        super().on_spawned(target)
 
     def note(self, text: str) -> None:
         self.seen.append(f"{time.time():.6f} {text}")
@@ -86,22 +91,13 @@ def inject(vm: CprVM, fault: Fault, resume_timeout: float = 15.0) -> FaultOutcom
     source = vm.current
     t0 = time.monotonic()
     error: str | None = None
-    target: QemuProcess | None = None
-
-    def track(hook: Hook | None) -> Hook:
-        def wrapped(proc: QemuProcess) -> None:
-            nonlocal target
-            target = proc
-            if hook is not None:
-                hook(proc)
-        return wrapped
-
+    fault.target = None
     if fault.setup is not None:
         fault.setup(vm)
     try:
         try:
-            vm.transfer(before_migrate=fault.before_migrate, after_spawn=track(fault.after_spawn),
-                        after_migrate=fault.after_migrate)
+            with vm.observing(fault):
+                vm.transfer()
         except TransferFailed as exc:
             error = str(exc)
         result = vm.transfers[-1]
@@ -114,7 +110,7 @@ def inject(vm: CprVM, fault: Fault, resume_timeout: float = 15.0) -> FaultOutcom
     elif source.exit_reason() is None:
         status = source.qmp.execute("query-status")["status"] if source.qmp.connected else None
     return FaultOutcome(fault.name, result, error, source.exit_reason() is None, status,
-                        source.exit_reason(), target.exit_reason() if target is not None else None,
+                        source.exit_reason(), fault.target.exit_reason() if fault.target is not None else None,
                         fault.seen, round(time.monotonic() - t0, 3))
 
 
@@ -219,13 +215,15 @@ def kill_target_after_cpr_state() -> Fault:
 def target_args(vm: CprVM, extra: tuple[str, ...] = (), **changes: Any) -> Iterator[None]:
     """Start the next target with other arguments than the source: `extra` appended, VmSpec fields
     in `changes` replaced (memory_mib, machine, ...). The spec is restored after."""
-    assert vm.spec is not None, "boot() first"
-    spec = vm.spec
-    vm.spec = dataclasses.replace(spec, extra_args=spec.extra_args + extra, **changes)
+    machine = vm.machine
+    spec = machine.spec
+    if spec is None:
+        raise CprError(f"guest {vm.config.name}: boot() it before changing its target's arguments")
+    machine.spec = dataclasses.replace(spec, extra_args=spec.extra_args + extra, **changes)
     try:
         yield
     finally:
-        vm.spec = spec
+        machine.spec = spec
 
 
 def _with_target_args(fault: Fault, extra: tuple[str, ...] = (), **changes: Any) -> Fault:

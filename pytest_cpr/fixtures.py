@@ -4,13 +4,14 @@ without pytest, and cleans up. Override any of them in a conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -19,6 +20,7 @@ from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.kinds import Accel, Mode
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM, VmConfig, record_private_dir
@@ -39,7 +41,7 @@ def one_line_errors(what: str) -> Iterator[None]:
         raise pytest.fail.Exception(f"[pytest-cpr] {what}: {exc}", pytrace=False) from None
 
 
-def host_unavailable(reason: str, settings: CprSettings) -> None:
+def host_unavailable(reason: str, settings: CprSettings) -> NoReturn:
     """Skip (or, with --cpr-strict, fail) a test the host cannot serve."""
     if settings.strict:
         pytest.fail(f"[cpr-strict] {reason}", pytrace=False)
@@ -55,7 +57,6 @@ def cpr_settings(pytestconfig: pytest.Config) -> CprSettings:
 def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
     with one_line_errors(f"probing {binary}"):
         return probe(binary, option)
-    raise AssertionError("unreachable")  # pragma: no cover - pytest.fail raises
 
 
 @pytest.fixture(scope="session")
@@ -87,14 +88,13 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage | None:
             host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
                              "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
         return GuestImage.load(path, "--cpr-image / CPR_IMAGE")
-    raise AssertionError("unreachable")  # pragma: no cover - pytest.fail raises
 
 
 @pytest.fixture(scope="session")
 def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-              cpr_image: GuestImage | None) -> str:
+              cpr_image: GuestImage | None) -> Accel:
     """The accelerator in use: --cpr-accel, or auto: KVM if it boots a guest kernel here, else TCG."""
-    return choose_accel(str(cpr_settings.accel), cpr_source_build,
+    return choose_accel(cpr_settings.accel, cpr_source_build,
                         cpr_image.kernel if cpr_image is not None else None)
 
 
@@ -141,14 +141,14 @@ def _record_transfer(node: pytest.Item) -> Callable[[TransferResult], None]:
 
 @pytest.fixture
 def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-                   cpr_target_build: QemuBuild, cpr_image: GuestImage | None, cpr_accel: str,
+                   cpr_target_build: QemuBuild, cpr_image: GuestImage | None, cpr_accel: Accel,
                    cpr_session_key: SessionKey, cpr_artifacts: Path) -> Iterator[Callable[..., CprVM]]:
     """Make guests (not yet booted): `vm = cpr_vm_factory(memory_mib=1024)`. All are shut down and their
     networks removed at teardown; the guest dmesg and the transfer numbers are saved."""
     marker = request.node.get_closest_marker("cpr")
     mode = (marker.kwargs.get("mode") or (marker.args[0] if marker.args else None)) if marker else None
     for build, option in ((cpr_source_build, "--cpr-qemu"), (cpr_target_build, "--cpr-target-qemu")):
-        if (reason := build.missing(mode or "cpr-transfer")) is not None:
+        if (reason := build.missing(mode or Mode.CPR_TRANSFER)) is not None:
             host_unavailable(f"{reason}; set {option} to a build that has it", cpr_settings)
     made: list[CprVM] = []
 
@@ -162,9 +162,8 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
             artifacts=cpr_artifacts / name if made else cpr_artifacts, key_dir=cpr_session_key.path.parent,
             vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms,
             user_image=Path(cpr_settings.user_image) if cpr_settings.user_image else None)
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        config.cmdline = (*config.cmdline, *(cpr_settings.guest_cmdline or "").split())
+        config = dataclasses.replace(config, **overrides)  # a misspelt key raises TypeError
+        config.cmdline = (*config.cmdline, *cpr_settings.guest_cmdline.split())
         config.on_transfer.append(_record_transfer(request.node))
         vm = CprVM(config)
         made.append(vm)

@@ -1,4 +1,5 @@
-"""Guest images: built from a recipe under images/<name>/, cached by a hash of the recipe.
+"""Guest images: built from a recipe under images/<name>/ (in a wheel: pytest_cpr/recipes/<name>/),
+cached by a hash of the recipe.
 
 Tests only ever use a cached image; building is a separate command
 (`cpr-image build guest`, or `python -m pytest_cpr.images build guest`).
@@ -19,7 +20,9 @@ from pathlib import Path
 
 from pytest_cpr.errors import CprSettingError
 
-REPO_IMAGES = Path(__file__).resolve().parent.parent / "images"
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"  # an installed wheel
+CHECKOUT_RECIPES = Path(__file__).resolve().parent.parent / "images"  # a checkout (editable install)
+REPO_IMAGES = PACKAGED_RECIPES if PACKAGED_RECIPES.is_dir() else CHECKOUT_RECIPES
 IMAGE_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
 
 

@@ -7,6 +7,7 @@ run killed with SIGKILL never breaks the runs after it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -18,8 +19,18 @@ from typing import Any
 
 STATE_DIR = Path(os.environ.get("CPR_STATE_DIR", "/run/pytest-cpr"))
 
-# kind -> cleaner(record) -> description of what was cleaned; other modules register theirs
-_CLEANERS: dict[str, Callable[[dict[str, Any]], str]] = {}
+Cleaner = Callable[[dict[str, Any]], str]  # record -> description of what was cleaned
+
+# The one registry of cleaners: each kind of record and the function (module:name) that cleans it.
+# Modules are imported only when a record of their kind is cleaned (the CLI and session start).
+CLEANERS: dict[str, str] = {
+    "proc": "pytest_cpr.leftovers:clean_process",
+    "rundir": "pytest_cpr.machine:clean_private_dir",
+    "netns": "pytest_cpr.host.netns:clean_netns",
+    "vfio": "pytest_cpr.host.vfio:clean_vfio",
+    "mdev": "pytest_cpr.host.mdev:clean_mdev",
+}
+_CLEANERS: dict[str, Cleaner] = {}  # loaded from CLEANERS, or registered (tests, extensions)
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -58,8 +69,21 @@ def forget_process(pid: int) -> None:
     forget("proc", str(pid))
 
 
-def register_cleaner(kind: str, cleaner: Callable[[dict[str, Any]], str]) -> None:
+def register_cleaner(kind: str, cleaner: Cleaner) -> None:
+    """Clean records of `kind` with `cleaner` (over the CLEANERS entry, if any)."""
     _CLEANERS[kind] = cleaner
+
+
+def cleaner_for(kind: str) -> Cleaner | None:
+    """The cleaner of `kind`: registered, else loaded from CLEANERS; None if there is none, or its
+    module cannot be imported here (e.g. pyroute2 missing: the record is kept for a later run)."""
+    if kind not in _CLEANERS and kind in CLEANERS:
+        module, _, name = CLEANERS[kind].partition(":")
+        try:
+            _CLEANERS[kind] = getattr(importlib.import_module(module), name)
+        except ImportError:
+            return None
+    return _CLEANERS.get(kind)
 
 
 def _owner_alive(rec: dict[str, Any]) -> bool:
@@ -72,7 +96,7 @@ def is_stale(rec: dict[str, Any]) -> bool:
     return not _owner_alive(rec)
 
 
-def _clean_process(rec: dict[str, Any]) -> str:
+def clean_process(rec: dict[str, Any]) -> str:
     pid = int(rec["pid"])
     if _proc_start_time(pid) != rec.get("start"):
         return f"process {pid} already gone"
@@ -83,8 +107,6 @@ def _clean_process(rec: dict[str, Any]) -> str:
         time.sleep(0.01)
     return f"killed stale QEMU process {pid} ({rec.get('argv0')})"
 
-
-register_cleaner("proc", _clean_process)
 
 
 def records() -> list[dict[str, Any]]:
@@ -115,7 +137,7 @@ def _clean(select: Callable[[dict[str, Any]], bool]) -> list[str]:
     for rec in sorted(records(), key=lambda r: r.get("kind") != "proc"):
         if not select(rec):
             continue
-        cleaner = _CLEANERS.get(rec.get("kind", ""))
+        cleaner = cleaner_for(rec.get("kind", ""))
         if cleaner is None:
             continue
         try:

@@ -17,17 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_cpr.kinds import Phase
+
 # Phases in the order a successful transfer passes them (source_exited is not ordered against the
 # last three: the old QEMU is retired while the guest already runs in the new one).
-PHASES = ("step_start", "target_spawned", "target_listening", "migrate_issued", "source_stopped",
-          "migration_completed", "target_running", "first_probe_after", "ssh_answered")
-PHASE_LABELS = {
-    "step_start": "step start", "target_spawned": "target spawned", "target_listening": "target listening",
-    "migrate_issued": "migrate issued", "source_stopped": "source stopped",
-    "migration_completed": "migration completed", "migration_failed": "migration failed",
-    "migration_cancelled": "migration cancelled", "target_running": "target running",
-    "first_probe_after": "first probe answered", "ssh_answered": "SSH answered",
-    "source_exited": "source exited",
+PHASES = (Phase.STEP_START, Phase.TARGET_SPAWNED, Phase.TARGET_LISTENING, Phase.MIGRATE_ISSUED,
+          Phase.SOURCE_STOPPED, Phase.MIGRATION_COMPLETED, Phase.TARGET_RUNNING, Phase.FIRST_PROBE_AFTER,
+          Phase.SSH_ANSWERED)
+PHASE_LABELS: dict[str, str] = {
+    Phase.STEP_START: "step start", Phase.TARGET_SPAWNED: "target spawned",
+    Phase.TARGET_LISTENING: "target listening", Phase.MIGRATE_ISSUED: "migrate issued",
+    Phase.SOURCE_STOPPED: "source stopped", Phase.MIGRATION_COMPLETED: "migration completed",
+    Phase.MIGRATION_FAILED: "migration failed", Phase.MIGRATION_CANCELLED: "migration cancelled",
+    Phase.TARGET_RUNNING: "target running", Phase.FIRST_PROBE_AFTER: "first probe answered",
+    Phase.SSH_ANSWERED: "SSH answered", Phase.SOURCE_EXITED: "source exited",
 }
 STALL_FACTOR = 3  # a send interval this many times the probe interval is a harness stall
 CONTEXT_BEFORE_S = 0.25  # probes kept before the transfer step starts, to show the normal RTT
@@ -88,7 +91,7 @@ def timeline_document(result: dict[str, Any]) -> dict[str, Any]:
     """The timeline JSON of one transfer (from TransferResult.as_dict()): phases in time order with
     absolute host times and milliseconds since the transfer step started, plus every number."""
     timeline: dict[str, float] = result["timeline"]
-    t0 = timeline.get("step_start", min(timeline.values(), default=0.0))
+    t0 = timeline.get(Phase.STEP_START, min(timeline.values(), default=0.0))
     return {
         "index": result["index"], "source": result["source"], "target": result["target"],
         "status": result["status"], "error": result.get("error"),
@@ -128,7 +131,7 @@ class _Figure:
         self.result = result
         self.series = series
         self.timeline: dict[str, float] = result["timeline"]
-        self.t0 = float(self.timeline.get("step_start", series.rows[0][1] if series.rows else 0.0))
+        self.t0 = float(self.timeline.get(Phase.STEP_START, series.rows[0][1] if series.rows else 0.0))
         self.view = self._view()
 
     def ms(self, t: float) -> float:
@@ -138,8 +141,9 @@ class _Figure:
         """Window shown: a little before the step, to well after the guest answered again (SSH, which
         comes hundreds of ms later, is listed at the edge rather than squeezing the gap)."""
         probe = self.result.get("probe") or {}
-        ends = [self.ms(self.timeline[k]) for k in ("first_probe_after", "target_running", "migration_failed",
-                                                    "migration_cancelled") if k in self.timeline]
+        ends = [self.ms(self.timeline[k]) for k in (Phase.FIRST_PROBE_AFTER, Phase.TARGET_RUNNING,
+                                                    Phase.MIGRATION_FAILED, Phase.MIGRATION_CANCELLED)
+                if k in self.timeline]
         ends += [self.ms(probe[k]) for k in ("gap_start", "gap_end") if probe.get(k) is not None]
         end_phase = max(ends, default=None)  # the blackout is always in view, even after the resume
         if end_phase is None:
@@ -251,11 +255,11 @@ def _label(name: str, x: float) -> str:
 
 
 def _phase_colour(name: str) -> str:
-    if name in ("source_stopped", "migration_completed", "target_running"):
+    if name in (Phase.SOURCE_STOPPED, Phase.MIGRATION_COMPLETED, Phase.TARGET_RUNNING):
         return "#8e44ad"  # the pause itself, as QEMU sees it
-    if name.startswith("migration_") or name == "source_exited":
+    if name.startswith("migration_") or name == Phase.SOURCE_EXITED:
         return "#7f8c8d"
-    if name in ("first_probe_after", "ssh_answered"):
+    if name in (Phase.FIRST_PROBE_AFTER, Phase.SSH_ANSWERED):
         return "#1e8449"  # the guest, as the network sees it
     return "#d35400"  # harness steps
 

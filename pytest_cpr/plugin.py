@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_cpr import leftovers, report, vfio_fixtures
+from pytest_cpr import leftovers, report, vfio_hooks
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by import
     REPORT_KEY,
@@ -74,7 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SETTINGS_KEY] = resolve(cli, os.environ, ini)
     except CprSettingError as exc:
         raise pytest.UsageError(str(exc)) from None
-    vfio_fixtures.configure(config, config.stash[SETTINGS_KEY])
+    config.stash[SETTINGS_KEY] = vfio_hooks.configure(config, config.stash[SETTINGS_KEY])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -89,15 +89,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
                          f"{'iommufd' in build.object_types}; VFIO CPR: {build.has_vfio_cpr}")
         except CprError as exc:
             lines.append(f"  {label} QEMU: unusable: {exc}")
-    return lines + vfio_fixtures.header_lines(config)
+    return lines + vfio_hooks.header_lines(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    vfio_fixtures.generate_tests(metafunc)
+    vfio_hooks.generate_tests(metafunc)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    vfio_fixtures.group_items(config, items)
+    vfio_hooks.group_items(config, items)
 
 
 def _second_interrupt_kills_leftovers() -> None:

@@ -6,15 +6,18 @@ and validation, so a setting cannot exist in one place and not another.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError
+from pytest_cpr.kinds import Accel, values
+from pytest_cpr.units import parse_mib as parse_mib  # re-exported: its old home
 
 
 @dataclass(frozen=True)
@@ -39,21 +42,6 @@ class Setting:
 
     def names(self) -> str:
         return f"{self.option} / {self.env} / ini {self.ini}"
-
-
-_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_mib(text: str) -> int:
-    """'512M', '2G', '1024' (MiB) -> MiB."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise ValueError(f"{text!r} is not a size")
-    n, unit = int(m.group(1)), m.group(2).upper()
-    mib = {"": n, "K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
-    if mib < 64:
-        raise ValueError(f"{text!r} is below 64 MiB, too small to boot a guest")
-    return mib
 
 
 def parse_positive_int(text: str) -> int:
@@ -92,13 +80,17 @@ def choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_accel(text: str) -> Accel:
+    return Accel(choice(*values(Accel))(text))
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("qemu", "source QEMU binary (the build that boots the guest)", "qemu-system-x86_64",
             fix="a qemu-system-x86_64 path or name on PATH"),
     Setting("target_qemu", "target QEMU binary the guest is transferred to (default: the source binary)",
             None, fix="a qemu-system-x86_64 path or name on PATH"),
     Setting("accel", "accelerator: auto (KVM where it boots a guest, else TCG), kvm or tcg", "auto",
-            choice("auto", "kvm", "tcg"), fix="auto, kvm or tcg"),
+            parse_accel, fix="auto, kvm or tcg"),
     Setting("image", "guest image directory (vmlinuz, initrd.img, rootfs.img); default: the cached "
             "build of images/guest", None, fix="a directory made by `cpr-image build guest`"),
     Setting("user_image", "your own cloud image (qcow2/raw with cloud-init) to boot instead of the built "
@@ -153,25 +145,62 @@ def unknown_ini_keys(keys: Iterable[str]) -> list[str]:
     return lines
 
 
-@dataclass
+@dataclass(frozen=True)
 class CprSettings:
-    """Resolved settings; `source` tells where each value came from (cli, env, ini, default)."""
+    """Resolved settings, one typed field per row of SETTINGS (a unit test keeps the two in step);
+    `source` tells where each value came from (cli, env, ini, default, host config)."""
 
-    values: dict[str, Any]
-    source: dict[str, str] = field(default_factory=dict)
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(key) from None
+    qemu: str
+    target_qemu: str | None
+    accel: Accel
+    image: str | None
+    user_image: str | None
+    cache_dir: str
+    memory: int
+    cpus: int
+    boot_timeout: float
+    boot_attempts: int
+    guest_cmdline: str
+    transfer_timeout: float
+    command_timeout: float
+    artifacts: str
+    keep_artifacts: str
+    vnet_hdr: bool
+    probe_interval_ms: float
+    max_blackout_ms: float | None
+    max_lost_probes: float | None
+    host_config: str | None
+    strict: bool
+    source: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def target_qemu_binary(self) -> str:
-        return str(self.values["target_qemu"] or self.values["qemu"])
+        return str(self.target_qemu or self.qemu)
+
+    def value(self, key: str) -> object:
+        """The value of the setting `key` (a row of SETTINGS)."""
+        return getattr(self, BY_KEY[key].key)
+
+    def overridden(self, values: Mapping[str, str], where: str) -> CprSettings:
+        """These settings with `values` (raw text, parsed by the table) taken from `where`."""
+        parsed = {key: _parse(BY_KEY[key], raw, where) for key, raw in values.items()}
+        return dataclasses.replace(self, **parsed,  # type: ignore[arg-type]
+                                   source={**self.source, **dict.fromkeys(values, where)})
 
     def header_lines(self) -> list[str]:
-        return [f"  {s.key} = {self.values[s.key]!r} ({self.source[s.key]})" for s in SETTINGS]
+        return [f"  {s.key} = {_shown(self.value(s.key))!r} ({self.source[s.key]})" for s in SETTINGS]
+
+
+def _shown(value: object) -> object:
+    """A value as the header shows it: an enum as its plain string."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _parse(setting: Setting, raw: str, where: str) -> object:
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        raise CprSettingError(f"setting {setting.names()} from {where}: {exc}; use {setting.fix}") from None
 
 
 def resolve(cli: Mapping[str, str | None], env: Mapping[str, str] | None = None,
@@ -188,12 +217,6 @@ def resolve(cli: Mapping[str, str | None], env: Mapping[str, str] | None = None,
             if candidate is not None and candidate != "":
                 raw, where = candidate, origin
                 break
-        if raw is None:
-            values[s.key], source[s.key] = None, where
-            continue
-        try:
-            values[s.key] = s.parse(raw)
-        except ValueError as exc:
-            raise CprSettingError(f"setting {s.names()} from {where}: {exc}; use {s.fix}") from None
+        values[s.key] = None if raw is None else _parse(s, raw, where)
         source[s.key] = where
-    return CprSettings(values, source)
+    return CprSettings(**values, source=source)

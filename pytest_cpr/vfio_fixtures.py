@@ -1,161 +1,44 @@
-"""pytest side of VFIO: the host config and probe (session), the devices a test's `vfio` markers ask
-for (bound per test, restored after), a booted guest with those devices passed through, and a guest
-with a mediated device (mdev) of the host config's first [[mdev]] type.
+"""pytest fixtures of VFIO: the host config and probe (session), the devices a test's `vfio` markers
+ask for (bound per test, restored after), a booted guest with those devices passed through, and a
+guest with a mediated device (mdev) of the host config's first [[mdev]] type.
 
-Logic lives in pytest_cpr.host.{hostconfig,vfio,mdev} and PassthroughGuest below (usable without
-pytest); plugin.py calls configure()/header_lines()/generate_tests()/group_items() from its hooks.
+Logic lives in pytest_cpr.host.{hostconfig,vfio,mdev} and pytest_cpr.passthrough (usable without
+pytest); the hooks' helpers are in pytest_cpr.vfio_hooks. The domain names stay importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import pytest
 
-from pytest_cpr import checks
-from pytest_cpr.cpr import TransferResult
-from pytest_cpr.errors import CprError, CprTimeout
 from pytest_cpr.fixtures import host_unavailable
-from pytest_cpr.guest.state import IrqLine
-from pytest_cpr.host import hostconfig, vfio
-from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig, HostConfigError, HostPaths
+from pytest_cpr.host.hostconfig import HostConfig
 from pytest_cpr.host.mdev import Mdev, guest_slot
-from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
+from pytest_cpr.host.vfio import HostProbe, Passthrough, VfioBinding
+from pytest_cpr.kinds import Backend
+from pytest_cpr.passthrough import (
+    NO_MDEV,
+    HostWatch,
+    NvmeDma,
+    PassthroughGuest,
+    VfioDevices,
+    after_bind,
+    build_reasons,
+    mdev_unavailable,
+    select,
+)
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.settings import CprSettings
-from pytest_cpr.vm import CprVM, Traffic
+from pytest_cpr.vfio_hooks import HOST_CONFIG_KEY, NO_CONFIG, backends_for, host_probe, wants
+from pytest_cpr.vm import CprVM
 
-HOST_CONFIG_KEY = pytest.StashKey[HostConfig | None]()
-HOST_PROBE_KEY = pytest.StashKey[HostProbe]()
-NO_CONFIG = ("no host config: this test needs passthrough devices; describe them in a TOML file and give it "
-             "with --cpr-host-config / CPR_HOST_CONFIG / ini cpr_host_config (docs/hardware-runners.md)")
-
-
-# ---- hooks' helpers (called from plugin.py)
-def configure(config: pytest.Config, settings: CprSettings) -> None:
-    """Load and validate the host config before anything starts; its qemu/target_qemu/accel
-    override the settings for this host (shown as 'host config' in the header)."""
-    config.addinivalue_line("markers", "vfio_blocker: the test expects QEMU to refuse cpr-transfer of "
-                            "its vfio devices (a kernel or QEMU feature is missing); skipped where nothing "
-                            "blocks")
-    if not config.pluginmanager.hasplugin("xdist"):
-        config.addinivalue_line("markers", "xdist_group(name): pytest-xdist group (set by pytest-cpr)")
-    host: HostConfig | None = None
-    if settings.host_config:
-        try:
-            host = hostconfig.load(Path(settings.host_config))
-        except HostConfigError as exc:
-            raise pytest.UsageError(str(exc)) from None
-        for key, value in (("qemu", host.qemu), ("target_qemu", host.target_qemu), ("accel", host.accel)):
-            if value is not None:
-                settings.values[key], settings.source[key] = value, f"host config {host.path}"
-    config.stash[HOST_CONFIG_KEY] = host
+__all__ = ["NO_MDEV", "CprHost", "HostWatch", "NvmeDma", "PassthroughGuest", "VfioDevices", "_mdev_unavailable",
+           "cpr_host", "cpr_mdev", "cpr_mdev_guest", "cpr_vfio", "cpr_vfio_backend", "cpr_vfio_guest"]
+_mdev_unavailable = mdev_unavailable  # the name tests/unit/test_mdev.py knows
 
 
-def host_probe(config: pytest.Config) -> HostProbe:
-    if HOST_PROBE_KEY not in config.stash:
-        host = config.stash.get(HOST_CONFIG_KEY, None)
-        config.stash[HOST_PROBE_KEY] = vfio.probe_host(host.paths if host else HostPaths())
-    return config.stash[HOST_PROBE_KEY]
-
-
-def header_lines(config: pytest.Config) -> list[str]:
-    host = config.stash.get(HOST_CONFIG_KEY, None)
-    described = host.describe() if host else "none (--cpr-host-config): passthrough tests skip"
-    lines = ["pytest-cpr host (VFIO):", f"  host config: {described}"]
-    try:
-        lines += host_probe(config).header_lines()
-    except OSError as exc:
-        lines.append(f"  probe failed: {exc}")
-    return lines
-
-
-@dataclass(frozen=True)
-class Want:
-    role: str
-    count: int
-    backend: str | None
-
-
-def wants(node: pytest.Item | Any) -> list[Want]:
-    """What the test's `vfio` markers ask for (several markers: several roles)."""
-    out = []
-    for mark in node.iter_markers("vfio"):
-        role = mark.kwargs.get("role", mark.args[0] if mark.args else "nic")
-        if role not in hostconfig.ROLES:
-            raise pytest.UsageError(f"{node.nodeid}: vfio marker role={role!r}: use one of "
-                                    f"{hostconfig.ROLES}")
-        out.append(Want(role, int(mark.kwargs.get("count", 1)), mark.kwargs.get("backend")))
-    return out
-
-
-def backends_for(node: Any, host: HostConfig | None) -> list[str]:
-    """Backends a test runs on: its marker's backend, else `iommufd` marker, else the host's."""
-    fixed = {w.backend for w in wants(node) if w.backend}
-    if node.get_closest_marker("iommufd") is not None:
-        fixed.add("iommufd")
-    if len(fixed) > 1:
-        raise pytest.UsageError(f"{node.nodeid}: vfio markers ask for backends {sorted(fixed)}; one test "
-                                "runs on one backend")
-    if fixed:
-        return sorted(fixed)
-    return list(host.backends) if host else list(hostconfig.BACKENDS)
-
-
-def generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "cpr_vfio_backend" in metafunc.fixturenames:
-        host = metafunc.config.stash.get(HOST_CONFIG_KEY, None)
-        metafunc.parametrize("cpr_vfio_backend", backends_for(metafunc.definition, host), indirect=True)
-
-
-def select(host: HostConfig, want: list[Want]) -> list[DeviceConfig] | str:
-    """The config's devices for the wants (first ones of each role), or why the host cannot serve."""
-    chosen: list[DeviceConfig] = []
-    for w in want:
-        have = [d for d in host.with_role(w.role) if d not in chosen]
-        if len(have) < w.count:
-            return (f"host config {host.path} names {len(have)} free device(s) of role {w.role!r}; the test "
-                    f"needs {w.count}")
-        chosen += have[: w.count]
-    return chosen
-
-
-def group_items(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """xdist_group per set of devices: tests sharing a device (directly or through another test)
-    share a group, so pytest-xdist --dist loadgroup never binds one device twice at once."""
-    host = config.stash.get(HOST_CONFIG_KEY, None)
-    parent: dict[str, str] = {}
-
-    def find(a: str) -> str:
-        while parent.setdefault(a, a) != a:
-            a = parent[a]
-        return a
-
-    per_item: dict[str, list[str]] = {}
-    for item in items:
-        want = wants(item)
-        if not want:
-            continue
-        chosen = select(host, want) if host else "none"
-        addresses = [d.address for d in chosen] if isinstance(chosen, list) else ["unassigned"]
-        per_item[item.nodeid] = addresses
-        for a in addresses[1:]:
-            parent[find(a)] = find(addresses[0])
-    members: dict[str, set[str]] = {}
-    for addresses in per_item.values():
-        members.setdefault(find(addresses[0]), set()).update(addresses)
-    for item in items:
-        if item.nodeid in per_item:
-            name = "vfio-" + "+".join(sorted(members[find(per_item[item.nodeid][0])]))
-            item.add_marker(pytest.mark.xdist_group(name))
-
-
-# ---- fixtures
 @dataclass
 class CprHost:
     """The host config and the kernel probe of this session."""
@@ -171,68 +54,19 @@ def cpr_host(pytestconfig: pytest.Config, cpr_settings: CprSettings) -> CprHost:
     config = pytestconfig.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
     return CprHost(config, host_probe(pytestconfig))
 
 
 @pytest.fixture
-def cpr_vfio_backend(request: pytest.FixtureRequest) -> str:
+def cpr_vfio_backend(request: pytest.FixtureRequest) -> Backend:
     """The VFIO backend of this test (legacy or iommufd): pytest-cpr parametrizes tests over the
     backends in the host config; a `vfio(backend=...)` or `iommufd` marker narrows that."""
-    return str(getattr(request, "param", None) or backends_for(request.node, None)[0])
-
-
-@dataclass
-class VfioDevices:
-    """The devices bound to vfio-pci for one test, and why QEMU would refuse cpr-transfer with them."""
-
-    host: HostConfig
-    backend: str
-    devices: list[tuple[DeviceConfig, Passthrough]]
-    binding: VfioBinding
-    blockers: list[str] = field(default_factory=list)
-
-    def with_role(self, role: str) -> list[tuple[DeviceConfig, Passthrough]]:
-        return [(c, p) for c, p in self.devices if c.role == role]
-
-    @property
-    def addresses(self) -> list[str]:
-        return [c.address for c, _ in self.devices]
-
-    def groups(self) -> list[str]:
-        return self.binding.groups()
-
-    def qemu_args(self) -> tuple[str, ...]:
-        return tuple(vfio.qemu_args([p for _, p in self.devices], self.backend))
-
-    def kernel_args(self) -> tuple[str, ...]:
-        """cpr.net<N>=<guest PCI address>,<ip/prefix> for each NIC (N >= 1: net0 is the virtio NIC)."""
-        return tuple(f"cpr.net{n}={p.guest_address},{c.guest_ip}"
-                     for n, (c, p) in enumerate(self.with_role("nic"), start=1))
-
-
-def _build_reasons(source: QemuBuild, target: QemuBuild, backend: str) -> tuple[list[str], list[str]]:
-    """(unavailable, blockers) of the QEMU builds: no vfio-pci/iommufd = cannot run; no VFIO CPR =
-    QEMU refuses cpr-transfer (a blocker)."""
-    unavailable, blockers = [], []
-    for build in dict.fromkeys((source, target)):
-        for feature in ("vfio-pci", *(("iommufd",) if backend == "iommufd" else ())):
-            if (reason := build.missing(feature)) is not None:
-                unavailable.append(reason)
-        if (reason := build.missing("vfio-cpr")) is not None:
-            blockers.append(reason)
-    return unavailable, blockers
-
-
-def _kernel_blockers(probe: HostProbe, binding: VfioBinding, backend: str) -> list[str]:
-    if backend == "iommufd":
-        return [] if probe.change_process is True else [str(probe.change_process)]
-    return [r for g in binding.groups() if (r := vfio.legacy_cpr_missing(g, binding.paths.dev)) is not None]
+    return Backend(getattr(request, "param", None) or backends_for(request.node, None)[0])
 
 
 @pytest.fixture
 def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-             cpr_target_build: QemuBuild, cpr_vfio_backend: str) -> Iterator[VfioDevices]:
+             cpr_target_build: QemuBuild, cpr_vfio_backend: Backend) -> Iterator[VfioDevices]:
     """The devices the test's `vfio` markers ask for, with their IOMMU group companions, bound to
     vfio-pci for this test and given back to their drivers afterwards (also on failure or Ctrl-C).
     Skipped (failed with --cpr-strict) with the precise reason where the host or QEMU cannot serve;
@@ -241,290 +75,29 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     if not want:
         raise pytest.UsageError(f"{request.node.nodeid}: cpr_vfio needs a @pytest.mark.vfio(role=...) marker")
     expects_blocker = request.node.get_closest_marker("vfio_blocker") is not None
-    unavailable, blockers = _build_reasons(cpr_source_build, cpr_target_build, cpr_vfio_backend)
+    unavailable, blockers = build_reasons(cpr_source_build, cpr_target_build, cpr_vfio_backend)
     if unavailable or (blockers and not expects_blocker):
         host_unavailable("; ".join(unavailable or blockers), cpr_settings)
     config = request.config.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
     probe = host_probe(request.config)
     if (reason := probe.missing(cpr_vfio_backend)) is not None:
         host_unavailable(reason, cpr_settings)
     chosen = select(config, want)
     if isinstance(chosen, str):
         host_unavailable(chosen, cpr_settings)
-        raise AssertionError("unreachable")
     binding = VfioBinding([d.address for d in chosen], config.paths)
     devices = VfioDevices(config, cpr_vfio_backend, [(d, Passthrough(d.address, d.index, d.role))
                                                      for d in chosen], binding, blockers)
     with binding:
-        reason = _after_bind(devices, probe, expects_blocker)
+        reason = after_bind(devices, probe, expects_blocker)
         if reason is not None:
             binding.restore()
             host_unavailable(reason, cpr_settings)
         request.node.user_properties.append(("cpr_vfio",
                                              f"{cpr_vfio_backend}: {', '.join(devices.addresses)}"))
         yield devices
-
-
-def _after_bind(devices: VfioDevices, probe: HostProbe, expects_blocker: bool) -> str | None:
-    """Checks that need the devices on vfio-pci; returns a skip reason or None."""
-    if devices.backend == "iommufd":
-        for address in devices.addresses:
-            if (reason := vfio.cdev_missing(devices.binding.paths, address)) is not None:
-                return reason
-    devices.blockers += _kernel_blockers(probe, devices.binding, devices.backend)
-    if devices.blockers and not expects_blocker:
-        return "; ".join(devices.blockers)
-    if expects_blocker and not devices.blockers:
-        return (f"nothing blocks VFIO cpr-transfer here (backend {devices.backend}: the kernel and both QEMU "
-                "builds have every feature it needs): no blocker to provoke")
-    return None
-
-
-# ---- the guest
-NVME_DMA_SCRIPT = r"""
-dev=$1; slots=$2; w=/tmp/cpr-dma; mkdir -p $w; i=0
-while [ ! -e $w.stop ]; do
-  s=$((i % slots))
-  head -c 1048576 /dev/urandom > $w/data
-  want=$(sha256sum < $w/data | cut -d' ' -f1)
-  if ! dd if=$w/data of=$dev bs=1M seek=$s count=1 oflag=direct conv=notrunc status=none 2>$w/err; then
-    echo "FAIL write i=$i slot=$s: $(cat $w/err)"; break; fi
-  got=$(dd if=$dev bs=1M skip=$s count=1 iflag=direct status=none 2>$w/err | sha256sum | cut -d' ' -f1)
-  if [ "$got" != "$want" ]; then echo "FAIL read i=$i slot=$s want=$want got=$got $(cat $w/err)"; break; fi
-  echo $want > $w/slot.$s
-  echo "OK $i $s"
-  i=$((i + 1))
-done
-for f in $w/slot.*; do
-  [ -e "$f" ] || continue; s=${f##*.}
-  got=$(dd if=$dev bs=1M skip=$s count=1 iflag=direct status=none | sha256sum | cut -d' ' -f1)
-  [ "$got" = "$(cat $f)" ] || echo "FAIL verify slot=$s want=$(cat $f) got=$got"
-done
-echo "DONE $i"
-"""
-
-
-class NvmeDma:
-    """DMA traffic on a passthrough NVMe in the guest: 1 MiB writes of random data with O_DIRECT over
-    the test area, each read back and compared by SHA-256; at the end every slot is read back again
-    (data written before a transfer is read after it)."""
-
-    # controller name c, then its namespace's block device ns: the path device itself, or (native NVMe
-    # multipath) the head /sys/block/nvmeXnY whose multipath/ lists the controller's nvmeXcYnZ
-    _FIND = ("ns=; c=$(ls /sys/bus/pci/devices/%s/nvme 2>/dev/null | head -1); "
-             "for n in /sys/class/nvme/$c/nvme*n*; do [ -e \"$n\" ] || continue; p=${n##*/}; "
-             "if [ -b /dev/$p ]; then ns=$p; break; fi; "
-             "for h in /sys/block/nvme*n*; do [ -e $h/multipath/$p ] && ns=${h##*/}; done; "
-             # kernels before ~6.6 (Debian 12's 6.1) have no multipath/ links: the head disk sits
-             # in the NVMe subsystem that holds the controller (%% is % after formatting)
-             "for h in /sys/class/nvme-subsystem/*/nvme*n*; do [ -z \"$ns\" ] && [ -e \"${h%%/*}/$c\" ] && "
-             "[ -b \"/dev/${h##*/}\" ] && ns=${h##*/}; done; "
-             '[ -n "$ns" ] && break; done;')
-
-    def __init__(self, vm: CprVM, guest_address: str, area_mib: int) -> None:
-        self.vm, self.guest_address, self.area_mib = vm, guest_address, area_mib
-        self.controller = ""
-        self.namespace = ""
-        self.log: str = ""
-
-    def find(self, timeout: float = 30.0) -> str:
-        """The guest's namespace block device of this controller, waited for (the driver probes async)."""
-        out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do {self._FIND % self.guest_address} "
-                          '[ -n "$ns" ] && break; sleep 0.1; done; echo "$c/$ns"',
-                          timeout=timeout + 10).stdout.strip()
-        self.controller, _, self.namespace = out.partition("/")
-        if not self.namespace:
-            raise CprTimeout(f"no NVMe namespace appeared at guest PCI {self.guest_address} within "
-                             f"{timeout:.0f}s (controller {self.controller or 'none'}); "
-                             f"logs: {self.vm.artifacts}")
-        sectors = int(self.vm.run(f"cat /sys/block/{self.namespace}/size").stdout)
-        if sectors * 512 < self.area_mib << 20:
-            raise CprError(f"NVMe {self.namespace} has {sectors * 512 >> 20} MiB, less than test_area_mib = "
-                           f"{self.area_mib}; lower test_area_mib in the host config")
-        return self.namespace
-
-    @property
-    def irq_pattern(self) -> str:
-        return rf"^{self.controller}q\d+$"
-
-    def start(self) -> NvmeDma:
-        if not self.namespace:
-            self.find()
-        self.vm.run("rm -rf /tmp/cpr-dma /tmp/cpr-dma.stop; "
-                    f"cat > /tmp/cpr-dma.sh <<'EOF'\n{NVME_DMA_SCRIPT}\nEOF")
-        self.vm.run(f"setsid nohup bash /tmp/cpr-dma.sh /dev/{self.namespace} {self.area_mib} "
-                    "> /tmp/cpr-dma.log 2>&1 < /dev/null &")
-        return self
-
-    def progress(self) -> tuple[int, list[str]]:
-        """(write/read-back rounds that passed, failure lines) so far."""
-        text = self.vm.run("cat /tmp/cpr-dma.log", timeout=30).stdout
-        return sum(1 for ln in text.splitlines() if ln.startswith("OK ")), \
-            [ln for ln in text.splitlines() if ln.startswith("FAIL")]
-
-    def wait_rounds(self, more: int, timeout: float) -> int:
-        """Wait until `more` further rounds passed; raises on a failure line or timeout."""
-        start, _ = self.progress()
-        deadline = time.monotonic() + timeout
-        while True:
-            done, failed = self.progress()
-            if failed:
-                raise checks.CheckFailed(f"NVMe DMA in the guest failed: {failed[0]} "
-                                         f"(logs: {self.vm.artifacts})")
-            if done >= start + more:
-                return done
-            if time.monotonic() > deadline:
-                raise CprTimeout(f"NVMe DMA in the guest made {done - start} of {more} rounds in "
-                                 f"{timeout:.0f}s (I/O stalled?); logs: {self.vm.artifacts}")
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = 120.0) -> int:
-        """Stop, verify every slot, and return the rounds done; raises CheckFailed on any mismatch."""
-        self.vm.run("touch /tmp/cpr-dma.stop")
-        deadline = time.monotonic() + timeout
-        while "DONE" not in (text := self.vm.run("cat /tmp/cpr-dma.log", timeout=30).stdout):
-            if time.monotonic() > deadline:
-                raise CprTimeout(f"NVMe DMA did not finish its read-back within {timeout:.0f}s")
-            time.sleep(0.2)
-        self.log = text
-        (self.vm.artifacts / "nvme-dma.log").write_text(text)
-        failed = [ln for ln in text.splitlines() if ln.startswith("FAIL")]
-        if failed:
-            raise checks.CheckFailed("NVMe DMA data not identical:\n  " + "\n  ".join(failed[:10])
-                                     + f" (logs: {self.vm.artifacts})")
-        return int(text.split("DONE")[-1].split()[0])
-
-
-class HostWatch:
-    """Host side of a transfer: the kernel log and the devices' vfio interrupt lines."""
-
-    def __init__(self, addresses: list[str], dev: Path = Path("/dev")) -> None:
-        self.addresses = addresses
-        self.log = HostKernelLog(dev)
-        self.irqs: list[dict[str, IrqLine]] = []
-        self.notes: list[str] = []
-
-    def __enter__(self) -> HostWatch:
-        self.log.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.log.read()
-        self.log.close()
-
-    def sample(self) -> None:
-        self.irqs.append(vfio.host_vfio_irqs(self.addresses))
-
-    def check_log(self, logs: object = None) -> None:
-        bad = self.log.failures()
-        if bad:
-            raise checks.CheckFailed("host kernel log during the transfer:\n  " + "\n  ".join(bad[:10])
-                                     + f" (logs: {logs})")
-
-    def check_irqs(self, logs: object = None) -> dict[str, dict[str, int]]:
-        """With samples [pre0, pre1, post0, post1]: host vfio lines that counted before the transfer
-        count after it (lines that never count: interrupts posted straight to the guest)."""
-        if len(self.irqs) < 4:
-            raise ValueError("check_irqs needs four samples: two before the transfer, two after")
-        pre0, pre1, post0, post1 = self.irqs[-4:]
-
-        def fired(a: dict[str, IrqLine], b: dict[str, IrqLine]) -> dict[str, int]:
-            return {k: b[k].total - a[k].total for k in b if k in a and b[k].total > a[k].total}
-
-        before, after = fired(pre0, pre1), fired(post0, post1)
-        if not pre1:
-            self.notes.append(f"no vfio lines in the host's /proc/interrupts for {self.addresses}")
-        elif not before:
-            self.notes.append("host vfio lines did not count before the transfer (interrupts posted "
-                              "to the guest)")
-        silent = {k: n for k, n in before.items() if k not in after}
-        if silent:
-            raise checks.CheckFailed(f"host vfio interrupt lines stopped counting after the transfer: "
-                                     f"{silent} (before: {before}, after: {after}) (logs: {logs})")
-        return {"before": before, "after": after}
-
-
-class PassthroughGuest:
-    """A booted guest with the test's VFIO devices, and the traffic that runs over them."""
-
-    def __init__(self, vm: CprVM, devices: VfioDevices) -> None:
-        self.vm, self.devices = vm, devices
-
-    @property
-    def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
-        return self.devices.with_role("nic")
-
-    @property
-    def nvmes(self) -> list[tuple[DeviceConfig, Passthrough]]:
-        return self.devices.with_role("nvme")
-
-    def guest_ifname(self, dev: Passthrough, timeout: float = 30.0) -> str:
-        out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do n=$(ls /sys/bus/pci/devices/"
-                          f"{dev.guest_address}/net 2>/dev/null | head -1); [ -n \"$n\" ] && break; "
-                          'sleep 0.1; done; echo "$n"', timeout=timeout + 10).stdout.strip()
-        if not out:
-            raise CprTimeout(f"no network interface at guest PCI {dev.guest_address} within {timeout:.0f}s "
-                             f"(driver missing in the guest kernel?); logs: {self.vm.artifacts}")
-        return out
-
-    def nic_irq_pattern(self, dev: Passthrough) -> str:
-        """Guest MSI-X vectors of a passthrough NIC: '<ifname>-TxRx-<n>' (igb), '<ifname>' (other)."""
-        return rf"^{self.guest_ifname(dev)}(-|$)"
-
-    def nic_traffic(self, nic: tuple[DeviceConfig, Passthrough] | None = None, tcp: bool = True) -> Traffic:
-        """Probe + TCP stream over a passthrough NIC: its cabled peer port is moved into the guest's
-        network namespace (and back at the end), traffic goes guest_ip <-> peer_ip."""
-        config, dev = nic or self.nics[0]
-        assert config.peer_interface and config.peer_ip and config.guest_ip
-        ifname = self.guest_ifname(dev)  # guest-setup addressed it from cpr.net<N>; make sure of it
-        self.vm.run(f"ip addr replace {config.guest_ip} dev {ifname} && ip link set {ifname} up")
-        if config.peer_interface not in self.vm.network.adopted:
-            self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)
-        return self.vm.traffic(tcp=tcp, target=config.guest_ip.split("/")[0],
-                               host_ip=config.peer_ip.split("/")[0])
-
-    def nvme_dma(self, nvme: tuple[DeviceConfig, Passthrough] | None = None) -> NvmeDma:
-        config, dev = nvme or self.nvmes[0]
-        return NvmeDma(self.vm, dev.guest_address, config.test_area_mib)
-
-    def host_watch(self) -> HostWatch:
-        return HostWatch(self.devices.addresses, self.devices.host.paths.dev)
-
-    def check_guest_log(self) -> None:
-        checks.assert_clean_dmesg(self.vm.collect_dmesg(), self.vm.artifacts)
-
-    def transfer_checked(self, traffic: Traffic, irq_pattern: str, watch: HostWatch,
-                         max_blackout_ms: float | None = None,
-                         max_lost_probes: float | None = None) -> TransferResult:
-        """vm.live_update with host samples around it: guest vectors and host vfio lines keep counting."""
-        watch.sample()
-        with _sample_before_transfer(self.vm, watch):
-            result = self.vm.live_update(traffic, irq_pattern=irq_pattern, max_blackout_ms=max_blackout_ms,
-                                         max_lost_probes=max_lost_probes)
-        watch.sample()
-        result.notes += watch.notes
-        return result
-
-
-@contextlib.contextmanager
-def _sample_before_transfer(vm: CprVM, watch: HostWatch) -> Iterator[None]:
-    """Take host samples right before the transfer and right after it, inside live_update's windows."""
-    original = vm.transfer
-
-    def transfer(*args: Any, **kwargs: Any) -> TransferResult:
-        watch.sample()
-        result = original(*args, **kwargs)
-        watch.sample()
-        return result
-
-    vm.transfer = transfer  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del vm.transfer
 
 
 @pytest.fixture
@@ -540,25 +113,6 @@ def cpr_vfio_guest(cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
     return PassthroughGuest(vm, cpr_vfio)
 
 
-# ---- mediated devices
-NO_MDEV = ("host config {path} names no [[mdev]]; to run the mdev tests, load a parent driver (e.g. "
-           "`modprobe mtty`) and add [[mdev]] with parent = \"mtty\" and type = \"mtty-2\" "
-           "(docs/hardware-runners.md)")
-
-
-def _mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild) -> str | None:
-    """Why this host or QEMU cannot run the mdev blocker test, or None. QEMU's mdev blocker belongs
-    to the legacy container of its VFIO CPR support (QEMU >= 10.1): a build without VFIO CPR refuses
-    for another reason, so it cannot show this one."""
-    if not config.mdevs:
-        return NO_MDEV.format(path=config.path)
-    if not (config.paths.dev / "vfio" / "vfio").exists():
-        return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
-                "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")
-    unavailable, blockers = _build_reasons(source, target, "legacy")
-    return "; ".join(unavailable + blockers) or None
-
-
 @pytest.fixture
 def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
              cpr_target_build: QemuBuild) -> Iterator[Mdev]:
@@ -569,8 +123,7 @@ def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     config = request.config.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
-        raise AssertionError("unreachable")
-    if (reason := _mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
+    if (reason := mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
         host_unavailable(reason, cpr_settings)
     first = config.mdevs[0]
     with Mdev(first.parent, first.type, config.paths, slot=guest_slot(len(config.devices))) as mdev:

@@ -1,1 +1,1 @@
-"""Guest side: SSH session, traffic generators and readers of guest state."""
+"""Guest side: the SSH session and readers of guest state (traffic runs on the host side: pytest_cpr.net)."""

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError
-from pytest_cpr.settings import parse_mib
+from pytest_cpr.kinds import Accel, Backend, Role, values
+from pytest_cpr.units import parse_mib
 
-ROLES = ("nic", "nvme", "other")
-BACKENDS = ("legacy", "iommufd")
-ACCELS = ("auto", "kvm", "tcg")
+ROLES = values(Role)
+BACKENDS = values(Backend)
+ACCELS = values(Accel)
 HOST_KEYS = ("name", "qemu", "target_qemu", "backends", "memory", "accel")
 DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib")
 MDEV_KEYS = ("parent", "type")
@@ -433,10 +434,10 @@ def _check_modules(paths: HostPaths, backends: tuple[str, ...], problems: list[s
     if pci and not vfio_pci.is_dir() and not (paths.sysfs / "module" / "vfio_pci").is_dir():
         problems.append("kernel module vfio-pci is not loaded: run `modprobe vfio-pci` (and list it in "
                         "/etc/modules-load.d/ on the runner)")
-    if "legacy" in backends and not (paths.dev / "vfio" / "vfio").exists():
+    if Backend.LEGACY in backends and not (paths.dev / "vfio" / "vfio").exists():
         problems.append("host.backends: legacy needs /dev/vfio/vfio: run `modprobe vfio-pci` (kernel with "
                         "CONFIG_VFIO_CONTAINER) or remove \"legacy\" from host.backends")
-    if "iommufd" in backends and not (paths.dev / "iommu").exists():
+    if Backend.IOMMUFD in backends and not (paths.dev / "iommu").exists():
         problems.append("host.backends: iommufd needs /dev/iommu: run `modprobe iommufd` (kernel with "
                         "CONFIG_IOMMUFD and CONFIG_VFIO_DEVICE_CDEV) or remove \"iommufd\" from "
                         "host.backends")

@@ -79,15 +79,12 @@ def iommu_group_of_mdev(paths: HostPaths, uuid: str) -> str | None:
     return Path(link.readlink()).name if link.is_symlink() else None
 
 
-def _clean_mdev(rec: dict[str, Any]) -> str:
+def clean_mdev(rec: dict[str, Any]) -> str:
     paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
     uuid = str(rec["key"])
     if remove_instance(paths, uuid):
         return f"removed stale mdev {uuid} ({rec.get('type')})"
     return f"mdev {uuid} already gone"
-
-
-leftovers.register_cleaner("mdev", _clean_mdev)
 
 
 class Mdev:

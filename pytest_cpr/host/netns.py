@@ -196,9 +196,6 @@ def remove_netns(name: str) -> None:
         netns.remove(name)
 
 
-def _clean_netns(rec: dict[str, Any]) -> str:
+def clean_netns(rec: dict[str, Any]) -> str:
     remove_netns(str(rec["name"]))
     return f"deleted stale network namespace {rec['name']}"
-
-
-leftovers.register_cleaner("netns", _clean_netns)

@@ -24,7 +24,6 @@ from typing import Any
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprUnsupported
-from pytest_cpr.guest.state import IrqLine, parse_interrupts
 from pytest_cpr.host.hostconfig import (
     HostPaths,
     describe_device,
@@ -35,6 +34,8 @@ from pytest_cpr.host.hostconfig import (
     read_attr,
     write_attr,
 )
+from pytest_cpr.kinds import Backend, values
+from pytest_cpr.procfs import IrqLine, parse_interrupts
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -144,13 +145,10 @@ def _record_key(address: str) -> str:
     return address.replace(":", "_")
 
 
-def _clean_vfio(rec: dict[str, Any]) -> str:
+def clean_vfio(rec: dict[str, Any]) -> str:
     paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
     return "vfio binding of a killed run: " + restore_device(paths, rec["address"], rec.get("driver"),
                                                              rec.get("override"))
-
-
-leftovers.register_cleaner("vfio", _clean_vfio)
 
 
 class VfioBinding:
@@ -326,7 +324,7 @@ class HostProbe:
         if not self.groups:
             return ("no IOMMU groups on this host: boot with intel_iommu=on iommu=pt "
                     "(or amd_iommu=on iommu=pt)")
-        if backend == "legacy":
+        if backend == Backend.LEGACY:
             if isinstance(self.container, str):
                 return f"legacy VFIO container unusable: {self.container}"
             if not self.container.get("unmap_all"):
@@ -432,11 +430,11 @@ class Passthrough:
 
 def qemu_args(devices: Sequence[Passthrough], backend: str, iommufd_id: str = "iommufd0") -> list[str]:
     """-device vfio-pci,... per device; with iommufd, one `-object iommufd` shared by all of them."""
-    if backend not in ("legacy", "iommufd"):
+    if backend not in values(Backend):
         raise CprUnsupported(f"unknown VFIO backend {backend!r}: use legacy or iommufd")
-    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == "iommufd" and devices else []
+    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == Backend.IOMMUFD and devices else []
     for d in devices:
-        args += ["-device", d.device_arg(iommufd_id if backend == "iommufd" else None)]
+        args += ["-device", d.device_arg(iommufd_id if backend == Backend.IOMMUFD else None)]
     return args
 
 

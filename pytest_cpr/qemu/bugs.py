@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pytest_cpr.kinds import Accel
 from pytest_cpr.qemu.probe import QemuBuild
 
 
@@ -18,7 +19,7 @@ class KnownBug:
     summary: str
     since: tuple[int, int, int]
     fixed_in: tuple[int, int, int] | None  # None: no fixed build seen yet
-    accel: str  # the accelerator the old QEMU ran the guest with
+    accel: Accel  # the accelerator the old QEMU ran the guest with
     vfio: bool  # only with a vfio-pci device in the guest
     reference: str
     source_exit: str  # how the old QEMU ends when it hits the bug (TransferResult.source_exit)
@@ -40,7 +41,7 @@ KVM_STATE_NULL_AFTER_CPR = KnownBug(
     summary="after a completed cpr-transfer of a guest with a vfio-pci device the old QEMU has closed "
             "KVM and set kvm_state to NULL, so what touches KVM afterwards crashes it (SIGSEGV): "
             "`quit` (kvm_vm_ioctl), `query-balloon` (kvm_has_sync_mmu)",
-    since=(10, 1, 0), fixed_in=None, accel="kvm", vfio=True,
+    since=(10, 1, 0), fixed_in=None, accel=Accel.KVM, vfio=True,
     reference="QEMU 7ed0919119b0 'migration: close kvm after cpr'; proposed fix 'accel/kvm: Fix SIGSEGV "
               "when execute \"query-balloon\" after CPR transfer' (qemu-devel, Sep 2025)",
     source_exit="signal 11")
@@ -50,7 +51,7 @@ KVM_CALL_UNDER_TCG = KnownBug(
     key="kvm-call-under-tcg",
     summary="cpr-transfer of a guest on TCG with a vfio-pci device crashes the old QEMU (SIGSEGV in "
             "kvm_vm_ioctl called from migration_call_notifiers: a KVM call with TCG as the accelerator)",
-    since=(10, 1, 0), fixed_in=None, accel="tcg", vfio=True,
+    since=(10, 1, 0), fixed_in=None, accel=Accel.TCG, vfio=True,
     reference="seen with Debian 1:11.1.3+ds-1~bpo13+1",
     source_exit="signal 11")
 

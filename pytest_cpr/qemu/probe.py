@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError, CprUnsupported
+from pytest_cpr.kinds import Accel
 from pytest_cpr.qemu.process import unix_listening
 from pytest_cpr.qemu.qmp import QmpSession
 
@@ -194,13 +195,13 @@ def kvm_boots(binary: str, kernel: Path, timeout: float = 20.0) -> tuple[bool, s
     return False, f"KVM did not boot a guest kernel: {text[0] if text else 'no console output'}"
 
 
-def choose_accel(setting: str, build: QemuBuild, kernel: Path | None) -> str:
+def choose_accel(setting: str, build: QemuBuild, kernel: Path | None) -> Accel:
     """The accelerator for `setting` (auto, kvm, tcg): auto is KVM if it boots `kernel` with this build,
     else TCG; with no kernel to try, an accessible /dev/kvm is trusted."""
-    if setting != "auto":
-        return setting
-    if "kvm" not in build.accels:
-        return "tcg"
+    if setting != Accel.AUTO:
+        return Accel(setting)
+    if Accel.KVM not in build.accels:
+        return Accel.TCG
     if kernel is None:
-        return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-    return "kvm" if kvm_boots(build.binary, kernel)[0] else "tcg"
+        return Accel.KVM if os.access("/dev/kvm", os.R_OK | os.W_OK) else Accel.TCG
+    return Accel.KVM if kvm_boots(build.binary, kernel)[0] else Accel.TCG

@@ -18,13 +18,14 @@ from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
-from pytest_cpr.errors import CprTimeout
+from pytest_cpr.errors import CprError, CprTimeout
 
 Event = dict[str, Any]
 
 
-class QmpError(Exception):
-    """QEMU answered a command with an error."""
+class QmpError(CprError):
+    """QEMU answered a command with an error (not to be confused with qemu.qmp's QMPError, a
+    protocol or connection failure)."""
 
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"QMP {command}: {error_class}: {desc}")

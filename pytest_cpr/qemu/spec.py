@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_cpr.kinds import Accel
+
 
 @dataclass(frozen=True)
 class Nic:
@@ -55,7 +57,7 @@ class Incoming:
 @dataclass(frozen=True)
 class VmSpec:
     name: str
-    accel: str  # "kvm" or "tcg"
+    accel: Accel  # KVM or TCG (AUTO is resolved before a spec is built)
     memory_mib: int
     cpus: int
     kernel: Path | None  # None: boot the root disk through firmware (a user's cloud image)
@@ -102,8 +104,8 @@ class VmSpec:
     def argv(self, binary: str, console_socket: Path, console_log: Path, qmp_socket: Path,
              incoming: Incoming | None = None, paused: bool = False) -> list[str]:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
-        accel = "tcg,thread=multi" if self.accel == "tcg" else "kvm"
-        cpu = "host" if self.accel == "kvm" else "max"
+        accel = "tcg,thread=multi" if self.accel == Accel.TCG else "kvm"
+        cpu = "host" if self.accel == Accel.KVM else "max"
         args = [
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,

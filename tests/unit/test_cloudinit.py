@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 from pathlib import Path
 
 import pycdlib
@@ -75,3 +76,11 @@ def test_disk_boot_spec_has_no_kernel_a_writable_overlay_and_the_seed() -> None:
     assert "-kernel" not in argv and "-append" not in argv
     assert "file=/run/o.qcow2,if=none,id=root,format=qcow2" in argv
     assert "file=/run/seed.iso,if=none,id=seed,format=raw,readonly=on" in argv
+
+
+def test_without_pycdlib_the_error_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pycdlib", None)  # `import pycdlib` raises ImportError
+    with pytest.raises(CprSettingError) as err:
+        cloudinit.write_seed(tmp_path / "seed.iso", instance_id="cpr-1", hostname="cprguest",
+                             authorized_key="ssh-ed25519 AAAA", host_key=cloudinit.generate_host_key(), nics=[])
+    assert "pip install 'pytest-cpr[cloud]'" in str(err.value) and "\n" not in str(err.value)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_cpr.checks import CheckFailed, assert_interrupts, assert_same_boot, assert_thresholds
-from pytest_cpr.cpr import TransferResult
+from pytest_cpr.cpr import ProcessRef, TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures, parse_interrupts, parse_snapshot
 from pytest_cpr.guest.traffic import Probe, probe_stats
 
@@ -94,7 +94,7 @@ def test_probe_stats_gap_loss_and_reorder() -> None:
 
 
 def test_thresholds() -> None:
-    r = TransferResult(1, "g0", "g1", status="completed", probe={"max_gap_ms": 80.0, "lost": 3})
+    r = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed", probe={"max_gap_ms": 80.0, "lost": 3})
     assert_thresholds(r, 100, 5)
     with pytest.raises(CheckFailed, match=r"blackout 80\.0 ms exceeds 50"):
         assert_thresholds(r, 50, None)
@@ -109,7 +109,8 @@ def test_dmesg_failures() -> None:
 
 
 def test_transfer_numbers_and_overhead_ratio() -> None:
-    r = TransferResult(1, "g0", "g1", status="completed", qemu={"downtime": 3, "total-time": 40})
+    r = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed",
+                       qemu={"downtime": 3, "total-time": 40})
     r.timeline = {"step_start": 10.0, "target_spawned": 10.01, "target_listening": 10.03,
                   "migrate_issued": 10.04, "target_running": 10.09}
     n = r.numbers()

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pytest_cpr import checks
-from pytest_cpr.cpr import TransferResult
+from pytest_cpr.cpr import ProcessRef, TransferResult
 from pytest_cpr.qemu.bugs import KVM_CALL_UNDER_TCG, KVM_STATE_NULL_AFTER_CPR, KnownBug, known_bugs
 from pytest_cpr.qemu.probe import QemuBuild
 
@@ -36,7 +36,7 @@ def test_a_fixed_build_is_no_longer_affected() -> None:
 
 
 def result(source_exit: str | None) -> TransferResult:
-    r = TransferResult(1, "g0 11.1.3", "g1 11.1.3")
+    r = TransferResult(1, ProcessRef("g0", "11.1.3"), ProcessRef("g1", "11.1.3"))
     r.source_exit = source_exit
     return r
 

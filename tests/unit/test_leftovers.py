@@ -164,6 +164,20 @@ def test_run_dir_and_key_are_private(tmp_path: Path) -> None:
     assert not vm.rundir.exists() and leftovers.records() == []
 
 
+
+def test_using_a_guest_before_boot_names_the_fix(tmp_path: Path) -> None:
+    from pytest_cpr.errors import CprError
+    from pytest_cpr.vm import CprVM
+
+    vm = CprVM(_vm_config(tmp_path))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(CprError, match=r"guest sec is created, not running: boot\(\) it first"):
+            vm.run("true")
+    finally:
+        vm.close()
+    assert not vm.rundir.exists()
+
+
 def test_a_dead_runs_private_dir_is_removed(state_dir: Path, tmp_path: Path) -> None:
     import pytest_cpr.vm  # noqa: F401 - registers the "rundir" cleaner
 

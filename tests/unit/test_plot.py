@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_cpr import plot
-from pytest_cpr.cpr import TransferResult
+from pytest_cpr.cpr import ProcessRef, TransferResult
 
 T0 = 1_795_299_958.0
 # A transfer as recorded on this machine (QEMU 10.0.2, TCG), ms after the step started.
@@ -39,7 +39,7 @@ def recorded_probes() -> list[_P]:
 
 
 def recorded_result() -> TransferResult:
-    result = TransferResult(1, "g0 10.0.2", "g1 10.0.2", status="completed",
+    result = TransferResult(1, ProcessRef("g0", "10.0.2"), ProcessRef("g1", "10.0.2"), status="completed",
                             timeline={k: T0 + v / 1000 for k, v in PHASES_MS.items()},
                             qemu={"status": "completed", "downtime": 4, "total-time": 45, "setup-time": 1})
     result.probe = {"sent": 80, "answered": 78, "lost": 2, "reordered": 0, "max_gap_ms": 102.7,

@@ -77,3 +77,18 @@ def test_exec(cpr_vm_factory):
     if "guest image not built" in out:
         pytest.skip("guest image not built on this machine")
     result.stdout.fnmatch_lines(["*SKIPPED*(QEMU 10.*) lacks migration mode cpr-exec (QEMU >= 10.2)*"])
+
+
+def test_a_misspelt_vm_override_is_an_error(pytester: pytest.Pytester, tmp_path) -> None:
+    """cpr_vm_factory(**overrides) applies them with dataclasses.replace: a typo raises, nothing boots."""
+    pytester.makepyfile("""
+def test_typo(cpr_vm_factory):
+    cpr_vm_factory(memroy_mib=1024)
+""")
+    result = pytester.runpytest("--cpr-accel=tcg", f"--cpr-user-image={tmp_path}/disk.qcow2",
+                                f"--cpr-cache-dir={tmp_path}/empty")
+    if "probing" in result.stdout.str():
+        pytest.skip("no usable QEMU on this machine")
+    result.stdout.fnmatch_lines(["*TypeError*unexpected keyword argument 'memroy_mib'*"])
+    result.assert_outcomes(failed=1)
+

@@ -9,14 +9,15 @@ from typing import Any
 import pytest
 
 from pytest_cpr import report
-from pytest_cpr.cpr import TransferResult
+from pytest_cpr.cpr import ProcessRef, TransferResult
 
 NODE = "tests/integration/test_transfer.py::test_three_transfers"
 
 
 def recorded(index: int, downtime: int, blackout: float, lost: int, status: str = "completed",
              dma_stall_ms: float | None = None) -> TransferResult:
-    result = TransferResult(index, f"g{index - 1} 10.0.2", f"g{index} 10.1.0", status=status,
+    result = TransferResult(index, ProcessRef(f"g{index - 1}", "10.0.2"), ProcessRef(f"g{index}", "10.1.0"),
+                            status=status,
                             timeline={"step_start": 100.0, "target_spawned": 100.002,
                                       "target_listening": 100.030, "migrate_issued": 100.033,
                                       "target_running": 100.073},
@@ -28,8 +29,8 @@ def recorded(index: int, downtime: int, blackout: float, lost: int, status: str 
 
 def property_value(results: list[TransferResult], node: str = NODE, vm: str = "vm0") -> str:
     """What fixtures.cpr_vm_factory records as cpr_transfers_json."""
-    return json.dumps([{"test": node, "vm": vm, **r.numbers(), "index": r.index, "source": r.source,
-                        "target": r.target} for r in results])
+    return json.dumps([{"test": node, "vm": vm, **r.numbers(), "index": r.index, "source": str(r.source),
+                        "target": str(r.target)} for r in results])
 
 
 class FakeTerminal:

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pytest_cpr.errors import CprSettingError
-from pytest_cpr.settings import BY_KEY, SETTINGS, parse_mib, resolve
+from pytest_cpr.errors import CprError, CprSettingError
+from pytest_cpr.kinds import Accel
+from pytest_cpr.qemu.qmp import QmpError
+from pytest_cpr.settings import BY_KEY, SETTINGS, CprSettings, parse_mib, resolve
 
 
 def test_precedence_cli_over_env_over_ini_over_default() -> None:
@@ -55,3 +59,20 @@ def test_header_shows_every_setting_and_its_source() -> None:
     lines = resolve({"cpus": "2"}, {}, {}).header_lines()
     assert len(lines) == len(SETTINGS)
     assert any("cpus = 2 (cli)" in ln for ln in lines)
+
+
+def test_settings_fields_follow_the_table() -> None:
+    """Each row of SETTINGS is a typed field of CprSettings, in the table's order, and nothing else."""
+    fields = [f.name for f in dataclasses.fields(CprSettings) if f.name != "source"]
+    assert fields == [s.key for s in SETTINGS]
+
+
+def test_host_config_values_go_through_the_table() -> None:
+    s = resolve({"accel": "tcg"}, {}, {}).overridden({"accel": "kvm"}, "host config /h.toml")
+    assert (s.accel, s.source["accel"]) == (Accel.KVM, "host config /h.toml")
+    with pytest.raises(CprSettingError, match=r"from host config /h\.toml"):
+        s.overridden({"accel": "hvf"}, "host config /h.toml")
+
+
+def test_qmp_error_is_a_cpr_error() -> None:
+    assert issubclass(QmpError, CprError)

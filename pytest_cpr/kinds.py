@@ -1,0 +1,62 @@
+"""The small closed sets pytest-cpr talks about, as string enums: a value compares, hashes and
+serialises as its string, so JSON files and messages read as before while mypy checks the names."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    """Points of a transfer's timeline (host wall time of each, in TransferResult.timeline)."""
+
+    STEP_START = "step_start"
+    TARGET_SPAWNED = "target_spawned"
+    TARGET_LISTENING = "target_listening"
+    MIGRATE_ISSUED = "migrate_issued"
+    SOURCE_STOPPED = "source_stopped"
+    MIGRATION_COMPLETED = "migration_completed"
+    MIGRATION_FAILED = "migration_failed"
+    MIGRATION_CANCELLED = "migration_cancelled"
+    TARGET_RUNNING = "target_running"
+    FIRST_PROBE_AFTER = "first_probe_after"
+    SSH_ANSWERED = "ssh_answered"
+    SOURCE_EXITED = "source_exited"
+
+    @classmethod
+    def migration_ended(cls, status: str) -> Phase:
+        """The phase of a final MIGRATION event status (completed, failed, cancelled)."""
+        return cls(f"migration_{status}")
+
+
+class Accel(StrEnum):
+    """Accelerator setting: AUTO is resolved to KVM or TCG before a guest boots."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class Backend(StrEnum):
+    """VFIO backend of passthrough devices."""
+
+    LEGACY = "legacy"
+    IOMMUFD = "iommufd"
+
+
+class Role(StrEnum):
+    """What a passthrough device is used as in the guest."""
+
+    NIC = "nic"
+    NVME = "nvme"
+    OTHER = "other"
+
+
+class Mode(StrEnum):
+    """CPR migration modes a test can ask for with the `cpr` marker."""
+
+    CPR_TRANSFER = "cpr-transfer"
+
+
+def values(kind: type[StrEnum]) -> tuple[str, ...]:
+    """The plain strings of an enum, for messages and tables."""
+    return tuple(member.value for member in kind)

@@ -1,0 +1,294 @@
+"""One guest's machine: its private run directory, network, session key and spec, and the QEMU
+processes (generations) that run it, with boot and close as an explicit lifecycle.
+
+States: CREATED (run dir, network name and key exist) -> BOOTING -> RUNNING (SSH answers) ->
+CLOSED. A boot that fails leaves the machine BOOTING; close() ends every state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pytest_cpr import cloudinit, leftovers
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.diagnostics import diagnose_guest
+from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout
+from pytest_cpr.guest.ssh import GuestSSH, SessionKey
+from pytest_cpr.host.netns import GuestNetwork
+from pytest_cpr.images import GuestImage
+from pytest_cpr.kinds import Accel
+from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.process import Console, QemuProcess
+from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+from pytest_cpr.waits import (
+    CLOSE_SHUTDOWN_S,
+    CONSOLE_CONNECT_TIMEOUT_S,
+    DMESG_CONSOLE_TIMEOUT_S,
+    DMESG_SSH_TIMEOUT_S,
+    FAILED_GENERATION_SHUTDOWN_S,
+)
+
+log = logging.getLogger(__name__)
+
+HOST_KEY_LINE = r"CPR-HOSTKEY (ssh-ed25519 [A-Za-z0-9+/=]+)\r?\n"
+GUEST_MAC = "52:54:00:77:00:02"
+
+
+@dataclass
+class VmConfig:
+    """Everything needed to boot and transfer one guest."""
+
+    name: str
+    image: GuestImage | None  # None: user_image must be set
+    source: QemuBuild
+    target: QemuBuild
+    accel: Accel
+    memory_mib: int = 512
+    cpus: int = 1
+    boot_timeout: float = 240.0
+    transfer_timeout: float = 120.0
+    command_timeout: float = 60.0
+    artifacts: Path = Path("artifacts/cpr")
+    key_dir: Path | None = None
+    vnet_hdr: bool = False
+    probe_interval_ms: float = 5.0
+    extra_args: tuple[str, ...] = ()
+    kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
+    user_image: Path | None = None  # a cloud image booted with a generated NoCloud seed instead
+    cmdline: tuple[str, ...] = ()  # more guest kernel args, e.g. cpr.net1=<guest PCI addr>,<ip/prefix>
+    boot_attempts: int = 1  # > 1: a boot that hangs before the host key line is retried, announced
+    on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)  # reporting
+    plots: bool = True  # draw timeline-t<i>.png/.svg per transfer (needs matplotlib)
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    BOOTING = "booting"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class Machine:
+    """The guest's environment and QEMU generations; `current` runs the guest."""
+
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.artifacts = config.artifacts
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.rundir = Path(tempfile.mkdtemp(prefix="cpr-", dir="/tmp"))  # short: UNIX socket paths
+        record_private_dir(self.rundir)
+        os.chmod(self.rundir, 0o700)
+        self.network = GuestNetwork(f"{os.getpid()}-{self.rundir.name[4:]}")
+        self.key = SessionKey(config.key_dir or self.rundir / "ssh")
+        self.state = MachineState.CREATED
+        self.generations: list[QemuProcess] = []
+        self.failed: list[QemuProcess] = []  # targets of failed transfers and hung boots, reaped on close
+        self.spec: VmSpec | None = None
+        self.ssh: GuestSSH | None = None
+        self.host_key: str | None = None
+        self.boot_seconds: float | None = None
+        self.ssh_ready_seconds: float | None = None
+        self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
+        self._builds: dict[str, QemuBuild] = {}  # by process label
+
+    def _transition(self, to: MachineState, *allowed: MachineState) -> None:
+        if self.state not in allowed:
+            raise CprError(f"guest {self.config.name} is {self.state.value}: cannot go {to.value} "
+                           f"(allowed from {', '.join(s.value for s in allowed)})")
+        log.debug("guest %s: %s -> %s", self.config.name, self.state.value, to.value)
+        self.state = to
+
+    @property
+    def current(self) -> QemuProcess:
+        return self.generations[-1]
+
+    @property
+    def guest_ip(self) -> str:
+        return self.network.guest_ips[0]
+
+    def build_of(self, label: str) -> QemuBuild:
+        return self._builds[label]
+
+    def require_ssh(self) -> GuestSSH:
+        """The SSH session of a booted guest."""
+        if self.ssh is None or self.state is not MachineState.RUNNING:
+            raise CprError(f"guest {self.config.name} is {self.state.value}, not running: boot() it first")
+        return self.ssh
+
+    # ---- spec
+    def _build_spec(self) -> VmSpec:
+        self.network.create()
+        tap_fd = self.network.add_tap(self.config.vnet_hdr)
+        nic = Nic("n0", GUEST_MAC, tap_fd, f"{self.guest_ip}/{self.network.prefixlen}",
+                  vnet_hdr=self.config.vnet_hdr)
+        if self.config.user_image is not None:
+            return self._cloud_image_spec(self.config.user_image, nic)
+        img = self.config.image
+        if img is None:
+            raise CprSettingError("no guest image: build one with `cpr-image build guest` or set "
+                                  "--cpr-user-image / CPR_USER_IMAGE")
+        kernel, initrd = img.boot_files(self.config.kernel_flavor)
+        return self._spec(nic, kernel=kernel, initrd=initrd, rootfs=img.rootfs,
+                          cmdline=(f"cpr.sshkey={self.key.public_base64}", *self.config.cmdline))
+
+    def _spec(self, nic: Nic, **disk: object) -> VmSpec:
+        c = self.config
+        return VmSpec(name=c.name, accel=c.accel, memory_mib=c.memory_mib, cpus=c.cpus,
+                      machine=c.source.q35_machine, nics=(nic,), extra_args=c.extra_args,
+                      **disk)  # type: ignore[arg-type]
+
+    def _cloud_image_spec(self, image: Path, nic: Nic) -> VmSpec:
+        """Boot the user's image from a private overlay with a NoCloud seed; the host key is ours."""
+        host_key = cloudinit.generate_host_key()
+        self.host_key = host_key.public_line
+        overlay = cloudinit.make_overlay(image, self.rundir / "root-overlay.qcow2")
+        seed = cloudinit.write_seed(self.rundir / "seed.iso", instance_id=f"cpr-{self.rundir.name}",
+                                    hostname="cprguest", authorized_key=f"ssh-ed25519 {self.key.public_base64}",
+                                    host_key=host_key, nics=[(nic.mac, nic.guest_cidr)])
+        return self._spec(nic, kernel=None, initrd=None, rootfs=overlay, root_format="qcow2",
+                          root_readonly=False, seed_iso=seed)
+
+    # ---- generations
+    def start_generation(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
+        """Start QEMU generation `generation` of `build` (a transfer target when `incoming` is set)."""
+        assert self.spec is not None  # set by boot() before any generation starts
+        label = f"g{generation}"
+        if retries := sum(1 for p in self.failed if p.label.split("-")[0] == label):
+            label += f"-retry{retries}"  # a failed target of this generation keeps its own logs
+        qmp_sock = self.rundir / f"qmp-{label}.sock"
+        con_sock = self.rundir / f"console-{label}.sock"
+        con_log = self.artifacts / f"console-{label}.log"
+        argv = self.spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming,
+                              paused=incoming is None)
+        proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
+                           con_log, pass_fds=self.spec.pass_fds())
+        log.info("guest %s: starting %s (%s)", self.config.name, label, build.short_version)
+        proc.start()
+        self.generations.append(proc)
+        self._builds[label] = build
+        return proc
+
+    def drop_generation(self, generation: int) -> None:
+        """Shut down generation `generation` if it was started (a failed target or a hung boot)."""
+        if len(self.generations) > generation:
+            failed = self.generations.pop(generation)
+            failed.shutdown(FAILED_GENERATION_SHUTDOWN_S)
+            self.failed.append(failed)
+
+    # ---- boot
+    def boot(self) -> float:
+        """Boot generation 0 and wait for SSH; returns boot-to-SSH seconds. With boot_attempts > 1 a
+        boot that hangs before the guest prints its host key is retried: announced (a warning and
+        boot_retries), the hung attempt's logs kept under its own label."""
+        self._transition(MachineState.BOOTING, MachineState.CREATED)
+        self.spec = self._build_spec()
+        for attempt in range(1, self.config.boot_attempts):  # the last attempt below, not caught
+            try:
+                return self._boot_once()
+            except BootHung as exc:
+                self._set_hung_boot_aside(exc)
+                warnings.warn(f"guest {self.config.name}: boot {attempt} of {self.config.boot_attempts} hung "
+                              f"({exc}); booting again (boot_attempts)", stacklevel=3)
+        return self._boot_once()
+
+    def _set_hung_boot_aside(self, exc: BootHung) -> None:
+        hung = self.current.label
+        stuck = self.artifacts / "guest-stuck.txt"
+        if stuck.exists():
+            stuck.rename(self.artifacts / f"guest-stuck-{hung}.txt")
+        self.drop_generation(0)
+        self.boot_retries.append(f"{hung}: {str(exc).splitlines()[0]}")
+
+    def _boot_once(self) -> float:
+        t0 = time.monotonic()
+        proc = self.start_generation(0, self.config.source, None)
+        timeout = self.config.boot_timeout
+        proc.connect_qmp(timeout)
+        console = proc.connect_console(timeout)
+        proc.qmp.execute("cont")
+        host_key = self.host_key if self.config.user_image is not None else self._await_host_key(proc, console)
+        assert host_key is not None  # the cloud-image spec made it
+        self.boot_seconds = time.monotonic() - t0
+        self.ssh = GuestSSH(self.guest_ip, self.key, host_key,
+                            lambda to: self.network.connect_tcp(self.guest_ip, 22, to),
+                            self.config.command_timeout, alive=lambda: self.current.exit_reason())
+        self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
+        self.ssh.run("true")
+        self.ssh_ready_seconds = time.monotonic() - t0
+        self._transition(MachineState.RUNNING, MachineState.BOOTING)
+        log.info("guest %s: SSH ready %.2fs after QEMU started", self.config.name, self.ssh_ready_seconds)
+        return self.ssh_ready_seconds
+
+    def _await_host_key(self, proc: QemuProcess, console: Console) -> str:
+        """Our image prints the host key it made at boot; a boot that never gets there hung."""
+        try:
+            self.host_key = console.expect(HOST_KEY_LINE, self.config.boot_timeout,
+                                           "the guest's SSH host key (CPR-HOSTKEY line)")
+        except CprTimeout as exc:
+            if proc.exit_reason() is not None:
+                raise
+            raise BootHung(f"{exc}; {self.diagnose('the guest did not finish booting')}") from None
+        return self.host_key
+
+    # ---- access and diagnosis
+    def console(self) -> Console:
+        proc = self.current
+        return proc.console if proc.console is not None else proc.connect_console(CONSOLE_CONNECT_TIMEOUT_S)
+
+    def diagnose(self, why: str) -> str:
+        """Record why the guest stopped answering in guest-stuck.txt; a one-line summary naming it."""
+        return diagnose_guest(self.current, self.console, self.artifacts / "guest-stuck.txt", why)
+
+    def collect_dmesg(self) -> str:
+        """Guest kernel log, over SSH if it works, else over the serial console; saved to artifacts."""
+        text = ""
+        if self.ssh is not None and self.ssh.is_active():
+            with contextlib.suppress(Exception):
+                text = self.ssh.run("dmesg", timeout=DMESG_SSH_TIMEOUT_S).stdout
+        if not text:
+            with contextlib.suppress(Exception):
+                text = self.console().run("dmesg", timeout=DMESG_CONSOLE_TIMEOUT_S)[1]
+        if text:
+            (self.artifacts / "guest-dmesg.log").write_text(text)
+        return text
+
+    # ---- close
+    def close(self) -> None:
+        errors: list[str] = []
+        if self.ssh is not None:
+            self.ssh.close()
+        for proc in reversed(self.generations + self.failed):
+            try:
+                proc.shutdown(CLOSE_SHUTDOWN_S)
+            except Exception as exc:
+                errors.append(f"{proc.label}: {exc}")
+        self.network.destroy()
+        shutil.rmtree(self.rundir, ignore_errors=True)
+        leftovers.forget("rundir", self.rundir.name)
+        self.state = MachineState.CLOSED
+        if errors:
+            raise RuntimeError("cleanup of " + self.config.name + " had errors: " + "; ".join(errors))
+
+
+def record_private_dir(path: Path) -> None:
+    """Register a private directory (sockets, session key) so a killed run's copy is removed later."""
+    leftovers.record("rundir", path.name, path=str(path))
+
+
+def clean_private_dir(rec: dict[str, object]) -> str:
+    path = Path(str(rec["path"]))
+    if not path.name.startswith("cpr-"):
+        return f"left {path} alone: not a pytest-cpr directory"
+    shutil.rmtree(path, ignore_errors=True)
+    return f"removed stale run directory {path} (sockets, session key)"
+

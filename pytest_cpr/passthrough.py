@@ -1,0 +1,367 @@
+"""Passthrough devices in a guest, without pytest: the devices bound for one test (VfioDevices) and
+why QEMU or the kernel would refuse them, a booted guest with them (PassthroughGuest), the DMA traffic
+that runs on a passthrough NVMe (NvmeDma), and the host side of a transfer (HostWatch, an observer).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pytest_cpr import checks
+from pytest_cpr.cpr import TransferResult
+from pytest_cpr.errors import CprError, CprTimeout
+from pytest_cpr.host import vfio
+from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig
+from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
+from pytest_cpr.kinds import Backend, Role
+from pytest_cpr.observers import Observer
+from pytest_cpr.procfs import IrqLine
+from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.waits import (
+    DEVICE_APPEAR_TIMEOUT_S,
+    DMA_LOG_READ_TIMEOUT_S,
+    DMA_VERIFY_TIMEOUT_S,
+    GUEST_SHELL_MARGIN_S,
+)
+
+if TYPE_CHECKING:
+    from pytest_cpr.probing import Traffic
+    from pytest_cpr.vm import CprVM
+
+
+@dataclass(frozen=True)
+class Want:
+    role: Role
+    count: int
+    backend: Backend | None
+
+
+def select(host: HostConfig, want: list[Want]) -> list[DeviceConfig] | str:
+    """The config's devices for the wants (first ones of each role), or why the host cannot serve."""
+    chosen: list[DeviceConfig] = []
+    for w in want:
+        have = [d for d in host.with_role(w.role) if d not in chosen]
+        if len(have) < w.count:
+            return (f"host config {host.path} names {len(have)} free device(s) of role {w.role!r}; the test "
+                    f"needs {w.count}")
+        chosen += have[: w.count]
+    return chosen
+
+
+@dataclass
+class VfioDevices:
+    """The devices bound to vfio-pci for one test, and why QEMU would refuse cpr-transfer with them."""
+
+    host: HostConfig
+    backend: Backend
+    devices: list[tuple[DeviceConfig, Passthrough]]
+    binding: VfioBinding
+    blockers: list[str] = field(default_factory=list)
+
+    def with_role(self, role: Role) -> list[tuple[DeviceConfig, Passthrough]]:
+        return [(c, p) for c, p in self.devices if c.role == role]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [c.address for c, _ in self.devices]
+
+    def groups(self) -> list[str]:
+        return self.binding.groups()
+
+    def qemu_args(self) -> tuple[str, ...]:
+        return tuple(vfio.qemu_args([p for _, p in self.devices], self.backend))
+
+    def kernel_args(self) -> tuple[str, ...]:
+        """cpr.net<N>=<guest PCI address>,<ip/prefix> for each NIC (N >= 1: net0 is the virtio NIC)."""
+        return tuple(f"cpr.net{n}={p.guest_address},{c.guest_ip}"
+                     for n, (c, p) in enumerate(self.with_role(Role.NIC), start=1))
+
+
+def build_reasons(source: QemuBuild, target: QemuBuild, backend: Backend) -> tuple[list[str], list[str]]:
+    """(unavailable, blockers) of the QEMU builds: no vfio-pci/iommufd = cannot run; no VFIO CPR =
+    QEMU refuses cpr-transfer (a blocker)."""
+    unavailable, blockers = [], []
+    for build in dict.fromkeys((source, target)):
+        for feature in ("vfio-pci", *(("iommufd",) if backend == Backend.IOMMUFD else ())):
+            if (reason := build.missing(feature)) is not None:
+                unavailable.append(reason)
+        if (reason := build.missing("vfio-cpr")) is not None:
+            blockers.append(reason)
+    return unavailable, blockers
+
+
+def kernel_blockers(probe: HostProbe, binding: VfioBinding, backend: Backend) -> list[str]:
+    if backend == Backend.IOMMUFD:
+        return [] if probe.change_process is True else [str(probe.change_process)]
+    return [r for g in binding.groups() if (r := vfio.legacy_cpr_missing(g, binding.paths.dev)) is not None]
+
+
+def after_bind(devices: VfioDevices, probe: HostProbe, expects_blocker: bool) -> str | None:
+    """Checks that need the devices on vfio-pci; returns a skip reason or None."""
+    if devices.backend == Backend.IOMMUFD:
+        for address in devices.addresses:
+            if (reason := vfio.cdev_missing(devices.binding.paths, address)) is not None:
+                return reason
+    devices.blockers += kernel_blockers(probe, devices.binding, devices.backend)
+    if devices.blockers and not expects_blocker:
+        return "; ".join(devices.blockers)
+    if expects_blocker and not devices.blockers:
+        return (f"nothing blocks VFIO cpr-transfer here (backend {devices.backend}: the kernel and both QEMU "
+                "builds have every feature it needs): no blocker to provoke")
+    return None
+
+
+
+NVME_DMA_SCRIPT = r"""
+dev=$1; slots=$2; w=/tmp/cpr-dma; mkdir -p $w; i=0
+while [ ! -e $w.stop ]; do
+  s=$((i % slots))
+  head -c 1048576 /dev/urandom > $w/data
+  want=$(sha256sum < $w/data | cut -d' ' -f1)
+  if ! dd if=$w/data of=$dev bs=1M seek=$s count=1 oflag=direct conv=notrunc status=none 2>$w/err; then
+    echo "FAIL write i=$i slot=$s: $(cat $w/err)"; break; fi
+  got=$(dd if=$dev bs=1M skip=$s count=1 iflag=direct status=none 2>$w/err | sha256sum | cut -d' ' -f1)
+  if [ "$got" != "$want" ]; then echo "FAIL read i=$i slot=$s want=$want got=$got $(cat $w/err)"; break; fi
+  echo $want > $w/slot.$s
+  echo "OK $i $s"
+  i=$((i + 1))
+done
+for f in $w/slot.*; do
+  [ -e "$f" ] || continue; s=${f##*.}
+  got=$(dd if=$dev bs=1M skip=$s count=1 iflag=direct status=none | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$(cat $f)" ] || echo "FAIL verify slot=$s want=$(cat $f) got=$got"
+done
+echo "DONE $i"
+"""
+
+
+class NvmeDma:
+    """DMA traffic on a passthrough NVMe in the guest: 1 MiB writes of random data with O_DIRECT over
+    the test area, each read back and compared by SHA-256; at the end every slot is read back again
+    (data written before a transfer is read after it)."""
+
+    # controller name c, then its namespace's block device ns: the path device itself, or (native NVMe
+    # multipath) the head /sys/block/nvmeXnY whose multipath/ lists the controller's nvmeXcYnZ
+    _FIND = ("ns=; c=$(ls /sys/bus/pci/devices/%s/nvme 2>/dev/null | head -1); "
+             "for n in /sys/class/nvme/$c/nvme*n*; do [ -e \"$n\" ] || continue; p=${n##*/}; "
+             "if [ -b /dev/$p ]; then ns=$p; break; fi; "
+             "for h in /sys/block/nvme*n*; do [ -e $h/multipath/$p ] && ns=${h##*/}; done; "
+             # kernels before ~6.6 (Debian 12's 6.1) have no multipath/ links: the head disk sits
+             # in the NVMe subsystem that holds the controller (%% is % after formatting)
+             "for h in /sys/class/nvme-subsystem/*/nvme*n*; do [ -z \"$ns\" ] && [ -e \"${h%%/*}/$c\" ] && "
+             "[ -b \"/dev/${h##*/}\" ] && ns=${h##*/}; done; "
+             '[ -n "$ns" ] && break; done;')
+
+    def __init__(self, vm: CprVM, guest_address: str, area_mib: int) -> None:
+        self.vm, self.guest_address, self.area_mib = vm, guest_address, area_mib
+        self.controller = ""
+        self.namespace = ""
+        self.log: str = ""
+
+    def find(self, timeout: float = DEVICE_APPEAR_TIMEOUT_S) -> str:
+        """The guest's namespace block device of this controller, waited for (the driver probes async)."""
+        out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do {self._FIND % self.guest_address} "
+                          '[ -n "$ns" ] && break; sleep 0.1; done; echo "$c/$ns"',
+                          timeout=timeout + GUEST_SHELL_MARGIN_S).stdout.strip()
+        self.controller, _, self.namespace = out.partition("/")
+        if not self.namespace:
+            raise CprTimeout(f"no NVMe namespace appeared at guest PCI {self.guest_address} within "
+                             f"{timeout:.0f}s (controller {self.controller or 'none'}); "
+                             f"logs: {self.vm.artifacts}")
+        sectors = int(self.vm.run(f"cat /sys/block/{self.namespace}/size").stdout)
+        if sectors * 512 < self.area_mib << 20:
+            raise CprError(f"NVMe {self.namespace} has {sectors * 512 >> 20} MiB, less than test_area_mib = "
+                           f"{self.area_mib}; lower test_area_mib in the host config")
+        return self.namespace
+
+    @property
+    def irq_pattern(self) -> str:
+        return rf"^{self.controller}q\d+$"
+
+    def start(self) -> NvmeDma:
+        if not self.namespace:
+            self.find()
+        self.vm.run("rm -rf /tmp/cpr-dma /tmp/cpr-dma.stop; "
+                    f"cat > /tmp/cpr-dma.sh <<'EOF'\n{NVME_DMA_SCRIPT}\nEOF")
+        self.vm.run(f"setsid nohup bash /tmp/cpr-dma.sh /dev/{self.namespace} {self.area_mib} "
+                    "> /tmp/cpr-dma.log 2>&1 < /dev/null &")
+        return self
+
+    def progress(self) -> tuple[int, list[str]]:
+        """(write/read-back rounds that passed, failure lines) so far."""
+        text = self.vm.run("cat /tmp/cpr-dma.log", timeout=DMA_LOG_READ_TIMEOUT_S).stdout
+        return sum(1 for ln in text.splitlines() if ln.startswith("OK ")), \
+            [ln for ln in text.splitlines() if ln.startswith("FAIL")]
+
+    def wait_rounds(self, more: int, timeout: float) -> int:
+        """Wait until `more` further rounds passed; raises on a failure line or timeout."""
+        start, _ = self.progress()
+        deadline = time.monotonic() + timeout
+        while True:
+            done, failed = self.progress()
+            if failed:
+                raise checks.CheckFailed(f"NVMe DMA in the guest failed: {failed[0]} "
+                                         f"(logs: {self.vm.artifacts})")
+            if done >= start + more:
+                return done
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"NVMe DMA in the guest made {done - start} of {more} rounds in "
+                                 f"{timeout:.0f}s (I/O stalled?); logs: {self.vm.artifacts}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = DMA_VERIFY_TIMEOUT_S) -> int:
+        """Stop, verify every slot, and return the rounds done; raises CheckFailed on any mismatch."""
+        self.vm.run("touch /tmp/cpr-dma.stop")
+        deadline = time.monotonic() + timeout
+        while "DONE" not in (text := self.vm.run("cat /tmp/cpr-dma.log", timeout=DMA_LOG_READ_TIMEOUT_S).stdout):
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"NVMe DMA did not finish its read-back within {timeout:.0f}s")
+            time.sleep(0.2)
+        self.log = text
+        (self.vm.artifacts / "nvme-dma.log").write_text(text)
+        failed = [ln for ln in text.splitlines() if ln.startswith("FAIL")]
+        if failed:
+            raise checks.CheckFailed("NVMe DMA data not identical:\n  " + "\n  ".join(failed[:10])
+                                     + f" (logs: {self.vm.artifacts})")
+        return int(text.split("DONE")[-1].split()[0])
+
+
+class HostWatch(Observer):
+    """Host side of a transfer: the kernel log and the devices' vfio interrupt lines. As an observer
+    of a transfer it samples the lines right after the target started and once the transfer ended."""
+
+    def __init__(self, addresses: list[str], dev: Path = Path("/dev")) -> None:
+        self.addresses = addresses
+        self.log = HostKernelLog(dev)
+        self.irqs: list[dict[str, IrqLine]] = []
+        self.notes: list[str] = []
+
+    def __enter__(self) -> HostWatch:
+        self.log.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.log.read()
+        self.log.close()
+
+    def sample(self) -> None:
+        self.irqs.append(vfio.host_vfio_irqs(self.addresses))
+
+    def on_spawned(self, target: QemuProcess) -> None:
+        self.sample()
+
+    def on_result(self, result: TransferResult) -> None:
+        if result.status == "completed":
+            self.sample()
+
+    def check_log(self, logs: object = None) -> None:
+        bad = self.log.failures()
+        if bad:
+            raise checks.CheckFailed("host kernel log during the transfer:\n  " + "\n  ".join(bad[:10])
+                                     + f" (logs: {logs})")
+
+    def check_irqs(self, logs: object = None) -> dict[str, dict[str, int]]:
+        """With samples [pre0, pre1, post0, post1]: host vfio lines that counted before the transfer
+        count after it (lines that never count: interrupts posted straight to the guest)."""
+        if len(self.irqs) < 4:
+            raise ValueError("check_irqs needs four samples: two before the transfer, two after")
+        pre0, pre1, post0, post1 = self.irqs[-4:]
+
+        def fired(a: dict[str, IrqLine], b: dict[str, IrqLine]) -> dict[str, int]:
+            return {k: b[k].total - a[k].total for k in b if k in a and b[k].total > a[k].total}
+
+        before, after = fired(pre0, pre1), fired(post0, post1)
+        if not pre1:
+            self.notes.append(f"no vfio lines in the host's /proc/interrupts for {self.addresses}")
+        elif not before:
+            self.notes.append("host vfio lines did not count before the transfer (interrupts posted "
+                              "to the guest)")
+        silent = {k: n for k, n in before.items() if k not in after}
+        if silent:
+            raise checks.CheckFailed(f"host vfio interrupt lines stopped counting after the transfer: "
+                                     f"{silent} (before: {before}, after: {after}) (logs: {logs})")
+        return {"before": before, "after": after}
+
+
+class PassthroughGuest:
+    """A booted guest with the test's VFIO devices, and the traffic that runs over them."""
+
+    def __init__(self, vm: CprVM, devices: VfioDevices) -> None:
+        self.vm, self.devices = vm, devices
+
+    @property
+    def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
+        return self.devices.with_role(Role.NIC)
+
+    @property
+    def nvmes(self) -> list[tuple[DeviceConfig, Passthrough]]:
+        return self.devices.with_role(Role.NVME)
+
+    def guest_ifname(self, dev: Passthrough, timeout: float = DEVICE_APPEAR_TIMEOUT_S) -> str:
+        out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do n=$(ls /sys/bus/pci/devices/"
+                          f"{dev.guest_address}/net 2>/dev/null | head -1); [ -n \"$n\" ] && break; "
+                          'sleep 0.1; done; echo "$n"', timeout=timeout + GUEST_SHELL_MARGIN_S).stdout.strip()
+        if not out:
+            raise CprTimeout(f"no network interface at guest PCI {dev.guest_address} within {timeout:.0f}s "
+                             f"(driver missing in the guest kernel?); logs: {self.vm.artifacts}")
+        return out
+
+    def nic_irq_pattern(self, dev: Passthrough) -> str:
+        """Guest MSI-X vectors of a passthrough NIC: '<ifname>-TxRx-<n>' (igb), '<ifname>' (other)."""
+        return rf"^{self.guest_ifname(dev)}(-|$)"
+
+    def nic_traffic(self, nic: tuple[DeviceConfig, Passthrough] | None = None, tcp: bool = True) -> Traffic:
+        """Probe + TCP stream over a passthrough NIC: its cabled peer port is moved into the guest's
+        network namespace (and back at the end), traffic goes guest_ip <-> peer_ip."""
+        config, dev = nic or self.nics[0]
+        assert config.peer_interface and config.peer_ip and config.guest_ip
+        ifname = self.guest_ifname(dev)  # guest-setup addressed it from cpr.net<N>; make sure of it
+        self.vm.run(f"ip addr replace {config.guest_ip} dev {ifname} && ip link set {ifname} up")
+        if config.peer_interface not in self.vm.network.adopted:
+            self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)
+        return self.vm.traffic(tcp=tcp, target=config.guest_ip.split("/")[0],
+                               host_ip=config.peer_ip.split("/")[0])
+
+    def nvme_dma(self, nvme: tuple[DeviceConfig, Passthrough] | None = None) -> NvmeDma:
+        config, dev = nvme or self.nvmes[0]
+        return NvmeDma(self.vm, dev.guest_address, config.test_area_mib)
+
+    def host_watch(self) -> HostWatch:
+        return HostWatch(self.devices.addresses, self.devices.host.paths.dev)
+
+    def check_guest_log(self) -> None:
+        checks.assert_clean_dmesg(self.vm.collect_dmesg(), self.vm.artifacts)
+
+    def transfer_checked(self, traffic: Traffic, irq_pattern: str, watch: HostWatch,
+                         max_blackout_ms: float | None = None,
+                         max_lost_probes: float | None = None) -> TransferResult:
+        """vm.live_update with host samples around it: guest vectors and host vfio lines keep counting."""
+        watch.sample()
+        with self.vm.observing(watch):  # samples inside live_update's windows, around the transfer
+            result = self.vm.live_update(traffic, irq_pattern=irq_pattern, max_blackout_ms=max_blackout_ms,
+                                         max_lost_probes=max_lost_probes)
+        watch.sample()
+        result.notes += watch.notes
+        return result
+
+
+NO_MDEV = ("host config {path} names no [[mdev]]; to run the mdev tests, load a parent driver (e.g. "
+           "`modprobe mtty`) and add [[mdev]] with parent = \"mtty\" and type = \"mtty-2\" "
+           "(docs/hardware-runners.md)")
+
+
+def mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild) -> str | None:
+    """Why this host or QEMU cannot run the mdev blocker test, or None. QEMU's mdev blocker belongs
+    to the legacy container of its VFIO CPR support (QEMU >= 10.1): a build without VFIO CPR refuses
+    for another reason, so it cannot show this one."""
+    if not config.mdevs:
+        return NO_MDEV.format(path=config.path)
+    if not (config.paths.dev / "vfio" / "vfio").exists():
+        return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
+                "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")
+    unavailable, blockers = build_reasons(source, target, Backend.LEGACY)
+    return "; ".join(unavailable + blockers) or None

@@ -1,0 +1,45 @@
+"""Parsers of /proc files that host and guest share (the same kernel formats on both sides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IrqLine:
+    irq: str
+    counts: tuple[int, ...]
+    chip: str
+    name: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def parse_interrupts(text: str) -> dict[str, IrqLine]:
+    """Parse /proc/interrupts into lines keyed by 'irq:name' (irq alone for unnamed lines)."""
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    ncpu = len(lines[0].split())
+    out: dict[str, IrqLine] = {}
+    for line in lines[1:]:
+        if ":" not in line:
+            continue
+        irq, rest = line.split(":", 1)
+        fields = rest.split()
+        counts: list[int] = []
+        for f in fields[:ncpu]:
+            if not f.isdigit():
+                break
+            counts.append(int(f))
+        tail = fields[len(counts):]
+        if not counts:
+            continue
+        # tail: chip, hwirq/trigger ..., device name (last field); ERR/MIS have no tail
+        name = tail[-1] if tail else irq.strip()
+        chip = " ".join(tail[:-1]) if len(tail) > 1 else ""
+        key = f"{irq.strip()}:{name}"
+        out[key] = IrqLine(irq.strip(), tuple(counts), chip, name)
+    return out

@@ -1,0 +1,75 @@
+"""One cpr-transfer of a machine's guest to a new QEMU generation, with its bookkeeping: the result
+list, the observers' events, the failed target set aside, the old QEMU retired, the SSH session
+checked, the artifact files written and the result reported."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from pytest_cpr.artifacts import ArtifactWriter
+from pytest_cpr.cpr import ProcessRef, TransferResult, cpr_transfer, retire_source
+from pytest_cpr.errors import TransferFailed
+from pytest_cpr.kinds import Phase
+from pytest_cpr.machine import Machine
+from pytest_cpr.observers import Observers
+from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.spec import Incoming
+from pytest_cpr.waits import SSH_AFTER_TRANSFER_S
+
+log = logging.getLogger(__name__)
+
+
+class TransferRunner:
+    """Transfers `machine`'s guest; `observers` see each transfer, `report` gets each final result."""
+
+    def __init__(self, machine: Machine, observers: Observers, artifacts: ArtifactWriter,
+                 report: list[Callable[[TransferResult], None]]) -> None:
+        self.machine, self.observers, self.artifacts, self.report = machine, observers, artifacts, report
+        self.results: list[TransferResult] = []
+
+    def run(self, target: QemuBuild | None = None) -> TransferResult:
+        """Transfer to a new generation of `target` (default: the configured target build)."""
+        m = self.machine
+        build = target or m.config.target
+        source = m.current
+        gen = len(m.generations)
+        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", m.rundir / f"cpr-g{gen}.sock")
+        result = TransferResult(len(self.results) + 1, ProcessRef(source.label, m.build_of(source.label).short_version),
+                                ProcessRef(f"g{gen}", build.short_version))
+        self.results.append(result)
+        for stale in (incoming.main_socket, incoming.cpr_socket):
+            stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
+        log.info("guest %s: transfer %d %s -> %s", m.config.name, result.index, result.source, result.target)
+        try:
+            cpr_transfer(source, lambda: m.start_generation(gen, build, incoming), incoming, result,
+                         m.config.transfer_timeout, self.observers)
+        except TransferFailed:
+            m.drop_generation(gen)
+            self.observers.on_result(result)
+            self.record(result)
+            raise
+        self.observers.on_before_retire(source)
+        retire_source(source, result)
+        self.observers.on_result(result)
+        if Phase.TARGET_RUNNING in result.timeline:  # else the source was paused: so is the target
+            self._check_ssh(result)
+        self.record(result)
+        return result
+
+    def _check_ssh(self, result: TransferResult) -> None:
+        """The SSH session opened before the transfer runs a command after it (timed)."""
+        try:
+            ssh = self.machine.require_ssh()
+            ssh.run("true", timeout=min(self.machine.config.command_timeout, SSH_AFTER_TRANSFER_S))
+            result.timeline[Phase.SSH_ANSWERED] = time.time()
+        except Exception as exc:
+            result.notes.append(f"SSH after transfer failed: {exc}")
+
+    def record(self, result: TransferResult) -> None:
+        """Artifact files of `result`, the report, and transfers.json (rewritten with every change)."""
+        self.artifacts.save_measurements(result, self.observers.probe_source())
+        for hook in self.report:
+            hook(result)
+        self.artifacts.write_transfers(self.results)
