@@ -33,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError
+from pytest_cpr.host import inuse
 from pytest_cpr.settings import parse_mib
 
 ROLES = ("nic", "nvme", "other")
 BACKENDS = ("legacy", "iommufd")
 ACCELS = ("auto", "kvm", "tcg")
 HOST_KEYS = ("name", "qemu", "target_qemu", "backends", "memory", "accel")
-DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib")
+DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib",
+               "scratch")
 MDEV_KEYS = ("parent", "type")
 TOP_KEYS = ("host", "device", "mdev")
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -64,6 +66,7 @@ class HostPaths:
 
     sysfs: Path = Path("/sys")
     dev: Path = Path("/dev")
+    proc: Path = Path("/proc")
 
     def pci(self, address: str) -> Path:
         return self.sysfs / "bus" / "pci" / "devices" / address
@@ -81,6 +84,7 @@ class DeviceConfig:
     peer_interface: str | None = None
     peer_ip: str | None = None
     test_area_mib: int = DEFAULT_TEST_AREA_MIB
+    scratch: bool = False  # the admin says the disk holds nothing: a partition table or filesystem is fine
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,10 @@ class _Parser:
         elif area is not None and area < 1:
             self.problems.append(f"{where}.test_area_mib = {area}: must be >= 1 (MiB)")
         d["test_area_mib"] = area or DEFAULT_TEST_AREA_MIB
+        scratch = self.typed(entry, "scratch", where, bool, "true")
+        if scratch is not None and role != "nvme":
+            self.problems.append(f"{where}.scratch: only an nvme takes it (role is {role!r}); remove it")
+        d["scratch"] = bool(scratch)
         return d
 
     def selector(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -396,10 +404,19 @@ def _resolve(paths: HostPaths, where: str, d: dict[str, Any], taken: set[str],
         problems.append(f"{where}.match = {d['match']!r}: wants count = {d['count']} but this host has "
                         f"{len(free)} such device(s) not named elsewhere {found}; lower count or fix the id")
         return []
-    return free[: d["count"]]
+    if len(free) > d["count"]:
+        problems.append(f"{where}.match = {d['match']!r}: {len(free)} devices match ({', '.join(free)}) for "
+                        f"count = {d['count']}; name the one(s) to use with address = \"...\" (one [[device]] "
+                        "each), never a disk or port the host uses")
+        return []
+    return free
 
 
-def _check_device(paths: HostPaths, where: str, address: str, problems: list[str]) -> None:
+def _check_device(paths: HostPaths, where: str, address: str, problems: list[str],
+                  scratch: bool = False) -> None:
+    if reason := inuse.pci_use(paths, address, scratch):
+        problems.append(f"{where}: {describe_device(paths, address)} {reason}")
+        return
     if is_bridge(paths, address):
         problems.append(f"{where}: {address} is a PCI bridge, not a device to pass through; name the "
                         "endpoint behind it")
@@ -419,11 +436,16 @@ def _check_groups(paths: HostPaths, keyed: dict[str, str], problems: list[str]) 
             continue
         seen.add(group)
         for other in group_members(paths, group):
-            if other not in keyed and not is_bridge(paths, other):
+            if other not in keyed and not is_bridge(paths, other) and (reason := inuse.pci_use(paths, other)):
                 problems.append(f"{where}: IOMMU group {group} of {address} also holds "
-                                f"{describe_device(paths, other)}, which the config does not name; add it "
-                                "as a [[device]] with role = \"other\" (it is bound to vfio-pci too) or move "
-                                "the card to a slot with its own group")
+                                f"{describe_device(paths, other)}, which would be bound to vfio-pci too but "
+                                f"{reason.split('; ')[0]}; move the card to a slot with its own group")
+            elif other not in keyed and not is_bridge(paths, other):
+                problems.append(f"{where}: IOMMU group {group} of {address} also holds "
+                                f"{describe_device(paths, other)}, which the config does not name: it would "
+                                "be bound to vfio-pci too; move the card to a slot with its own group, or, "
+                                "only if the host does not use it, add it as a [[device]] with role = "
+                                "\"other\"")
 
 
 def _check_modules(paths: HostPaths, backends: tuple[str, ...], problems: list[str],
@@ -447,6 +469,8 @@ def _check_peer(paths: HostPaths, where: str, d: dict[str, Any], problems: list[
     if name and not (paths.sysfs / "class" / "net" / name).exists():
         problems.append(f"{where}.peer_interface = {name!r}: no such network interface in the host's root "
                         "namespace; check `ip link` and name the port cabled to the NIC")
+    elif name and (reason := inuse.interface_use(paths, name)):
+        problems.append(f"{where}.peer_interface = {name!r} {reason}")
 
 
 def mdev_parent(paths: HostPaths, parent: str) -> Path:
@@ -498,10 +522,11 @@ def parse(data: dict[str, Any], path: Path, paths: HostPaths = HostPaths()) -> H
         for n, address in enumerate(addresses):
             key = where if len(addresses) == 1 else f"{where}#{n}"
             keyed[address] = key
-            _check_device(paths, key, address, problems)
+            _check_device(paths, key, address, problems, d["scratch"])
             devices.append(DeviceConfig(key=key, index=len(devices), address=address, role=d["role"],
                                         guest_ip=d.get("guest_ip"), peer_interface=d.get("peer_interface"),
-                                        peer_ip=d.get("peer_ip"), test_area_mib=d["test_area_mib"]))
+                                        peer_ip=d.get("peer_ip"), test_area_mib=d["test_area_mib"],
+                                        scratch=d["scratch"]))
         if d["role"] == "nic":
             _check_peer(paths, where, d, problems)
     _check_groups(paths, keyed, problems)

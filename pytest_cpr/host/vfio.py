@@ -25,6 +25,7 @@ from typing import Any
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprUnsupported
 from pytest_cpr.guest.state import IrqLine, parse_interrupts
+from pytest_cpr.host import inuse
 from pytest_cpr.host.hostconfig import (
     HostPaths,
     describe_device,
@@ -111,10 +112,14 @@ def holders(paths: HostPaths, group: str, proc: Path = Path("/proc")) -> list[in
 
 
 def bind_device(paths: HostPaths, address: str, timeout: float = 10.0) -> None:
-    """driver_override=vfio-pci, unbind from the current driver, reprobe; waits for vfio-pci."""
+    """driver_override=vfio-pci, unbind from the current driver, reprobe; waits for vfio-pci.
+    Refuses a device the host uses (a mount, swap, a holder, the root disk, a routed interface); the
+    data-signature check, which the host config's `scratch` relaxes, is done when the config loads."""
     dev = paths.pci(address)
     if driver_of(paths, address) == VFIO_DRIVER:
         return
+    if reason := inuse.pci_use(paths, address, data=False):
+        raise VfioError(f"not binding {describe_device(paths, address)} to vfio-pci: it {reason}")
     _write(dev / "driver_override", VFIO_DRIVER)
     if driver_of(paths, address) is not None:
         _write(dev / "driver" / "unbind", address)

@@ -51,7 +51,7 @@ def make_device(paths: HostPaths, address: str, ids: str, group: str | None, cls
 @pytest.fixture
 def host(tmp_path: Path) -> HostPaths:
     """A host with an igb (group 1), an NVMe (group 2), vfio-pci and iommufd loaded, port enp0s5."""
-    paths = HostPaths(tmp_path / "sys", tmp_path / "dev")
+    paths = HostPaths(tmp_path / "sys", tmp_path / "dev", tmp_path / "proc")  # no mounts, swaps, routes
     make_device(paths, NIC, "8086:10c9", "1")
     make_device(paths, NVME, "1b36:0010", "2", "0x010802")
     (paths.sysfs / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True)
@@ -166,7 +166,9 @@ def test_group_with_a_device_the_config_does_not_name(tmp_path: Path, host: Host
     make_device(host, NIC_FN1, "8086:10c9", "1")
     [p] = problems(tmp_path, host, GOOD)
     assert p.startswith(f"device[0]: IOMMU group 1 of {NIC} also holds {NIC_FN1} (8086:10c9, driver none), "
-                        "which the config does not name; add it as a [[device]] with role = \"other\"")
+                        "which the config does not name: it would be bound to vfio-pci too; move the card to a "
+                        "slot with its own group, or, only if the host does not use it, add it as a [[device]] "
+                        "with role = \"other\"")
 
 
 def test_bridge_in_a_group_is_fine_and_naming_the_companion_fixes_the_group(tmp_path: Path,

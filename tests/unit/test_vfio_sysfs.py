@@ -24,7 +24,7 @@ class FakeSysfs:
     """/sys/bus/pci, /sys/kernel/iommu_groups and /dev/vfio in tmp_path, with a tiny 'kernel'."""
 
     def __init__(self, root: Path) -> None:
-        self.paths = HostPaths(root / "sys", root / "dev")
+        self.paths = HostPaths(root / "sys", root / "dev", root / "proc")
         self.pci = self.paths.sysfs / "bus" / "pci"
         (self.pci / "devices").mkdir(parents=True)
         (self.pci / "drivers_probe").write_text("")
