@@ -7,6 +7,7 @@ and validation, so a setting cannot exist in one place and not another.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -42,10 +43,14 @@ class Setting:
 
 
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+MAX_MIB = 1024 * 1024  # 1 TiB of guest memory
+MAX_COUNT = 1024  # vCPUs, boot attempts
+MAX_SECONDS = 24 * 3600.0  # no wait of the harness is meant to last a day
+PROBE_INTERVAL_MS = (0.5, 1000.0)  # below: a busy loop; above: no blackout measurement to speak of
 
 
 def parse_mib(text: str) -> int:
-    """'512M', '2G', '1024' (MiB) -> MiB."""
+    """'512M', '2G', '1024' (MiB) -> MiB, from 64 MiB to 1 TiB."""
     m = _SIZE.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not a size")
@@ -53,25 +58,60 @@ def parse_mib(text: str) -> int:
     mib = {"": n, "K": n // 1024, "M": n, "G": n * 1024, "T": n * 1024 * 1024}[unit]
     if mib < 64:
         raise ValueError(f"{text!r} is below 64 MiB, too small to boot a guest")
+    if mib > MAX_MIB:
+        raise ValueError(f"{text!r} is above 1T, more than a test guest can get")
     return mib
 
 
 def parse_positive_int(text: str) -> int:
-    n = int(text)
+    """A whole number from 1 to MAX_COUNT."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
     if n < 1:
         raise ValueError(f"{n} is not positive")
+    if n > MAX_COUNT:
+        raise ValueError(f"{n} is above {MAX_COUNT}")
     return n
 
 
+def _number(text: str) -> float:
+    """A finite float: nan and inf (which float() accepts) are refused, they disable waits and checks."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text.strip()!r} is not a finite number")
+    return value
+
+
 def parse_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value <= 0:
         raise ValueError(f"{value} is not a positive number of seconds")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{value:g} seconds is more than a day")
+    return value
+
+
+def parse_interval_ms(text: str) -> float:
+    low, high = PROBE_INTERVAL_MS
+    value = _number(text)
+    if not low <= value <= high:
+        raise ValueError(f"{value:g} ms is outside {low:g}..{high:g} ms")
     return value
 
 
 def parse_optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "off") else float(text)
+    """A threshold: a finite number >= 0, or none/off/empty (no threshold)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"{value:g} is negative")
+    return value
 
 
 def parse_bool(text: str) -> bool:
@@ -127,12 +167,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vnet_hdr", "open the shared tap with IFF_VNET_HDR (offloads on, but the target QEMU "
             "resets the header length under the running source: frames are lost)", "off", parse_bool,
             fix="on or off"),
-    Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", float,
-            fix="a number of milliseconds, e.g. 5"),
+    Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", parse_interval_ms,
+            fix="a number of milliseconds from 0.5 to 1000, e.g. 5"),
     Setting("max_blackout_ms", "fail a transfer whose guest-visible blackout exceeds this (none: record "
-            "only)", None, parse_optional_float, fix="milliseconds, or none"),
+            "only)", None, parse_optional_float, fix="a number of milliseconds >= 0, or none"),
     Setting("max_lost_probes", "fail a transfer that loses more probes than this (none: record only)",
-            None, parse_optional_float, fix="a count, or none"),
+            None, parse_optional_float, fix="a count >= 0, or none"),
     Setting("host_config", "host config file (TOML) describing passthrough devices", None,
             fix="the path of a TOML host config file"),
     Setting("strict", "turn 'host cannot serve this test' skips into failures (hardware CI)", "off",

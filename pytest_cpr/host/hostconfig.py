@@ -45,6 +45,7 @@ DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface"
 MDEV_KEYS = ("parent", "type")
 TOP_KEYS = ("host", "device", "mdev")
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+SYSFS_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # an interface, mdev parent or type: one path component
 PCI_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 BRIDGE_CLASS = 0x0604  # PCI-to-PCI bridges may share a group: the kernel lets vfio use the group anyway
 # the harness's own guest network (host.netns.GuestNetwork default): passthrough NICs need another
@@ -207,6 +208,15 @@ class _Parser:
             return None
         return value
 
+    def name(self, table: dict[str, Any], key: str, where: str, example: str) -> str | None:
+        """A string that becomes one path component under /sys: no '/', no '..', no spaces."""
+        value = self.typed(table, key, where, str, example)
+        if value is not None and (not SYSFS_NAME.match(value) or value in (".", "..")):
+            self.problems.append(f"{where}.{key} = {value!r}: not a plain name (letters, digits, '_', '.', "
+                                 f"':', '-'); write e.g. {example}")
+            return None
+        return value  # type: ignore[no-any-return]
+
     def host(self) -> dict[str, Any]:
         for key in self.data:
             if key not in TOP_KEYS:
@@ -262,11 +272,15 @@ class _Parser:
         out = []
         for i, entry in enumerate(entries):
             where = f"device[{i}]"
+            if not isinstance(entry, dict):
+                self.problems.append(f"{where} = {entry!r}: must be a table; write [[device]] with address = "
+                                     "... and role = ... below it")
+                continue
             for key in entry:
                 if key not in DEVICE_KEYS:
                     self.problems.append(f"{where}.{key}: {_unknown(key, DEVICE_KEYS)}")
             out.append((where, self.device(where, entry)))
-        if not out and required:
+        if not entries and required:
             self.problems.append("device: no [[device]] entries; add one per passthrough device")
         return out
 
@@ -285,8 +299,8 @@ class _Parser:
             for key in entry:
                 if key not in MDEV_KEYS:
                     self.problems.append(f"{where}.{key}: {_unknown(key, MDEV_KEYS)}")
-            parent = self.typed(entry, "parent", where, str, '"mtty"')
-            kind = self.typed(entry, "type", where, str, '"mtty-2"')
+            parent = self.name(entry, "parent", where, '"mtty"')
+            kind = self.name(entry, "type", where, '"mtty-2"')
             if "parent" not in entry:
                 self.problems.append(f"{where}.parent: missing; set parent = \"mtty\" (a name under "
                                      "/sys/class/mdev_bus)")
@@ -377,7 +391,7 @@ class _Parser:
             if guest.network.overlaps(HARNESS_SUBNET):
                 self.problems.append(f"{where}.guest_ip = {entry['guest_ip']!r} overlaps the harness's guest "
                                      f"network {HARNESS_SUBNET}; use another subnet, e.g. 10.78.0.0/24")
-        peer_if = self.typed(entry, "peer_interface", where, str, '"enp0s5"')
+        peer_if = self.name(entry, "peer_interface", where, '"enp0s5"')
         return {"guest_ip": str(guest) if guest else None, "peer_ip": str(peer) if peer else None,
                 "peer_interface": peer_if}
 

@@ -104,6 +104,16 @@ def test_match_with_too_few_devices(tmp_path: Path, host: HostPaths) -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
+    ('device = ["x"]', "device[0] = 'x': must be a table; write [[device]] with address = ... and role = ... "
+     "below it"),
+    ("device = [1]", "device[0] = 1: must be a table; write [[device]] with address = ... and role = ... below it"),
+    (f'[[device]]\naddress = "{NIC}"\nrole = "nic"\nguest_ip = "10.78.0.2/24"\npeer_ip = "10.78.0.1/24"\n'
+     'peer_interface = "../eth0"\n', "device[0].peer_interface = '../eth0': not a plain name (letters, digits, "
+     "'_', '.', ':', '-'); write e.g. \"enp0s5\""),
+    ('[[mdev]]\nparent = ".."\ntype = "mtty-2"\n', "mdev[0].parent = '..': not a plain name (letters, digits, "
+     "'_', '.', ':', '-'); write e.g. \"mtty\""),
+    (f'[[device]]\naddress = "{NVME}"\nrole = "nvme"\nscratch = "yes"\n',
+     "device[0].scratch = 'yes': must be a bool; write e.g. true"),
     ('[hots]\n[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\n',
      "hots: unknown key; did you mean 'host'?"),
     ('[host]\nbackend = ["legacy"]\n[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\n',
