@@ -8,18 +8,113 @@ run killed with SIGKILL never breaks the runs after it.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
+import stat
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATE_DIR = Path(os.environ.get("CPR_STATE_DIR", "/run/pytest-cpr"))
+from pytest_cpr.errors import CprError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = Path("/run/pytest-cpr")
+STATE_DIR = Path(os.environ.get("CPR_STATE_DIR", str(DEFAULT_STATE_DIR)))
 
 # kind -> cleaner(record) -> description of what was cleaned; other modules register theirs
 _CLEANERS: dict[str, Callable[[dict[str, Any]], str]] = {}
+# kind -> check(record) -> why the record must not be acted on (None: fine); next to the cleaner
+_CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {}
+
+# a record's fields become paths and sysfs writes as root: each is checked before it is used
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")  # one path component
+PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+RUN_DIR = re.compile(r"^cpr-[A-Za-z0-9_-]+$")
+KERNEL_TREES = {"sysfs": "/sys", "dev": "/dev"}
+
+
+class StateDirError(CprError):
+    """The state directory is not private to root: its records cannot be trusted."""
+
+
+def check_state_dir(path: Path | None = None) -> None:
+    """Refuse a state directory that is a symlink, not a directory, owned by another user or writable
+    by group or others: whoever can write a record there gets root to act on it."""
+    path = path or STATE_DIR
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    elif st.st_uid not in (0, os.geteuid()):
+        problem = f"owned by uid {st.st_uid}"
+    elif st.st_mode & 0o022:
+        problem = f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    else:
+        return
+    raise StateDirError(f"state directory {path} (CPR_STATE_DIR) is {problem}: its records are acted on as "
+                        f"root; make it a root-owned directory with mode 700 (or remove it) or point "
+                        "CPR_STATE_DIR at one")
+
+
+def fake_trees_allowed() -> bool:
+    """Records in another state directory than /run/pytest-cpr (unit tests, CPR_STATE_DIR) may name
+    fake sysfs and /dev trees."""
+    return STATE_DIR != DEFAULT_STATE_DIR
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, str) and bool(PLAIN_NAME.match(value)) and value not in (".", "..")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _absolute(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("/") and os.path.normpath(value) == value
+
+
+def _field_problem(rec: dict[str, Any]) -> str | None:
+    """Fields any kind may have, each checked by its name."""
+    for key in ("kind", "key", "name"):
+        if key in rec and not _plain(rec[key]):
+            return f"{key} {rec[key]!r} is not a plain name"
+    if "kind" not in rec or "key" not in rec:
+        return "no kind or key"
+    for key in ("owner", "pid"):
+        if key in rec and not _count(rec[key]):
+            return f"{key} {rec[key]!r} is not a process id"
+    if "address" in rec and not (isinstance(rec["address"], str) and PCI_ADDRESS.match(rec["address"])):
+        return f"address {rec['address']!r} is not a PCI address"
+    for key in ("driver", "override"):
+        if rec.get(key) is not None and not _plain(rec[key]):
+            return f"{key} {rec[key]!r} is not a driver name"
+    if "adopted" in rec and not (isinstance(rec["adopted"], list) and all(_plain(a) for a in rec["adopted"])):
+        return f"adopted {rec['adopted']!r} is not a list of interface names"
+    for key, real in KERNEL_TREES.items():
+        if key in rec and not (rec[key] == real or (fake_trees_allowed() and _absolute(rec[key]))):
+            return f"{key} {rec[key]!r} is not {real}"
+    if "path" in rec and not _absolute(rec["path"]):
+        return f"path {rec['path']!r} is not an absolute, normalized path"
+    return None
+
+
+def problem(rec: object) -> str | None:
+    """Why a record must not be acted on (None: it may): a poisoned or corrupt record is never used."""
+    if not isinstance(rec, dict):
+        return f"a {type(rec).__name__}, not a JSON object"
+    if reason := _field_problem(rec):
+        return reason
+    check = _CHECKS.get(rec["kind"])
+    return check(rec) if check else None
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -31,6 +126,7 @@ def _proc_start_time(pid: int) -> str | None:
 
 
 def _write(name: str, record: dict[str, Any]) -> None:
+    check_state_dir()
     STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
     record.update(owner=os.getpid(), owner_start=_proc_start_time(os.getpid()), t=time.time())
     tmp = STATE_DIR / f".{name}.tmp"
@@ -58,8 +154,12 @@ def forget_process(pid: int) -> None:
     forget("proc", str(pid))
 
 
-def register_cleaner(kind: str, cleaner: Callable[[dict[str, Any]], str]) -> None:
+def register_cleaner(kind: str, cleaner: Callable[[dict[str, Any]], str],
+                     check: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+    """`cleaner` undoes what a record of `kind` names; `check` says why a record must not be acted on."""
     _CLEANERS[kind] = cleaner
+    if check is not None:
+        _CHECKS[kind] = check
 
 
 def _owner_alive(rec: dict[str, Any]) -> bool:
@@ -84,18 +184,59 @@ def _clean_process(rec: dict[str, Any]) -> str:
     return f"killed stale QEMU process {pid} ({rec.get('argv0')})"
 
 
-register_cleaner("proc", _clean_process)
+def _process_problem(rec: dict[str, Any]) -> str | None:
+    if not _count(rec.get("pid")) or rec["key"] != str(rec["pid"]):
+        return f"pid {rec.get('pid')!r} is no process id matching key {rec['key']!r}"
+    return None
+
+
+def _rundir_problem(rec: dict[str, Any]) -> str | None:
+    """A run directory is /tmp/cpr-* (or $TMPDIR/cpr-*, tests: anywhere), named by its key, no symlink."""
+    path = Path(str(rec.get("path")))
+    if "path" not in rec or path.name != rec["key"] or not RUN_DIR.match(path.name):
+        return f"path {rec.get('path')!r} is not a cpr-* directory named by key {rec['key']!r}"
+    if not fake_trees_allowed() and path.parent not in (Path("/tmp"), Path(tempfile.gettempdir())):
+        return f"path {path} is not in /tmp"
+    if path.is_symlink():
+        return f"path {path} is a symlink"
+    return None
+
+
+register_cleaner("proc", _clean_process, _process_problem)
+_CHECKS["rundir"] = _rundir_problem  # its cleaner is registered by pytest_cpr.vm
+
+
+def _scan(set_aside: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records that may be acted on, and one line per record refused; `set_aside`: rename those
+    to *.json.rejected (never read again, kept for whoever looks into who wrote them)."""
+    check_state_dir()
+    if not STATE_DIR.is_dir():
+        return [], []
+    out, refused = [], []
+    for path in sorted(STATE_DIR.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        if (why := problem(rec)) is None and path.name == f"{rec['kind']}-{rec['key']}.json":
+            out.append(rec)
+            continue
+        why = why or f"file name {path.name} does not match its kind and key"
+        line = f"could not clean {path.name}: refused a poisoned record ({why})"
+        if set_aside:
+            kept = path.with_name(f"{path.name}.rejected")
+            path.replace(kept)
+            line += f"; kept as {kept}"
+        refused.append(line)
+    return out, refused
 
 
 def records() -> list[dict[str, Any]]:
-    if not STATE_DIR.is_dir():
-        return []
-    out = []
-    for path in sorted(STATE_DIR.glob("*.json")):
-        try:
-            out.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)
+    """The valid records; a refused one is logged (and left where it is: cleaning sets it aside)."""
+    out, refused = _scan(set_aside=False)
+    for line in refused:
+        log.warning("%s", line)
     return out
 
 
@@ -110,9 +251,9 @@ def clean_own() -> list[str]:
 
 
 def _clean(select: Callable[[dict[str, Any]], bool]) -> list[str]:
-    done = []
+    valid, done = _scan(set_aside=True)
     # processes first: they hold taps and device fds
-    for rec in sorted(records(), key=lambda r: r.get("kind") != "proc"):
+    for rec in sorted(valid, key=lambda r: r.get("kind") != "proc"):
         if not select(rec):
             continue
         cleaner = _CLEANERS.get(rec.get("kind", ""))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ BRIDGE_CLASS = 0x0604  # PCI-to-PCI bridges may share a group: the kernel lets v
 # the harness's own guest network (host.netns.GuestNetwork default): passthrough NICs need another
 HARNESS_SUBNET = ipaddress.ip_network("10.77.0.0/24")
 DEFAULT_TEST_AREA_MIB = 64
+SYSFS_WRITE_TIMEOUT = 30.0  # seconds; a bind or unbind normally takes milliseconds
 
 
 class HostConfigError(CprSettingError):
@@ -129,11 +131,27 @@ def read_attr(path: Path) -> str | None:
         return None
 
 
-def write_attr(path: Path, text: str, error: type[Exception], hint: str) -> None:
-    """Write a sysfs attribute; a failure raises `error` naming the file, the value and `hint`."""
-    try:
-        path.write_text(text)
-    except OSError as exc:
+def write_attr(path: Path, text: str, error: type[Exception], hint: str,
+               timeout: float = SYSFS_WRITE_TIMEOUT) -> None:
+    """Write a sysfs attribute; a failure raises `error` naming the file, the value and `hint`. The
+    write runs in a thread with a deadline: an unbind the kernel holds until a device's user lets go
+    would otherwise hang the run (the thread stays blocked in the kernel; it is a daemon)."""
+    failed: list[OSError] = []
+
+    def write() -> None:
+        try:
+            path.write_text(text)
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=write, name=f"sysfs-write {path.name}", daemon=True)
+    writer.start()
+    writer.join(timeout)
+    if writer.is_alive():
+        raise error(f"writing {text.strip()!r} to {path} did not return within {timeout:g}s (the kernel waits "
+                    f"for whatever holds the device; see the host's dmesg); {hint}")
+    if failed:
+        exc = failed[0]
         raise error(f"writing {text.strip()!r} to {path} failed: {exc.strerror or exc}; {hint}") from None
 
 

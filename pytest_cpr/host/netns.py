@@ -207,4 +207,10 @@ def _clean_netns(rec: dict[str, Any]) -> str:
     return f"deleted stale network namespace {rec['name']}"
 
 
-leftovers.register_cleaner("netns", _clean_netns)
+def _netns_record_problem(rec: dict[str, Any]) -> str | None:
+    if rec.get("name") != rec["key"] or not str(rec["key"]).startswith(f"{PREFIX}-"):
+        return f"name {rec.get('name')!r} is not a {PREFIX}-* namespace named by key {rec['key']!r}"
+    return None
+
+
+leftovers.register_cleaner("netns", _clean_netns, _netns_record_problem)

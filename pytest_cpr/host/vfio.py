@@ -96,19 +96,29 @@ def _wait_driver(paths: HostPaths, address: str, want: str | None, timeout: floa
         time.sleep(0.01)
 
 
-def holders(paths: HostPaths, group: str, proc: Path = Path("/proc")) -> list[int]:
-    """PIDs holding the group (/dev/vfio/<group>) or a member's cdev (/dev/vfio/devices/vfioN) open:
-    unbinding would block until they let go."""
+def holders(paths: HostPaths, group: str, proc: Path | None = None) -> list[int]:
+    """PIDs holding the group (/dev/vfio/<group>), a member's cdev (/dev/vfio/devices/vfioN) or one of
+    a member's sysfs files (config, resourceN) open: unbinding would block until they let go."""
     targets = {str(paths.dev / "vfio" / group)}
+    prefixes = []
     for member in group_members(paths, group):
         targets.update(str(paths.dev / "vfio" / "devices" / c.name)
                        for c in (paths.pci(member) / "vfio-dev").glob("vfio*"))
-    pids = []
-    for fd_dir in proc.glob("[0-9]*/fd"):
         with contextlib.suppress(OSError):
-            if any(os.readlink(fd) in targets for fd in fd_dir.iterdir()):
-                pids.append(int(fd_dir.parent.name))
+            prefixes.append(str(paths.pci(member).resolve(strict=True)) + "/")
+    pids = []
+    for fd_dir in (proc or paths.proc).glob("[0-9]*/fd"):
+        if any(t in targets or t.startswith(tuple(prefixes)) for t in _fd_targets(fd_dir)):
+            pids.append(int(fd_dir.parent.name))
     return pids
+
+
+def _fd_targets(fd_dir: Path) -> Iterator[str]:
+    """What a process's open files are (fds closing, or a process ending, while read are skipped)."""
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                yield os.readlink(fd)
 
 
 def bind_device(paths: HostPaths, address: str, timeout: float = 10.0) -> None:
@@ -149,13 +159,30 @@ def _record_key(address: str) -> str:
     return address.replace(":", "_")
 
 
+def _vfio_record_problem(rec: dict[str, Any]) -> str | None:
+    if "address" not in rec or rec["key"] != _record_key(rec["address"]):
+        return f"key {rec['key']!r} is not the record key of its address {rec.get('address')!r}"
+    return None
+
+
 def _clean_vfio(rec: dict[str, Any]) -> str:
+    """Undo a killed run's binding, only from the state the run left (vfio-pci, or no driver with our
+    override): a driver bound since is an admin's, and a group someone holds would block the unbind."""
     paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
-    return "vfio binding of a killed run: " + restore_device(paths, rec["address"], rec.get("driver"),
-                                                             rec.get("override"))
+    address, driver = rec["address"], rec.get("driver")
+    current = driver_of(paths, address)
+    ours = current == VFIO_DRIVER or (current is None and _override_of(paths, address) == VFIO_DRIVER)
+    if paths.pci(address).exists() and current != driver and not ours:
+        return (f"vfio binding of a killed run: {address} left alone: it is on "
+                    f"{current or 'no driver'} now (bound since), not on vfio-pci")
+    group = iommu_group_of(paths, address)
+    if group is not None and current == VFIO_DRIVER and (pids := holders(paths, group)):
+        raise VfioError(f"{address}: IOMMU group {group} is held open by pid(s) {pids}: not unbinding it (the "
+                        "write would block); stop those processes, then run python -m pytest_cpr.cleanup")
+    return "vfio binding of a killed run: " + restore_device(paths, address, driver, rec.get("override"))
 
 
-leftovers.register_cleaner("vfio", _clean_vfio)
+leftovers.register_cleaner("vfio", _clean_vfio, _vfio_record_problem)
 
 
 class VfioBinding:
@@ -184,14 +211,16 @@ class VfioBinding:
         return list(out.values())
 
     def _claim(self, b: DeviceBinding) -> None:
-        """Refuse a device another live run has bound; record ours before touching sysfs."""
+        """Refuse a device another live run has bound; record ours before touching sysfs. A record left
+        by a run that could not restore keeps its original driver (the device may be on vfio-pci now)."""
         for rec in leftovers.records():
-            mine = rec.get("owner") == os.getpid()
-            if rec.get("kind") == "vfio" and rec.get("address") == b.address and not mine:
-                owner = int(rec.get("owner", 0))
-                if owner and Path(f"/proc/{owner}").exists():
-                    raise VfioError(f"{b.address} is bound for another test run (pid {owner}); run device "
-                                    "tests one at a time per device (pytest-xdist: --dist loadgroup)")
+            if rec["kind"] != "vfio" or rec.get("address") != b.address:
+                continue
+            owner = int(rec.get("owner", 0))
+            if owner != os.getpid() and not leftovers.is_stale(rec):
+                raise VfioError(f"{b.address} is bound for another test run (pid {owner}); run device "
+                                "tests one at a time per device (pytest-xdist: --dist loadgroup)")
+            b.driver, b.override = rec.get("driver"), rec.get("override")
         if self.record:
             leftovers.record("vfio", _record_key(b.address), address=b.address, driver=b.driver,
                              override=b.override, sysfs=str(self.paths.sysfs), dev=str(self.paths.dev))

@@ -224,6 +224,10 @@ CASES = [
     Case("host-config-scratch-not-bool", "usage", r"host\.toml: device\[0\]\.scratch = 'yes': must be a bool; "
          r"write e\.g\. true$", args=HOST_CONFIG,
          prepare=_host_config('[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\nscratch = "yes"\n')),
+    Case("state-dir-writable-by-others", "usage", r"^ERROR: state directory .*/state \(CPR_STATE_DIR\) is "
+         r"writable by group or others \(mode 777\): its records are acted on as root; make it a root-owned "
+         r"directory with mode 700", test=SETTINGS_TEST, prepare=lambda t: (t / "state").mkdir(mode=0o777)
+         or (t / "state").chmod(0o777)),
     Case("no-permission-dev-net-tun", "error", r"\[pytest-cpr\] .*no permission to open /dev/net/tun .*run "
          r"as root, or give this user read/write access to /dev/net/tun", no_tun=True),
     Case("boot-timeout-too-small", "error", r"\[pytest-cpr\] guest vm0 did not boot \(--cpr-boot-timeout "

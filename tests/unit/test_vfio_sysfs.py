@@ -24,7 +24,7 @@ class FakeSysfs:
     """/sys/bus/pci, /sys/kernel/iommu_groups and /dev/vfio in tmp_path, with a tiny 'kernel'."""
 
     def __init__(self, root: Path) -> None:
-        self.paths = HostPaths(root / "sys", root / "dev", root / "proc")
+        self.paths = HostPaths(root / "sys", root / "dev")  # the real /proc: holders() finds this process
         self.pci = self.paths.sysfs / "bus" / "pci"
         (self.pci / "devices").mkdir(parents=True)
         (self.pci / "drivers_probe").write_text("")
@@ -167,10 +167,10 @@ def test_the_next_run_restores_bindings_of_a_killed_run(fake: FakeSysfs) -> None
 
 def test_a_device_bound_by_another_live_run_is_refused(fake: FakeSysfs) -> None:
     fake.device(NIC, group="7")
-    leftovers.record("vfio", "other", address=NIC, driver="igb", override=None)
-    path = leftovers.STATE_DIR / "vfio-other.json"
+    leftovers.record("vfio", "0000_01_00.0", address=NIC, driver="igb", override=None)
+    path = leftovers.STATE_DIR / "vfio-0000_01_00.0.json"
     rec = json.loads(path.read_text())
-    rec["owner"] = os.getppid()
+    rec.update(owner=os.getppid(), owner_start=leftovers._proc_start_time(os.getppid()))
     path.write_text(json.dumps(rec))
     with pytest.raises(VfioError, match=f"{NIC} is bound for another test run"):
         VfioBinding([NIC], fake.paths, timeout=1).bind()
@@ -297,3 +297,58 @@ def test_cdev_support_before_any_device_is_bound(fake: FakeSysfs) -> None:
     (proc / "config.gz").unlink()
     (fake.paths.dev / "vfio" / "devices").mkdir(parents=True)
     assert vfio.vfio_cdev_support(fake.paths) is True
+
+
+def _orphan_binding(fake: FakeSysfs, address: str) -> None:
+    """A run binds `address` and is killed: its record stays, with an owner that is gone."""
+    VfioBinding([address], fake.paths, timeout=1).bind()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for path in leftovers.STATE_DIR.glob("vfio-*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "owner": dead.pid, "owner_start": "0"}))
+
+
+def test_held_device_of_a_killed_run_is_not_unbound(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)
+    fd = os.open(fake.paths.dev / "vfio" / "7", os.O_RDONLY)  # an orphan QEMU still holds the group
+    try:
+        [line] = leftovers.clean_stale()
+        assert line == (f"could not clean vfio 0000_01_00.0: {NIC}: IOMMU group 7 is held open by pid(s) "
+                        f"[{os.getpid()}]: not unbinding it (the write would block); stop those processes, "
+                        "then run python -m pytest_cpr.cleanup")
+        assert fake.driver_of(NIC) == "vfio-pci" and len(vfio_records()) == 1
+    finally:
+        os.close(fd)
+    assert "restored to igb" in leftovers.clean_stale()[0]
+
+
+def test_held_device_files_count_as_holders(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    (fake.pci / "devices" / NIC / "resource0").write_bytes(b"\0" * 64)
+    with open(fake.pci / "devices" / NIC / "resource0", "rb"):  # as a user-space driver maps a BAR
+        assert vfio.holders(fake.paths, "7") == [os.getpid()]
+    assert vfio.holders(fake.paths, "7") == []
+
+
+def test_held_by_an_admin_driver_bound_since_is_left_alone(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)
+    fake.kernel_write(fake.pci / "devices" / NIC / "driver" / "unbind", NIC)  # the admin rebinds it
+    fake.kernel_write(fake.pci / "devices" / NIC / "driver_override", "e1000e")
+    fake.kernel_write(fake.pci / "drivers_probe", NIC)
+    assert leftovers.clean_stale() == [f"vfio binding of a killed run: {NIC} left alone: it is on e1000e now "
+                                       "(bound since), not on vfio-pci"]
+    assert fake.driver_of(NIC) == "e1000e" and vfio_records() == []
+
+
+def test_poison_a_new_claim_keeps_the_original_driver_of_a_stale_record(fake: FakeSysfs,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)  # left on vfio-pci; the record says igb
+    monkeypatch.setattr(leftovers, "clean_stale", lambda: [])  # say the cleanup could not run
+    binding = VfioBinding([NIC], fake.paths, timeout=1)
+    binding.bind()
+    assert [r["driver"] for r in vfio_records()] == ["igb"], "never overwritten with vfio-pci"
+    binding.restore()
+    assert fake.driver_of(NIC) == "igb"
