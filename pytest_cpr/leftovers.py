@@ -7,6 +7,7 @@ run killed with SIGKILL never breaks the runs after it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -132,6 +133,53 @@ def _write(name: str, record: dict[str, Any]) -> None:
     tmp = STATE_DIR / f".{name}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(STATE_DIR / f"{name}.json")
+
+
+class LockTimeout(CprError):
+    """Another process holds a claim lock longer than the caller waits."""
+
+
+class ClaimLock:
+    """An exclusive flock on <state dir>/locks/<name>.lock, held while a resource is claimed. The kernel
+    drops it when the holder dies, so a lock is never stale; the file names the holder's pid."""
+
+    def __init__(self, name: str) -> None:
+        if not _plain(name):
+            raise ValueError(f"lock name {name!r} is not a plain name")
+        self.path = STATE_DIR / "locks" / f"{name}.lock"
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, timeout: float, poll: float = 0.05) -> ClaimLock:
+        """Wait up to `timeout` seconds for the lock; LockTimeout names the holder's pid."""
+        check_state_dir()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise LockTimeout(f"held by pid {self.holder()} ({self.path}) for more than "
+                                      f"{timeout:g}s") from None
+                time.sleep(poll)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
 
 
 def _forget(name: str) -> None:

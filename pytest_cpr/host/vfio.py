@@ -38,6 +38,7 @@ from pytest_cpr.host.hostconfig import (
 )
 
 VFIO_DRIVER = "vfio-pci"
+CLAIM_WAIT = 60.0  # seconds a claim waits for another run's lock on the same device
 
 
 # ---- ioctl numbers (linux/vfio.h, linux/iommufd.h): _IO(type, nr) = type << 8 | nr
@@ -190,10 +191,13 @@ class VfioBinding:
     on exit (also on an exception or Ctrl-C). Usable without pytest."""
 
     def __init__(self, addresses: Sequence[str], paths: HostPaths = HostPaths(),  # noqa: B008
-                 timeout: float = 10.0, record: bool = True) -> None:
+                 timeout: float = 10.0, record: bool = True, lock_timeout: float = CLAIM_WAIT) -> None:
+        """record: keep a record (a killed run's binding is restored later) and a claim lock per device
+        (another run claiming it waits up to `lock_timeout` seconds, then fails naming this pid)."""
         self.addresses = list(addresses)
-        self.paths, self.timeout, self.record = paths, timeout, record
+        self.paths, self.timeout, self.record, self.lock_timeout = paths, timeout, record, lock_timeout
         self.bound: list[DeviceBinding] = []
+        self.locks: dict[str, leftovers.ClaimLock] = {}
 
     def plan(self) -> list[DeviceBinding]:
         """Every device that will move: the named ones and the non-bridge members of their groups."""
@@ -213,6 +217,14 @@ class VfioBinding:
     def _claim(self, b: DeviceBinding) -> None:
         """Refuse a device another live run has bound; record ours before touching sysfs. A record left
         by a run that could not restore keeps its original driver (the device may be on vfio-pci now)."""
+        if self.record and b.address not in self.locks:
+            try:
+                self.locks[b.address] = leftovers.ClaimLock(f"vfio-{b.address}").acquire(self.lock_timeout)
+            except leftovers.LockTimeout as exc:
+                raise VfioError(f"{b.address} is claimed by another test run: lock {exc}; run device tests one "
+                                "at a time per device (pytest-xdist: --dist loadgroup)") from None
+            # the run we waited for has given the device back since plan() looked at it
+            b.driver, b.override = driver_of(self.paths, b.address), _override_of(self.paths, b.address)
         for rec in leftovers.records():
             if rec["kind"] != "vfio" or rec.get("address") != b.address:
                 continue
@@ -233,8 +245,14 @@ class VfioBinding:
                 bind_device(self.paths, b.address, self.timeout)
         except BaseException:
             self.restore()
+            self._release_unbound()
             raise
         return self.bound
+
+    def _release_unbound(self) -> None:
+        """Locks of devices this binding never got to bind (a failed claim)."""
+        for address in [a for a in self.locks if a not in {b.address for b in self.bound}]:
+            self.locks.pop(address).release()
 
     def groups(self) -> list[str]:
         return sorted({b.group for b in self.bound}, key=lambda g: int(g) if g.isdigit() else 0)
@@ -253,6 +271,8 @@ class VfioBinding:
                 done.append(restore_device(self.paths, b.address, b.driver, b.override, self.timeout))
                 if self.record:
                     leftovers.forget("vfio", _record_key(b.address))
+                if lock := self.locks.pop(b.address, None):
+                    lock.release()
             except VfioError as exc:
                 errors.append(str(exc))
         if errors:

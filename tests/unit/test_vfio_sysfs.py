@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -300,8 +305,12 @@ def test_cdev_support_before_any_device_is_bound(fake: FakeSysfs) -> None:
 
 
 def _orphan_binding(fake: FakeSysfs, address: str) -> None:
-    """A run binds `address` and is killed: its record stays, with an owner that is gone."""
-    VfioBinding([address], fake.paths, timeout=1).bind()
+    """A run binds `address` and is killed: its record stays, with an owner that is gone (and the
+    kernel drops its claim lock)."""
+    binding = VfioBinding([address], fake.paths, timeout=1)
+    binding.bind()
+    for lock in binding.locks.values():
+        lock.release()
     dead = subprocess.Popen(["true"])
     dead.wait()
     for path in leftovers.STATE_DIR.glob("vfio-*.json"):
@@ -352,3 +361,46 @@ def test_poison_a_new_claim_keeps_the_original_driver_of_a_stale_record(fake: Fa
     assert [r["driver"] for r in vfio_records()] == ["igb"], "never overwritten with vfio-pci"
     binding.restore()
     assert fake.driver_of(NIC) == "igb"
+
+
+def _claim_and_hold(fake: FakeSysfs, claimed: Any, release: Any) -> None:
+    """Another test run (a forked process): claims NIC, holds it until told, restores it."""
+    with VfioBinding([NIC], fake.paths, timeout=1):
+        claimed.set()
+        release.wait(30)
+
+
+@pytest.fixture
+def other_run(fake: FakeSysfs) -> Iterator[tuple[Any, Any, Any]]:
+    ctx = multiprocessing.get_context("fork")  # inherits the fake kernel and the state dir
+    claimed, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_claim_and_hold, args=(fake, claimed, release))
+    fake.device(NIC, group="7")
+    proc.start()
+    assert claimed.wait(10), "the other run did not claim the device"
+    yield proc, claimed, release
+    release.set()
+    proc.join(10)
+
+
+def test_lock_a_second_claim_fails_naming_the_holder(fake: FakeSysfs, other_run: tuple[Any, Any, Any]) -> None:
+    proc, _, _ = other_run
+    lock = leftovers.STATE_DIR / "locks" / f"vfio-{NIC}.lock"
+    start = time.monotonic()
+    with pytest.raises(VfioError) as err:
+        VfioBinding([NIC], fake.paths, timeout=1, lock_timeout=0.5).bind()
+    assert 0.5 <= time.monotonic() - start < 5, "waited its bounded time"
+    assert str(err.value) == (f"{NIC} is claimed by another test run: lock held by pid {proc.pid} ({lock}) for "
+                              "more than 0.5s; run device tests one at a time per device (pytest-xdist: --dist "
+                              "loadgroup)")
+    assert fake.driver_of(NIC) == "vfio-pci", "the other run's binding is untouched"
+
+
+def test_lock_a_second_claim_waits_for_the_first_to_end(fake: FakeSysfs,
+                                                        other_run: tuple[Any, Any, Any]) -> None:
+    _, _, release = other_run
+    threading.Timer(0.3, release.set).start()  # the other run ends its test soon
+    with VfioBinding([NIC], fake.paths, timeout=1, lock_timeout=10) as binding:
+        assert [b.driver for b in binding.bound] == ["igb"], "the first run restored before the second bound"
+        assert fake.driver_of(NIC) == "vfio-pci"
+    assert fake.driver_of(NIC) == "igb" and vfio_records() == []
