@@ -99,13 +99,15 @@ def device_blocks(paths: HostPaths, address: str) -> list[Block]:
     return found
 
 
-def _mounts(paths: HostPaths) -> list[tuple[str, str]]:
-    """(major:minor, mount point) of every mount in /proc/self/mountinfo."""
+def _mounts(paths: HostPaths) -> list[tuple[str, str, str]]:
+    """(major:minor, source, mount point) of every mount in /proc/self/mountinfo. Both identify the
+    device: btrfs shows an anonymous major:minor (0:NN), its source names the real one."""
     out = []
     for line in _read(paths.proc / "self" / "mountinfo").splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            out.append((fields[2], fields[4].replace("\\040", " ")))
+        fields, _, after = line.partition(" - ")
+        f, source = fields.split(), after.split()
+        if len(f) > 4:
+            out.append((f[2], source[1] if len(source) > 1 else "", f[4].replace("\\040", " ")))
     return out
 
 
@@ -113,11 +115,12 @@ def _swaps(paths: HostPaths) -> list[str]:
     return [line.split()[0] for line in _read(paths.proc / "swaps").splitlines()[1:] if line.split()]
 
 
-def _swap_matches(paths: HostPaths, swap: str, block: Block) -> bool:
-    name = Path(swap).name
-    if swap.startswith("/dev/mapper/"):
+def _names(block: Block, device: str) -> bool:
+    """Whether a /dev path (/dev/nvme0n1p2, /dev/mapper/vg-root) is this block device."""
+    name = Path(device).name
+    if device.startswith("/dev/mapper/"):
         return _read(block.sys / "dm" / "name").strip() == name
-    return name == block.name
+    return device.startswith("/dev/") and name == block.name
 
 
 def _signature(paths: HostPaths, block: Block) -> str | None:
@@ -140,17 +143,16 @@ def block_use(paths: HostPaths, address: str, scratch: bool = False, data: bool 
     blocks = device_blocks(paths, address)
     if not blocks:
         return None
-    by_devnum = {b.devnum: b for b in blocks if b.devnum}
-    for devnum, mountpoint in _mounts(paths):
-        if devnum in by_devnum:
-            name = by_devnum[devnum].name
+    for devnum, source, mountpoint in _mounts(paths):
+        if block := next((b for b in blocks if b.devnum == devnum or _names(b, source)), None):
+            name = block.name
             if mountpoint == "/":
                 return f"is the root disk (/dev/{name} is mounted on /); name another device"
             return (f"backs a mounted filesystem (/dev/{name} on {mountpoint}); unmount it (and remove it "
                     "from /etc/fstab) or name another device")
     for swap in _swaps(paths):
         for b in blocks:
-            if _swap_matches(paths, swap, b):
+            if _names(b, swap):
                 return f"is swap ({swap} in /proc/swaps); swapoff {swap} and remove it from /etc/fstab, " \
                        "or name another device"
     for b in blocks:

@@ -137,6 +137,14 @@ def test_in_use_the_root_disk_is_refused(host: FakeHost) -> None:
     assert "is the root disk (/dev/nvme2n1 is mounted on /)" in p
 
 
+def test_in_use_a_btrfs_root_is_found_by_its_mount_source(host: FakeHost) -> None:
+    host.nvme(NVME, "2")
+    with (host.paths.proc / "self" / "mountinfo").open("a") as f:  # btrfs: an anonymous major:minor
+        f.write("30 1 0:27 /@ / rw,relatime shared:1 - btrfs /dev/nvme2n1 rw,subvol=/@\n")
+    [p] = host.problems(nvme_entry())
+    assert "is the root disk (/dev/nvme2n1 is mounted on /)" in p
+
+
 def test_in_use_a_swap_holder_is_refused(host: FakeHost) -> None:
     ns = host.nvme(NVME, "2")
     host.block(ns, "nvme2n1p2", "259:8", partition=True)
