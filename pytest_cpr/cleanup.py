@@ -208,6 +208,9 @@ def clean(dry_run: bool = False) -> Outcome:
             outcome.add(line)
     except PermissionError as exc:
         outcome.add(f"{FAILED_PREFIX} the records in {leftovers.STATE_DIR}: {exc} (run as root)")
+    except leftovers.StateDirError as exc:
+        outcome.add(f"{FAILED_PREFIX} the records: {exc}")
+        return outcome  # namespaces are matched against those records: leave them too
     delete_stale_namespaces(outcome, dry_run)
     return outcome
 

@@ -146,6 +146,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         cleaned = leftovers.clean_stale()
     except PermissionError:
         cleaned = []
+    except leftovers.StateDirError as exc:
+        raise pytest.UsageError(str(exc)) from None
     session.config.stash[report.CLEANED_KEY] = cleaned
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,22 +45,60 @@ class Setting:
         return f"{self.option} / {self.env} / ini {self.ini}"
 
 
+MAX_COUNT = 1024  # vCPUs, boot attempts
+MAX_SECONDS = 24 * 3600.0  # no wait of the harness is meant to last a day
+PROBE_INTERVAL_MS = (0.5, 1000.0)  # below: a busy loop; above: no blackout measurement to speak of
+
+
 def parse_positive_int(text: str) -> int:
-    n = int(text)
+    """A whole number from 1 to MAX_COUNT."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
     if n < 1:
         raise ValueError(f"{n} is not positive")
+    if n > MAX_COUNT:
+        raise ValueError(f"{n} is above {MAX_COUNT}")
     return n
 
 
+def _number(text: str) -> float:
+    """A finite float: nan and inf (which float() accepts) are refused, they disable waits and checks."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{text.strip()!r} is not a finite number")
+    return value
+
+
 def parse_seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value <= 0:
         raise ValueError(f"{value} is not a positive number of seconds")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{value:g} seconds is more than a day")
+    return value
+
+
+def parse_interval_ms(text: str) -> float:
+    low, high = PROBE_INTERVAL_MS
+    value = _number(text)
+    if not low <= value <= high:
+        raise ValueError(f"{value:g} ms is outside {low:g}..{high:g} ms")
     return value
 
 
 def parse_optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "off") else float(text)
+    """A threshold: a finite number >= 0, or none/off/empty (no threshold)."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    value = _number(text)
+    if value < 0:
+        raise ValueError(f"{value:g} is negative")
+    return value
 
 
 def parse_bool(text: str) -> bool:
@@ -119,12 +158,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vnet_hdr", "open the shared tap with IFF_VNET_HDR (offloads on, but the target QEMU "
             "resets the header length under the running source: frames are lost)", "off", parse_bool,
             fix="on or off"),
-    Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", float,
-            fix="a number of milliseconds, e.g. 5"),
+    Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", parse_interval_ms,
+            fix="a number of milliseconds from 0.5 to 1000, e.g. 5"),
     Setting("max_blackout_ms", "fail a transfer whose guest-visible blackout exceeds this (none: record "
-            "only)", None, parse_optional_float, fix="milliseconds, or none"),
+            "only)", None, parse_optional_float, fix="a number of milliseconds >= 0, or none"),
     Setting("max_lost_probes", "fail a transfer that loses more probes than this (none: record only)",
-            None, parse_optional_float, fix="a count, or none"),
+            None, parse_optional_float, fix="a count >= 0, or none"),
     Setting("host_config", "host config file (TOML) describing passthrough devices", None,
             fix="the path of a TOML host config file"),
     Setting("strict", "turn 'host cannot serve this test' skips into failures (hardware CI)", "off",

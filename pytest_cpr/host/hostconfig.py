@@ -27,12 +27,14 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprSettingError
+from pytest_cpr.host import inuse
 from pytest_cpr.kinds import Accel, Backend, Role, values
 from pytest_cpr.units import parse_mib
 
@@ -40,15 +42,18 @@ ROLES = values(Role)
 BACKENDS = values(Backend)
 ACCELS = values(Accel)
 HOST_KEYS = ("name", "qemu", "target_qemu", "backends", "memory", "accel")
-DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib")
+DEVICE_KEYS = ("address", "match", "count", "role", "guest_ip", "peer_interface", "peer_ip", "test_area_mib",
+               "scratch")
 MDEV_KEYS = ("parent", "type")
 TOP_KEYS = ("host", "device", "mdev")
 PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+SYSFS_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # an interface, mdev parent or type: one path component
 PCI_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 BRIDGE_CLASS = 0x0604  # PCI-to-PCI bridges may share a group: the kernel lets vfio use the group anyway
 # the harness's own guest network (host.netns.GuestNetwork default): passthrough NICs need another
 HARNESS_SUBNET = ipaddress.ip_network("10.77.0.0/24")
 DEFAULT_TEST_AREA_MIB = 64
+SYSFS_WRITE_TIMEOUT = 30.0  # seconds; a bind or unbind normally takes milliseconds
 
 
 class HostConfigError(CprSettingError):
@@ -65,6 +70,7 @@ class HostPaths:
 
     sysfs: Path = Path("/sys")
     dev: Path = Path("/dev")
+    proc: Path = Path("/proc")
 
     def pci(self, address: str) -> Path:
         return self.sysfs / "bus" / "pci" / "devices" / address
@@ -82,6 +88,7 @@ class DeviceConfig:
     peer_interface: str | None = None
     peer_ip: str | None = None
     test_area_mib: int = DEFAULT_TEST_AREA_MIB
+    scratch: bool = False  # the admin says the disk holds nothing: a partition table or filesystem is fine
 
 
 @dataclass(frozen=True)
@@ -125,11 +132,27 @@ def read_attr(path: Path) -> str | None:
         return None
 
 
-def write_attr(path: Path, text: str, error: type[Exception], hint: str) -> None:
-    """Write a sysfs attribute; a failure raises `error` naming the file, the value and `hint`."""
-    try:
-        path.write_text(text)
-    except OSError as exc:
+def write_attr(path: Path, text: str, error: type[Exception], hint: str,
+               timeout: float = SYSFS_WRITE_TIMEOUT) -> None:
+    """Write a sysfs attribute; a failure raises `error` naming the file, the value and `hint`. The
+    write runs in a thread with a deadline: an unbind the kernel holds until a device's user lets go
+    would otherwise hang the run (the thread stays blocked in the kernel; it is a daemon)."""
+    failed: list[OSError] = []
+
+    def write() -> None:
+        try:
+            path.write_text(text)
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=write, name=f"sysfs-write {path.name}", daemon=True)
+    writer.start()
+    writer.join(timeout)
+    if writer.is_alive():
+        raise error(f"writing {text.strip()!r} to {path} did not return within {timeout:g}s (the kernel waits "
+                    f"for whatever holds the device; see the host's dmesg); {hint}")
+    if failed:
+        exc = failed[0]
         raise error(f"writing {text.strip()!r} to {path} failed: {exc.strerror or exc}; {hint}") from None
 
 
@@ -204,6 +227,15 @@ class _Parser:
             return None
         return value
 
+    def name(self, table: dict[str, Any], key: str, where: str, example: str) -> str | None:
+        """A string that becomes one path component under /sys: no '/', no '..', no spaces."""
+        value = self.typed(table, key, where, str, example)
+        if value is not None and (not SYSFS_NAME.match(value) or value in (".", "..")):
+            self.problems.append(f"{where}.{key} = {value!r}: not a plain name (letters, digits, '_', '.', "
+                                 f"':', '-'); write e.g. {example}")
+            return None
+        return value  # type: ignore[no-any-return]
+
     def host(self) -> dict[str, Any]:
         for key in self.data:
             if key not in TOP_KEYS:
@@ -259,11 +291,15 @@ class _Parser:
         out = []
         for i, entry in enumerate(entries):
             where = f"device[{i}]"
+            if not isinstance(entry, dict):
+                self.problems.append(f"{where} = {entry!r}: must be a table; write [[device]] with address = "
+                                     "... and role = ... below it")
+                continue
             for key in entry:
                 if key not in DEVICE_KEYS:
                     self.problems.append(f"{where}.{key}: {_unknown(key, DEVICE_KEYS)}")
             out.append((where, self.device(where, entry)))
-        if not out and required:
+        if not entries and required:
             self.problems.append("device: no [[device]] entries; add one per passthrough device")
         return out
 
@@ -282,8 +318,8 @@ class _Parser:
             for key in entry:
                 if key not in MDEV_KEYS:
                     self.problems.append(f"{where}.{key}: {_unknown(key, MDEV_KEYS)}")
-            parent = self.typed(entry, "parent", where, str, '"mtty"')
-            kind = self.typed(entry, "type", where, str, '"mtty-2"')
+            parent = self.name(entry, "parent", where, '"mtty"')
+            kind = self.name(entry, "type", where, '"mtty-2"')
             if "parent" not in entry:
                 self.problems.append(f"{where}.parent: missing; set parent = \"mtty\" (a name under "
                                      "/sys/class/mdev_bus)")
@@ -317,6 +353,10 @@ class _Parser:
         elif area is not None and area < 1:
             self.problems.append(f"{where}.test_area_mib = {area}: must be >= 1 (MiB)")
         d["test_area_mib"] = area or DEFAULT_TEST_AREA_MIB
+        scratch = self.typed(entry, "scratch", where, bool, "true")
+        if scratch is not None and role != "nvme":
+            self.problems.append(f"{where}.scratch: only an nvme takes it (role is {role!r}); remove it")
+        d["scratch"] = bool(scratch)
         return d
 
     def selector(self, where: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +410,7 @@ class _Parser:
             if guest.network.overlaps(HARNESS_SUBNET):
                 self.problems.append(f"{where}.guest_ip = {entry['guest_ip']!r} overlaps the harness's guest "
                                      f"network {HARNESS_SUBNET}; use another subnet, e.g. 10.78.0.0/24")
-        peer_if = self.typed(entry, "peer_interface", where, str, '"enp0s5"')
+        peer_if = self.name(entry, "peer_interface", where, '"enp0s5"')
         return {"guest_ip": str(guest) if guest else None, "peer_ip": str(peer) if peer else None,
                 "peer_interface": peer_if}
 
@@ -397,10 +437,19 @@ def _resolve(paths: HostPaths, where: str, d: dict[str, Any], taken: set[str],
         problems.append(f"{where}.match = {d['match']!r}: wants count = {d['count']} but this host has "
                         f"{len(free)} such device(s) not named elsewhere {found}; lower count or fix the id")
         return []
-    return free[: d["count"]]
+    if len(free) > d["count"]:
+        problems.append(f"{where}.match = {d['match']!r}: {len(free)} devices match ({', '.join(free)}) for "
+                        f"count = {d['count']}; name the one(s) to use with address = \"...\" (one [[device]] "
+                        "each), never a disk or port the host uses")
+        return []
+    return free
 
 
-def _check_device(paths: HostPaths, where: str, address: str, problems: list[str]) -> None:
+def _check_device(paths: HostPaths, where: str, address: str, problems: list[str],
+                  scratch: bool = False) -> None:
+    if reason := inuse.pci_use(paths, address, scratch):
+        problems.append(f"{where}: {describe_device(paths, address)} {reason}")
+        return
     if is_bridge(paths, address):
         problems.append(f"{where}: {address} is a PCI bridge, not a device to pass through; name the "
                         "endpoint behind it")
@@ -420,11 +469,16 @@ def _check_groups(paths: HostPaths, keyed: dict[str, str], problems: list[str]) 
             continue
         seen.add(group)
         for other in group_members(paths, group):
-            if other not in keyed and not is_bridge(paths, other):
+            if other not in keyed and not is_bridge(paths, other) and (reason := inuse.pci_use(paths, other)):
                 problems.append(f"{where}: IOMMU group {group} of {address} also holds "
-                                f"{describe_device(paths, other)}, which the config does not name; add it "
-                                "as a [[device]] with role = \"other\" (it is bound to vfio-pci too) or move "
-                                "the card to a slot with its own group")
+                                f"{describe_device(paths, other)}, which would be bound to vfio-pci too but "
+                                f"{reason.split('; ')[0]}; move the card to a slot with its own group")
+            elif other not in keyed and not is_bridge(paths, other):
+                problems.append(f"{where}: IOMMU group {group} of {address} also holds "
+                                f"{describe_device(paths, other)}, which the config does not name: it would "
+                                "be bound to vfio-pci too; move the card to a slot with its own group, or, "
+                                "only if the host does not use it, add it as a [[device]] with role = "
+                                "\"other\"")
 
 
 def _check_modules(paths: HostPaths, backends: tuple[str, ...], problems: list[str],
@@ -448,6 +502,8 @@ def _check_peer(paths: HostPaths, where: str, d: dict[str, Any], problems: list[
     if name and not (paths.sysfs / "class" / "net" / name).exists():
         problems.append(f"{where}.peer_interface = {name!r}: no such network interface in the host's root "
                         "namespace; check `ip link` and name the port cabled to the NIC")
+    elif name and (reason := inuse.interface_use(paths, name)):
+        problems.append(f"{where}.peer_interface = {name!r} {reason}")
 
 
 def mdev_parent(paths: HostPaths, parent: str) -> Path:
@@ -499,10 +555,11 @@ def parse(data: dict[str, Any], path: Path, paths: HostPaths = HostPaths()) -> H
         for n, address in enumerate(addresses):
             key = where if len(addresses) == 1 else f"{where}#{n}"
             keyed[address] = key
-            _check_device(paths, key, address, problems)
+            _check_device(paths, key, address, problems, d["scratch"])
             devices.append(DeviceConfig(key=key, index=len(devices), address=address, role=d["role"],
                                         guest_ip=d.get("guest_ip"), peer_interface=d.get("peer_interface"),
-                                        peer_ip=d.get("peer_ip"), test_area_mib=d["test_area_mib"]))
+                                        peer_ip=d.get("peer_ip"), test_area_mib=d["test_area_mib"],
+                                        scratch=d["scratch"]))
         if d["role"] == "nic":
             _check_peer(paths, where, d, problems)
     _check_groups(paths, keyed, problems)

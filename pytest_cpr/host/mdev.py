@@ -13,6 +13,7 @@ that was killed. All paths are parameters (HostPaths) so unit tests run against 
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from pytest_cpr.errors import CprError, CprSettingError, CprTimeout
 from pytest_cpr.host.hostconfig import HostPaths, mdev_type_dir, write_attr
 from pytest_cpr.host.vfio import GUEST_SLOT_BASE, holders
 
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")  # an instance's name
 LAST_GUEST_SLOT = 0x1e  # q35: slot 0x1f is the ICH9 LPC/SATA/SMBus function block
 
 
@@ -85,6 +87,12 @@ def clean_mdev(rec: dict[str, Any]) -> str:
     if remove_instance(paths, uuid):
         return f"removed stale mdev {uuid} ({rec.get('type')})"
     return f"mdev {uuid} already gone"
+
+
+def mdev_record_problem(rec: dict[str, Any]) -> str | None:
+    if not UUID.match(str(rec["key"])):
+        return f"key {rec['key']!r} is not a UUID"
+    return None
 
 
 class Mdev:

@@ -26,6 +26,8 @@ from pyroute2 import NetNS, netns
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprSettingError
+from pytest_cpr.host import inuse
+from pytest_cpr.host.hostconfig import HostPaths
 
 T = TypeVar("T")
 
@@ -144,10 +146,14 @@ class GuestNetwork:
 
         return run_in_netns(self.name, go)
 
-    def adopt_interface(self, ifname: str, cidr: str) -> None:
+    def adopt_interface(self, ifname: str, cidr: str, paths: HostPaths = HostPaths()) -> None:  # noqa: B008
         """Move host interface `ifname` (e.g. the port cabled to a passthrough NIC) from the root
-        namespace into this one, with address `cidr`; destroy() moves it back."""
+        namespace into this one, with address `cidr`; destroy() moves it back. Refuses a port the
+        host uses (routed, the default route's, UP with addresses, enslaved)."""
         from pyroute2 import IPRoute
+
+        if reason := inuse.interface_use(paths, ifname):
+            raise CprSettingError(f"peer interface {ifname} {reason} (host config peer_interface)")
 
         with IPRoute() as ip:
             found = ip.link_lookup(ifname=ifname)
@@ -199,3 +205,9 @@ def remove_netns(name: str) -> None:
 def clean_netns(rec: dict[str, Any]) -> str:
     remove_netns(str(rec["name"]))
     return f"deleted stale network namespace {rec['name']}"
+
+
+def netns_record_problem(rec: dict[str, Any]) -> str | None:
+    if rec.get("name") != rec["key"] or not str(rec["key"]).startswith(f"{PREFIX}-"):
+        return f"name {rec.get('name')!r} is not a {PREFIX}-* namespace named by key {rec['key']!r}"
+    return None

@@ -24,6 +24,7 @@ from typing import Any
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprUnsupported
+from pytest_cpr.host import inuse
 from pytest_cpr.host.hostconfig import (
     HostPaths,
     describe_device,
@@ -38,6 +39,7 @@ from pytest_cpr.kinds import Backend, values
 from pytest_cpr.procfs import IrqLine, parse_interrupts
 
 VFIO_DRIVER = "vfio-pci"
+CLAIM_WAIT = 60.0  # seconds a claim waits for another run's lock on the same device
 
 
 # ---- ioctl numbers (linux/vfio.h, linux/iommufd.h): _IO(type, nr) = type << 8 | nr
@@ -96,26 +98,40 @@ def _wait_driver(paths: HostPaths, address: str, want: str | None, timeout: floa
         time.sleep(0.01)
 
 
-def holders(paths: HostPaths, group: str, proc: Path = Path("/proc")) -> list[int]:
-    """PIDs holding the group (/dev/vfio/<group>) or a member's cdev (/dev/vfio/devices/vfioN) open:
-    unbinding would block until they let go."""
+def holders(paths: HostPaths, group: str, proc: Path | None = None) -> list[int]:
+    """PIDs holding the group (/dev/vfio/<group>), a member's cdev (/dev/vfio/devices/vfioN) or one of
+    a member's sysfs files (config, resourceN) open: unbinding would block until they let go."""
     targets = {str(paths.dev / "vfio" / group)}
+    prefixes = []
     for member in group_members(paths, group):
         targets.update(str(paths.dev / "vfio" / "devices" / c.name)
                        for c in (paths.pci(member) / "vfio-dev").glob("vfio*"))
-    pids = []
-    for fd_dir in proc.glob("[0-9]*/fd"):
         with contextlib.suppress(OSError):
-            if any(os.readlink(fd) in targets for fd in fd_dir.iterdir()):
-                pids.append(int(fd_dir.parent.name))
+            prefixes.append(str(paths.pci(member).resolve(strict=True)) + "/")
+    pids = []
+    for fd_dir in (proc or paths.proc).glob("[0-9]*/fd"):
+        if any(t in targets or t.startswith(tuple(prefixes)) for t in _fd_targets(fd_dir)):
+            pids.append(int(fd_dir.parent.name))
     return pids
 
 
+def _fd_targets(fd_dir: Path) -> Iterator[str]:
+    """What a process's open files are (fds closing, or a process ending, while read are skipped)."""
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                yield os.readlink(fd)
+
+
 def bind_device(paths: HostPaths, address: str, timeout: float = 10.0) -> None:
-    """driver_override=vfio-pci, unbind from the current driver, reprobe; waits for vfio-pci."""
+    """driver_override=vfio-pci, unbind from the current driver, reprobe; waits for vfio-pci.
+    Refuses a device the host uses (a mount, swap, a holder, the root disk, a routed interface); the
+    data-signature check, which the host config's `scratch` relaxes, is done when the config loads."""
     dev = paths.pci(address)
     if driver_of(paths, address) == VFIO_DRIVER:
         return
+    if reason := inuse.pci_use(paths, address, data=False):
+        raise VfioError(f"not binding {describe_device(paths, address)} to vfio-pci: it {reason}")
     _write(dev / "driver_override", VFIO_DRIVER)
     if driver_of(paths, address) is not None:
         _write(dev / "driver" / "unbind", address)
@@ -145,10 +161,27 @@ def _record_key(address: str) -> str:
     return address.replace(":", "_")
 
 
+def vfio_record_problem(rec: dict[str, Any]) -> str | None:
+    if "address" not in rec or rec["key"] != _record_key(rec["address"]):
+        return f"key {rec['key']!r} is not the record key of its address {rec.get('address')!r}"
+    return None
+
+
 def clean_vfio(rec: dict[str, Any]) -> str:
+    """Undo a killed run's binding, only from the state the run left (vfio-pci, or no driver with our
+    override): a driver bound since is an admin's, and a group someone holds would block the unbind."""
     paths = HostPaths(Path(rec.get("sysfs", "/sys")), Path(rec.get("dev", "/dev")))
-    return "vfio binding of a killed run: " + restore_device(paths, rec["address"], rec.get("driver"),
-                                                             rec.get("override"))
+    address, driver = rec["address"], rec.get("driver")
+    current = driver_of(paths, address)
+    ours = current == VFIO_DRIVER or (current is None and _override_of(paths, address) == VFIO_DRIVER)
+    if paths.pci(address).exists() and current != driver and not ours:
+        return (f"vfio binding of a killed run: {address} left alone: it is on "
+                    f"{current or 'no driver'} now (bound since), not on vfio-pci")
+    group = iommu_group_of(paths, address)
+    if group is not None and current == VFIO_DRIVER and (pids := holders(paths, group)):
+        raise VfioError(f"{address}: IOMMU group {group} is held open by pid(s) {pids}: not unbinding it (the "
+                        "write would block); stop those processes, then run python -m pytest_cpr.cleanup")
+    return "vfio binding of a killed run: " + restore_device(paths, address, driver, rec.get("override"))
 
 
 class VfioBinding:
@@ -156,10 +189,13 @@ class VfioBinding:
     on exit (also on an exception or Ctrl-C). Usable without pytest."""
 
     def __init__(self, addresses: Sequence[str], paths: HostPaths = HostPaths(),  # noqa: B008
-                 timeout: float = 10.0, record: bool = True) -> None:
+                 timeout: float = 10.0, record: bool = True, lock_timeout: float = CLAIM_WAIT) -> None:
+        """record: keep a record (a killed run's binding is restored later) and a claim lock per device
+        (another run claiming it waits up to `lock_timeout` seconds, then fails naming this pid)."""
         self.addresses = list(addresses)
-        self.paths, self.timeout, self.record = paths, timeout, record
+        self.paths, self.timeout, self.record, self.lock_timeout = paths, timeout, record, lock_timeout
         self.bound: list[DeviceBinding] = []
+        self.locks: dict[str, leftovers.ClaimLock] = {}
 
     def plan(self) -> list[DeviceBinding]:
         """Every device that will move: the named ones and the non-bridge members of their groups."""
@@ -177,14 +213,24 @@ class VfioBinding:
         return list(out.values())
 
     def _claim(self, b: DeviceBinding) -> None:
-        """Refuse a device another live run has bound; record ours before touching sysfs."""
+        """Refuse a device another live run has bound; record ours before touching sysfs. A record left
+        by a run that could not restore keeps its original driver (the device may be on vfio-pci now)."""
+        if self.record and b.address not in self.locks:
+            try:
+                self.locks[b.address] = leftovers.ClaimLock(f"vfio-{b.address}").acquire(self.lock_timeout)
+            except leftovers.LockTimeout as exc:
+                raise VfioError(f"{b.address} is claimed by another test run: lock {exc}; run device tests one "
+                                "at a time per device (pytest-xdist: --dist loadgroup)") from None
+            # the run we waited for has given the device back since plan() looked at it
+            b.driver, b.override = driver_of(self.paths, b.address), _override_of(self.paths, b.address)
         for rec in leftovers.records():
-            mine = rec.get("owner") == os.getpid()
-            if rec.get("kind") == "vfio" and rec.get("address") == b.address and not mine:
-                owner = int(rec.get("owner", 0))
-                if owner and Path(f"/proc/{owner}").exists():
-                    raise VfioError(f"{b.address} is bound for another test run (pid {owner}); run device "
-                                    "tests one at a time per device (pytest-xdist: --dist loadgroup)")
+            if rec["kind"] != "vfio" or rec.get("address") != b.address:
+                continue
+            owner = int(rec.get("owner", 0))
+            if owner != os.getpid() and not leftovers.is_stale(rec):
+                raise VfioError(f"{b.address} is bound for another test run (pid {owner}); run device "
+                                "tests one at a time per device (pytest-xdist: --dist loadgroup)")
+            b.driver, b.override = rec.get("driver"), rec.get("override")
         if self.record:
             leftovers.record("vfio", _record_key(b.address), address=b.address, driver=b.driver,
                              override=b.override, sysfs=str(self.paths.sysfs), dev=str(self.paths.dev))
@@ -197,8 +243,14 @@ class VfioBinding:
                 bind_device(self.paths, b.address, self.timeout)
         except BaseException:
             self.restore()
+            self._release_unbound()
             raise
         return self.bound
+
+    def _release_unbound(self) -> None:
+        """Locks of devices this binding never got to bind (a failed claim)."""
+        for address in [a for a in self.locks if a not in {b.address for b in self.bound}]:
+            self.locks.pop(address).release()
 
     def groups(self) -> list[str]:
         return sorted({b.group for b in self.bound}, key=lambda g: int(g) if g.isdigit() else 0)
@@ -217,6 +269,8 @@ class VfioBinding:
                 done.append(restore_device(self.paths, b.address, b.driver, b.override, self.timeout))
                 if self.record:
                     leftovers.forget("vfio", _record_key(b.address))
+                if lock := self.locks.pop(b.address, None):
+                    lock.release()
             except VfioError as exc:
                 errors.append(str(exc))
         if errors:

@@ -21,6 +21,7 @@ from pytest_cpr.errors import CprSettingError, CprUnsupported
 from pytest_cpr.kinds import Accel
 from pytest_cpr.qemu.process import unix_listening
 from pytest_cpr.qemu.qmp import QmpSession
+from pytest_cpr.qemu.spec import opt
 
 CPR_TRANSFER_MIN = (10, 0)
 VFIO_CPR_MIN = (10, 1)
@@ -111,7 +112,7 @@ def probe(binary: str, setting: str = "--cpr-qemu", timeout: float = 30.0) -> Qe
     with tempfile.TemporaryDirectory(prefix="cpr-probe-") as tmp:
         sock = Path(tmp) / "qmp.sock"
         argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-S",
-                "-chardev", f"socket,id=qmp0,path={sock},server=on,wait=off", "-qmp", "chardev:qmp0"]
+                "-chardev", f"socket,id=qmp0,path={opt(sock)},server=on,wait=off", "-qmp", "chardev:qmp0"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         qmp = QmpSession("probe", Path(tmp) / "transcript.jsonl")
         try:

@@ -13,6 +13,12 @@ from pathlib import Path
 from pytest_cpr.kinds import Accel
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU option string (key=value,key=value): a comma is written twice, so a path
+    such as /data/a,b stays one value instead of ending it and starting a sub-option."""
+    return str(value).replace(",", ",,")
+
+
 @dataclass(frozen=True)
 class Nic:
     """A virtio-net NIC on a tap whose fd the harness owns and hands to every QEMU process."""
@@ -85,7 +91,7 @@ class VmSpec:
         size = f"size={self.memory_mib}M"
         if self.ram_file is None:
             return f"memory-backend-memfd,id=ram0,{size},share=on"
-        return f"memory-backend-file,id=ram0,{size},share=on,mem-path={self.ram_file}"
+        return f"memory-backend-file,id=ram0,{size},share=on,mem-path={opt(self.ram_file)}"
 
     def boot_args(self) -> list[str]:
         ro = ",readonly=on" if self.root_readonly else ""
@@ -94,10 +100,10 @@ class VmSpec:
             args += ["-kernel", str(self.kernel), "-append", self.append_line()]
             if self.initrd is not None:
                 args += ["-initrd", str(self.initrd)]
-        args += ["-drive", f"file={self.rootfs},if=none,id=root,format={self.root_format}{ro}",
+        args += ["-drive", f"file={opt(self.rootfs)},if=none,id=root,format={self.root_format}{ro}",
                  "-device", "virtio-blk-pci,drive=root,id=rootdisk,bootindex=1"]
         if self.seed_iso is not None:
-            args += ["-drive", f"file={self.seed_iso},if=none,id=seed,format=raw,readonly=on",
+            args += ["-drive", f"file={opt(self.seed_iso)},if=none,id=seed,format=raw,readonly=on",
                      "-device", "virtio-blk-pci,drive=seed,id=seeddisk"]
         return args
 
@@ -115,9 +121,9 @@ class VmSpec:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             *self.boot_args(),
             "-device", "virtio-rng-pci,id=rng0",
-            "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off,logfile={console_log}",
+            "-chardev", f"socket,id=console0,path={opt(console_socket)},server=on,wait=off,logfile={opt(console_log)}",
             "-serial", "chardev:console0",
-            "-chardev", f"socket,id=qmp0,path={qmp_socket},server=on,wait=off",
+            "-chardev", f"socket,id=qmp0,path={opt(qmp_socket)},server=on,wait=off",
             "-qmp", "chardev:qmp0",
         ]
         for nic in self.nics:

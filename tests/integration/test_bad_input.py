@@ -98,6 +98,24 @@ def _bad_pci_config(tmp: Path) -> None:
                                    'role = "nic"\n')
 
 
+def _host_config(text: str) -> Callable[[Path], object]:
+    """Writes host.toml (a format error: it is refused before anything on the host is looked at)."""
+    return lambda tmp: (tmp / "host.toml").write_text(text)
+
+
+NIC_ENTRY = ('[[device]]\naddress = "0000:01:00.0"\nrole = "nic"\nguest_ip = "10.78.0.2/24"\n'
+             'peer_ip = "10.78.0.1/24"\n')
+HOST_CONFIG = ("--cpr-host-config={tmp}/host.toml",)
+SECONDS = "use a positive number of seconds$"
+MILLISECONDS = "use a number of milliseconds >= 0, or none$"
+
+
+def _setting(key: str, where: str) -> str:
+    """The start of the one line a bad setting gives: its three names and where the value came from."""
+    return (rf"^ERROR: setting --cpr-{key.replace('_', '-')} / CPR_{key.upper()} / ini cpr_{key} "
+            rf"from {where}: ")
+
+
 def _not_executable(tmp: Path) -> None:
     (tmp / "qemu-noexec").write_text("#!/bin/sh\n")
     (tmp / "qemu-noexec").chmod(0o644)
@@ -155,6 +173,61 @@ CASES = [
     Case("host-config-bad-pci-address", "usage", r"host\.toml: device\[0\]\.address = '0000:zz:00\.0': not "
          r"a PCI address; write domain:bus:slot\.function", args=("--cpr-host-config={tmp}/host.toml",),
          prepare=_bad_pci_config),
+    # numbers: nan and inf (float() takes both) would make waits unbounded and switch checks off
+    Case("boot-timeout-nan", "usage", _setting("boot_timeout", "cli") + rf"'nan' is not a finite number; {SECONDS}",
+         args=("--cpr-boot-timeout=nan",)),
+    Case("boot-timeout-inf", "usage", _setting("boot_timeout", "env") + rf"'inf' is not a finite number; {SECONDS}",
+         env={"CPR_BOOT_TIMEOUT": "inf"}),
+    Case("boot-timeout-zero", "usage", _setting("boot_timeout", "cli") + rf"0\.0 is not a positive number of "
+         rf"seconds; {SECONDS}", args=("--cpr-boot-timeout=0",)),
+    Case("transfer-timeout-nan-ini", "usage", _setting("transfer_timeout", "ini") + rf"'NaN' is not a finite "
+         rf"number; {SECONDS}", ini="cpr_transfer_timeout = NaN"),
+    Case("command-timeout-inf", "usage", _setting("command_timeout", "cli") + rf"'-inf' is not a finite number; "
+         rf"{SECONDS}", args=("--cpr-command-timeout=-inf",)),
+    Case("command-timeout-more-than-a-day", "usage", _setting("command_timeout", "cli") + rf"1e\+09 seconds is "
+         rf"more than a day; {SECONDS}", args=("--cpr-command-timeout=1e9",)),
+    Case("probe-interval-zero", "usage", _setting("probe_interval_ms", "cli") + r"0 ms is outside 0\.5\.\.1000 "
+         r"ms; use a number of milliseconds from 0\.5 to 1000, e\.g\. 5$", args=("--cpr-probe-interval-ms=0",)),
+    Case("probe-interval-negative", "usage", _setting("probe_interval_ms", "cli") + r"-5 ms is outside 0\.5\.\.1000 "
+         r"ms; use a number of milliseconds", args=("--cpr-probe-interval-ms=-5",)),
+    Case("probe-interval-nan", "usage", _setting("probe_interval_ms", "env") + r"'nan' is not a finite number; "
+         r"use a number of milliseconds from 0\.5 to 1000", env={"CPR_PROBE_INTERVAL_MS": "nan"}),
+    Case("probe-interval-inf", "usage", _setting("probe_interval_ms", "ini") + r"'inf' is not a finite number; "
+         r"use a number of milliseconds", ini="cpr_probe_interval_ms = inf"),
+    Case("max-blackout-nan", "usage", _setting("max_blackout_ms", "cli") + rf"'nan' is not a finite number; "
+         rf"{MILLISECONDS}", args=("--cpr-max-blackout-ms=nan",)),
+    Case("max-blackout-inf", "usage", _setting("max_blackout_ms", "env") + rf"'inf' is not a finite number; "
+         rf"{MILLISECONDS}", env={"CPR_MAX_BLACKOUT_MS": "inf"}),
+    Case("max-blackout-negative", "usage", _setting("max_blackout_ms", "cli") + rf"-1 is negative; {MILLISECONDS}",
+         args=("--cpr-max-blackout-ms=-1",)),
+    Case("max-lost-probes-nan", "usage", _setting("max_lost_probes", "ini") + r"'nan' is not a finite number; "
+         r"use a count >= 0, or none$", ini="cpr_max_lost_probes = nan"),
+    Case("memory-above-1t", "usage", _setting("memory", "cli") + r"'99999999T' is above 1T, more than a test "
+         r"guest can get; use a size such as 512M or 2G$", args=("--cpr-memory=99999999T",)),
+    Case("cpus-above-1024", "usage", _setting("cpus", "cli") + r"100000 is above 1024; use a whole number >= 1$",
+         args=("--cpr-cpus=100000",)),
+    Case("cpus-nan", "usage", _setting("cpus", "env") + r"'nan' is not a whole number; use a whole number >= 1$",
+         env={"CPR_CPUS": "nan"}),
+    # host config structure: one line each, no traceback, nothing on the host looked at
+    Case("host-config-device-not-a-table", "usage", r"host\.toml: device\[0\] = 'x': must be a table; write "
+         r"\[\[device\]\] with address = \.\.\. and role = \.\.\. below it$", args=HOST_CONFIG,
+         prepare=_host_config('device = ["x"]\n')),
+    Case("host-config-device-a-number", "usage", r"host\.toml: device\[0\] = 1: must be a table; write "
+         r"\[\[device\]\]", args=HOST_CONFIG, prepare=_host_config("device = [1]\n")),
+    Case("host-config-not-toml", "usage", r"host\.toml: not valid TOML: .*line 2.*; fix the syntax$",
+         args=HOST_CONFIG, prepare=_host_config("[host]\nname runner\n")),
+    Case("host-config-peer-interface-path", "usage", r"host\.toml: device\[0\]\.peer_interface = '\.\./eth0': "
+         r"not a plain name \(letters, digits, '_', '\.', ':', '-'\); write e\.g\. \"enp0s5\"$", args=HOST_CONFIG,
+         prepare=_host_config(NIC_ENTRY + 'peer_interface = "../eth0"\n')),
+    Case("host-config-mdev-parent-dotdot", "usage", r"host\.toml: mdev\[0\]\.parent = '\.\.': not a plain name",
+         args=HOST_CONFIG, prepare=_host_config('[[mdev]]\nparent = ".."\ntype = "mtty-2"\n')),
+    Case("host-config-scratch-not-bool", "usage", r"host\.toml: device\[0\]\.scratch = 'yes': must be a bool; "
+         r"write e\.g\. true$", args=HOST_CONFIG,
+         prepare=_host_config('[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\nscratch = "yes"\n')),
+    Case("state-dir-writable-by-others", "usage", r"^ERROR: state directory .*/state \(CPR_STATE_DIR\) is "
+         r"writable by group or others \(mode 777\): its records are acted on as root; make it a root-owned "
+         r"directory with mode 700", test=SETTINGS_TEST, prepare=lambda t: (t / "state").mkdir(mode=0o777)
+         or (t / "state").chmod(0o777)),
     Case("no-permission-dev-net-tun", "error", r"\[pytest-cpr\] .*no permission to open /dev/net/tun .*run "
          r"as root, or give this user read/write access to /dev/net/tun", no_tun=True),
     Case("boot-timeout-too-small", "error", r"\[pytest-cpr\] guest vm0 did not boot \(--cpr-boot-timeout "

@@ -115,9 +115,9 @@ def test_cli_dry_run_lists_stale_records(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(leftovers, "STATE_DIR", tmp_path / "state")
     monkeypatch.setattr(cleanup, "NETNS_DIR", tmp_path / "no-netns")
     monkeypatch.setattr(cleanup, "orphaned_qemus", lambda proc=cleanup.PROC: [])
-    leftovers.record("vfio", "0000:01:00.0", address="0000:01:00.0")
-    rec = tmp_path / "state" / "vfio-0000:01:00.0.json"
+    leftovers.record("vfio", "0000_01_00.0", address="0000:01:00.0")
+    rec = tmp_path / "state" / "vfio-0000_01_00.0.json"
     rec.write_text(rec.read_text().replace(f'"owner": {os.getpid()}', '"owner": 999999999'))
     assert cleanup.main(["--dry-run", "--label", "t"]) == 0
-    assert capsys.readouterr().out == "t: would clean vfio 0000:01:00.0 (owner 999999999 gone)\n"
+    assert capsys.readouterr().out == "t: would clean vfio 0000_01_00.0 (owner 999999999 gone)\n"
     assert rec.exists()

@@ -51,7 +51,7 @@ def make_device(paths: HostPaths, address: str, ids: str, group: str | None, cls
 @pytest.fixture
 def host(tmp_path: Path) -> HostPaths:
     """A host with an igb (group 1), an NVMe (group 2), vfio-pci and iommufd loaded, port enp0s5."""
-    paths = HostPaths(tmp_path / "sys", tmp_path / "dev")
+    paths = HostPaths(tmp_path / "sys", tmp_path / "dev", tmp_path / "proc")  # no mounts, swaps, routes
     make_device(paths, NIC, "8086:10c9", "1")
     make_device(paths, NVME, "1b36:0010", "2", "0x010802")
     (paths.sysfs / "bus" / "pci" / "drivers" / "vfio-pci").mkdir(parents=True)
@@ -104,6 +104,16 @@ def test_match_with_too_few_devices(tmp_path: Path, host: HostPaths) -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
+    ('device = ["x"]', "device[0] = 'x': must be a table; write [[device]] with address = ... and role = ... "
+     "below it"),
+    ("device = [1]", "device[0] = 1: must be a table; write [[device]] with address = ... and role = ... below it"),
+    (f'[[device]]\naddress = "{NIC}"\nrole = "nic"\nguest_ip = "10.78.0.2/24"\npeer_ip = "10.78.0.1/24"\n'
+     'peer_interface = "../eth0"\n', "device[0].peer_interface = '../eth0': not a plain name (letters, digits, "
+     "'_', '.', ':', '-'); write e.g. \"enp0s5\""),
+    ('[[mdev]]\nparent = ".."\ntype = "mtty-2"\n', "mdev[0].parent = '..': not a plain name (letters, digits, "
+     "'_', '.', ':', '-'); write e.g. \"mtty\""),
+    (f'[[device]]\naddress = "{NVME}"\nrole = "nvme"\nscratch = "yes"\n',
+     "device[0].scratch = 'yes': must be a bool; write e.g. true"),
     ('[hots]\n[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\n',
      "hots: unknown key; did you mean 'host'?"),
     ('[host]\nbackend = ["legacy"]\n[[device]]\naddress = "0000:02:00.0"\nrole = "nvme"\n',
@@ -166,7 +176,9 @@ def test_group_with_a_device_the_config_does_not_name(tmp_path: Path, host: Host
     make_device(host, NIC_FN1, "8086:10c9", "1")
     [p] = problems(tmp_path, host, GOOD)
     assert p.startswith(f"device[0]: IOMMU group 1 of {NIC} also holds {NIC_FN1} (8086:10c9, driver none), "
-                        "which the config does not name; add it as a [[device]] with role = \"other\"")
+                        "which the config does not name: it would be bound to vfio-pci too; move the card to a "
+                        "slot with its own group, or, only if the host does not use it, add it as a [[device]] "
+                        "with role = \"other\"")
 
 
 def test_bridge_in_a_group_is_fine_and_naming_the_companion_fixes_the_group(tmp_path: Path,

@@ -120,7 +120,7 @@ def test_processes_are_cleaned_before_what_they_hold(state_dir: Path, monkeypatc
     order: list[str] = []
     monkeypatch.setattr(leftovers, "_CLEANERS", dict(leftovers._CLEANERS))
     leftovers.register_cleaner("netns", lambda rec: order.append("netns") or "ns")  # type: ignore[func-returns-value]
-    orphan(state_dir, "netns-a", {"kind": "netns", "key": "a", "name": "a"})
+    orphan(state_dir, "netns-cprt-1-a", {"kind": "netns", "key": "cprt-1-a", "name": "cprt-1-a"})
     start = leftovers._proc_start_time(sleeper.pid)
     orphan(state_dir, f"proc-{sleeper.pid}", {"kind": "proc", "key": str(sleeper.pid), "pid": sleeper.pid,
                                                "start": start, "argv0": "q"})
@@ -249,3 +249,85 @@ def test_the_shell_check_catches_shell_true() -> None:
     assert _calls_with_shell("import subprocess\nsubprocess.run(f'ls {x}', shell=True)\n") == [2]
     assert _calls_with_shell("import os\nos.system('ls')\n") == [2]
     assert _calls_with_shell("import subprocess\nsubprocess.run(['ls'])\n") == []
+
+
+# ---- records trust nothing: poisoned records, the state directory, bounded sysfs writes
+@pytest.mark.parametrize(("name", "record", "why"), [
+    ("mdev-x", {"kind": "mdev", "key": "../../bus/pci/devices/0000:00:1f.2"},
+     "key '../../bus/pci/devices/0000:00:1f.2' is not a plain name"),
+    ("mdev-..", {"kind": "mdev", "key": ".."}, "key '..' is not a plain name"),
+    ("mdev-abc", {"kind": "mdev", "key": "abc"}, "key 'abc' is not a UUID"),
+    ("vfio-0000_01_00.0", {"kind": "vfio", "key": "0000_01_00.0", "address": "0000:01:00.0/../.."},
+     "address '0000:01:00.0/../..' is not a PCI address"),
+    ("vfio-0000_01_00.0", {"kind": "vfio", "key": "0000_01_00.0", "address": "0000:01:00.0", "driver": "../x"},
+     "driver '../x' is not a driver name"),
+    ("vfio-0000_02_00.0", {"kind": "vfio", "key": "0000_02_00.0", "address": "0000:01:00.0"},
+     "key '0000_02_00.0' is not the record key of its address '0000:01:00.0'"),
+    ("vfio-0000_01_00.0", {"kind": "vfio", "key": "0000_01_00.0", "address": "0000:01:00.0",
+                           "sysfs": "/tmp/../sys"}, "sysfs '/tmp/../sys' is not /sys"),
+    ("proc-1", {"kind": "proc", "key": "1", "pid": "1"}, "pid '1' is not a process id"),
+    ("proc-2", {"kind": "proc", "key": "2", "pid": 1}, "pid 1 is no process id matching key '2'"),
+    ("netns-cprt-1-a", {"kind": "netns", "key": "cprt-1-a", "name": "cprt-1-a", "adopted": ["eth0/.."]},
+     "adopted ['eth0/..'] is not a list of interface names"),
+    ("netns-eth0", {"kind": "netns", "key": "eth0", "name": "eth0"},
+     "name 'eth0' is not a cprt-* namespace named by key 'eth0'"),
+    ("rundir-home", {"kind": "rundir", "key": "home", "path": "/home"},
+     "path '/home' is not a cpr-* directory named by key 'home'"),
+    ("rundir-cpr-a", {"kind": "rundir", "key": "cpr-a", "path": "/tmp/x/../cpr-a"},
+     "path '/tmp/x/../cpr-a' is not an absolute, normalized path"),
+    ("thing-a", {"kind": "thing", "key": "b"}, "file name thing-a.json does not match its kind and key"),
+    ("list", [1, 2], "a list, not a JSON object"),
+])
+def test_poison_records_are_refused_and_set_aside(state_dir: Path, name: str, record: object, why: str) -> None:
+    import pytest_cpr.host.mdev
+    import pytest_cpr.host.netns  # noqa: F401 - register the mdev, vfio and netns checks
+
+    state_dir.mkdir()
+    path = state_dir / f"{name}.json"
+    body = record if not isinstance(record, dict) else {"owner": dead_pid(), "owner_start": "1", **record}
+    path.write_text(json.dumps(body))
+    assert leftovers.records() == [] and path.exists(), "reading changes nothing"
+    line = f"could not clean {name}.json: refused a poisoned record ({why})"
+    assert leftovers.clean_stale() == [f"{line}; kept as {state_dir / f'{name}.json.rejected'}"]
+    assert not path.exists() and leftovers.clean_stale() == []
+
+
+def test_poison_kernel_trees_other_than_sys_and_dev_only_in_a_test_state_dir(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = {"kind": "vfio", "key": "0000_01_00.0", "address": "0000:01:00.0", "sysfs": "/tmp/fake/sys"}
+    assert leftovers.problem(rec) is None
+    monkeypatch.setattr(leftovers, "STATE_DIR", leftovers.DEFAULT_STATE_DIR)
+    assert leftovers.problem(rec) == "sysfs '/tmp/fake/sys' is not /sys"
+    assert leftovers.problem({**rec, "sysfs": "/sys"}) is None
+
+
+@pytest.mark.parametrize(("prepare", "problem"), [
+    (lambda d: d.mkdir(mode=0o777) or d.chmod(0o777), "writable by group or others (mode 777)"),
+    (lambda d: d.mkdir() or os.chown(d, 12345, 12345), "owned by uid 12345"),
+    (lambda d: d.symlink_to(d.parent), "a symlink"),
+    (lambda d: d.write_text(""), "not a directory"),
+])
+def test_poison_a_state_dir_others_can_write_is_refused(state_dir: Path, prepare: object, problem: str) -> None:
+    prepare(state_dir)  # type: ignore[operator]
+    msg = (f"state directory {state_dir} (CPR_STATE_DIR) is {problem}: its records are acted on as root; "
+           "make it a root-owned directory with mode 700 (or remove it) or point CPR_STATE_DIR at one")
+    for act in (leftovers.records, leftovers.clean_stale, lambda: leftovers.record("proc", "1", pid=1)):
+        with pytest.raises(leftovers.StateDirError) as err:
+            act()
+        assert str(err.value) == msg
+    from pytest_cpr import cleanup
+
+    assert cleanup.clean().failed == [f"could not clean the records: {msg}"]
+
+
+def test_held_sysfs_write_fails_within_its_deadline(tmp_path: Path) -> None:
+    """A write the kernel holds (unbind while a device's user has it open) is a FIFO nobody reads here."""
+    from pytest_cpr.host.hostconfig import write_attr
+
+    fifo = tmp_path / "unbind"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=rf"^writing '0000:01:00.0' to {fifo} did not return within 0.2s \(the "
+                                      r"kernel waits for whatever holds the device; see the host's dmesg\); fix$"):
+        write_attr(fifo, "0000:01:00.0", OSError, "fix", timeout=0.2)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # lets the stuck writer thread finish
+    os.close(reader)

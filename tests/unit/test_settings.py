@@ -35,8 +35,23 @@ def test_target_defaults_to_source_binary() -> None:
     ("accel", "hvf", "auto, kvm or tcg"),
     ("boot_timeout", "-5", "positive number"),
     ("vnet_hdr", "maybe", "on or off"),
+    ("boot_timeout", "nan", "'nan' is not a finite number; use a positive number of seconds"),
+    ("transfer_timeout", "inf", "'inf' is not a finite number"),
+    ("command_timeout", "-inf", "'-inf' is not a finite number"),
+    ("command_timeout", "0", "0.0 is not a positive number of seconds"),
+    ("boot_timeout", "1e9", "1e+09 seconds is more than a day"),
+    ("probe_interval_ms", "0", "0 ms is outside 0.5..1000 ms; use a number of milliseconds from 0.5"),
+    ("probe_interval_ms", "-5", "-5 ms is outside"),
+    ("probe_interval_ms", "nan", "'nan' is not a finite number"),
+    ("probe_interval_ms", "fast", "'fast' is not a number"),
+    ("max_blackout_ms", "nan", "'nan' is not a finite number; use a number of milliseconds >= 0, or none"),
+    ("max_blackout_ms", "-1", "-1 is negative"),
+    ("max_lost_probes", "inf", "'inf' is not a finite number"),
+    ("memory", "99999999T", "'99999999T' is above 1T"),
+    ("cpus", "100000", "100000 is above 1024"),
+    ("cpus", "nan", "'nan' is not a whole number"),
 ])
-def test_bad_values_name_the_setting_and_the_fix(key: str, value: str, fix: str) -> None:
+def test_bad_values_nan_inf_and_bounds_name_the_setting_and_the_fix(key: str, value: str, fix: str) -> None:
     with pytest.raises(CprSettingError) as err:
         resolve({key: value}, {}, {})
     msg = str(err.value)
@@ -76,3 +91,12 @@ def test_host_config_values_go_through_the_table() -> None:
 
 def test_qmp_error_is_a_cpr_error() -> None:
     assert issubclass(QmpError, CprError)
+
+
+@pytest.mark.parametrize(("key", "value", "parsed"), [
+    ("probe_interval_ms", "0.5", 0.5), ("probe_interval_ms", "1000", 1000.0), ("max_blackout_ms", "0", 0.0),
+    ("max_blackout_ms", "none", None), ("boot_timeout", "86400", 86400.0), ("memory", "1T", 1024 * 1024),
+    ("cpus", "1024", 1024),
+])
+def test_values_at_the_bounds_are_accepted(key: str, value: str, parsed: object) -> None:
+    assert getattr(resolve({key: value}, {}, {}), key) == parsed

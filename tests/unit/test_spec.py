@@ -78,3 +78,13 @@ def test_probe_of_a_build_that_dies_mid_probe_is_one_clear_error(tmp_path: Path)
         probe(str(fake), "--cpr-qemu / CPR_QEMU", timeout=10)
     msg = str(err.value)
     assert msg.startswith("--cpr-qemu / CPR_QEMU: ") and "could not load module" in msg and "\n" not in msg
+
+
+def test_commas_in_paths_are_doubled_in_qemu_option_values() -> None:
+    s = spec(rootfs=Path("/img,x/rootfs.img"), seed_iso=Path("/run,1/seed.iso"), ram_file=Path("/dev/shm/a,b"))
+    a = s.argv("qemu", Path("/t,1/c.sock"), Path("/art,ifacts/c.log"), Path("/t,1/q.sock"))
+    assert "file=/img,,x/rootfs.img,if=none,id=root,format=raw,readonly=on" in a
+    assert "file=/run,,1/seed.iso,if=none,id=seed,format=raw,readonly=on" in a
+    assert "socket,id=console0,path=/t,,1/c.sock,server=on,wait=off,logfile=/art,,ifacts/c.log" in a
+    assert "socket,id=qmp0,path=/t,,1/q.sock,server=on,wait=off" in a
+    assert "memory-backend-file,id=ram0,size=512M,share=on,mem-path=/dev/shm/a,,b" in a

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +29,7 @@ class FakeSysfs:
     """/sys/bus/pci, /sys/kernel/iommu_groups and /dev/vfio in tmp_path, with a tiny 'kernel'."""
 
     def __init__(self, root: Path) -> None:
-        self.paths = HostPaths(root / "sys", root / "dev")
+        self.paths = HostPaths(root / "sys", root / "dev")  # the real /proc: holders() finds this process
         self.pci = self.paths.sysfs / "bus" / "pci"
         (self.pci / "devices").mkdir(parents=True)
         (self.pci / "drivers_probe").write_text("")
@@ -167,10 +172,10 @@ def test_the_next_run_restores_bindings_of_a_killed_run(fake: FakeSysfs) -> None
 
 def test_a_device_bound_by_another_live_run_is_refused(fake: FakeSysfs) -> None:
     fake.device(NIC, group="7")
-    leftovers.record("vfio", "other", address=NIC, driver="igb", override=None)
-    path = leftovers.STATE_DIR / "vfio-other.json"
+    leftovers.record("vfio", "0000_01_00.0", address=NIC, driver="igb", override=None)
+    path = leftovers.STATE_DIR / "vfio-0000_01_00.0.json"
     rec = json.loads(path.read_text())
-    rec["owner"] = os.getppid()
+    rec.update(owner=os.getppid(), owner_start=leftovers._proc_start_time(os.getppid()))
     path.write_text(json.dumps(rec))
     with pytest.raises(VfioError, match=f"{NIC} is bound for another test run"):
         VfioBinding([NIC], fake.paths, timeout=1).bind()
@@ -317,3 +322,105 @@ def test_procfds_reads_kvm_and_container_files(tmp_path: Path) -> None:
     for n in (1, 2, 3, 4):
         (fd / str(n)).unlink()
     assert procfds.wait_kvm_closed(42, 5.0, tmp_path) == []
+
+
+def _orphan_binding(fake: FakeSysfs, address: str) -> None:
+    """A run binds `address` and is killed: its record stays, with an owner that is gone (and the
+    kernel drops its claim lock)."""
+    binding = VfioBinding([address], fake.paths, timeout=1)
+    binding.bind()
+    for lock in binding.locks.values():
+        lock.release()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for path in leftovers.STATE_DIR.glob("vfio-*.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "owner": dead.pid, "owner_start": "0"}))
+
+
+def test_held_device_of_a_killed_run_is_not_unbound(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)
+    fd = os.open(fake.paths.dev / "vfio" / "7", os.O_RDONLY)  # an orphan QEMU still holds the group
+    try:
+        [line] = leftovers.clean_stale()
+        assert line == (f"could not clean vfio 0000_01_00.0: {NIC}: IOMMU group 7 is held open by pid(s) "
+                        f"[{os.getpid()}]: not unbinding it (the write would block); stop those processes, "
+                        "then run python -m pytest_cpr.cleanup")
+        assert fake.driver_of(NIC) == "vfio-pci" and len(vfio_records()) == 1
+    finally:
+        os.close(fd)
+    assert "restored to igb" in leftovers.clean_stale()[0]
+
+
+def test_held_device_files_count_as_holders(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    (fake.pci / "devices" / NIC / "resource0").write_bytes(b"\0" * 64)
+    with open(fake.pci / "devices" / NIC / "resource0", "rb"):  # as a user-space driver maps a BAR
+        assert vfio.holders(fake.paths, "7") == [os.getpid()]
+    assert vfio.holders(fake.paths, "7") == []
+
+
+def test_held_by_an_admin_driver_bound_since_is_left_alone(fake: FakeSysfs) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)
+    fake.kernel_write(fake.pci / "devices" / NIC / "driver" / "unbind", NIC)  # the admin rebinds it
+    fake.kernel_write(fake.pci / "devices" / NIC / "driver_override", "e1000e")
+    fake.kernel_write(fake.pci / "drivers_probe", NIC)
+    assert leftovers.clean_stale() == [f"vfio binding of a killed run: {NIC} left alone: it is on e1000e now "
+                                       "(bound since), not on vfio-pci"]
+    assert fake.driver_of(NIC) == "e1000e" and vfio_records() == []
+
+
+def test_poison_a_new_claim_keeps_the_original_driver_of_a_stale_record(fake: FakeSysfs,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.device(NIC, group="7")
+    _orphan_binding(fake, NIC)  # left on vfio-pci; the record says igb
+    monkeypatch.setattr(leftovers, "clean_stale", lambda: [])  # say the cleanup could not run
+    binding = VfioBinding([NIC], fake.paths, timeout=1)
+    binding.bind()
+    assert [r["driver"] for r in vfio_records()] == ["igb"], "never overwritten with vfio-pci"
+    binding.restore()
+    assert fake.driver_of(NIC) == "igb"
+
+
+def _claim_and_hold(fake: FakeSysfs, claimed: Any, release: Any) -> None:
+    """Another test run (a forked process): claims NIC, holds it until told, restores it."""
+    with VfioBinding([NIC], fake.paths, timeout=1):
+        claimed.set()
+        release.wait(30)
+
+
+@pytest.fixture
+def other_run(fake: FakeSysfs) -> Iterator[tuple[Any, Any, Any]]:
+    ctx = multiprocessing.get_context("fork")  # inherits the fake kernel and the state dir
+    claimed, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_claim_and_hold, args=(fake, claimed, release))
+    fake.device(NIC, group="7")
+    proc.start()
+    assert claimed.wait(10), "the other run did not claim the device"
+    yield proc, claimed, release
+    release.set()
+    proc.join(10)
+
+
+def test_lock_a_second_claim_fails_naming_the_holder(fake: FakeSysfs, other_run: tuple[Any, Any, Any]) -> None:
+    proc, _, _ = other_run
+    lock = leftovers.STATE_DIR / "locks" / f"vfio-{NIC}.lock"
+    start = time.monotonic()
+    with pytest.raises(VfioError) as err:
+        VfioBinding([NIC], fake.paths, timeout=1, lock_timeout=0.5).bind()
+    assert 0.5 <= time.monotonic() - start < 5, "waited its bounded time"
+    assert str(err.value) == (f"{NIC} is claimed by another test run: lock held by pid {proc.pid} ({lock}) for "
+                              "more than 0.5s; run device tests one at a time per device (pytest-xdist: --dist "
+                              "loadgroup)")
+    assert fake.driver_of(NIC) == "vfio-pci", "the other run's binding is untouched"
+
+
+def test_lock_a_second_claim_waits_for_the_first_to_end(fake: FakeSysfs,
+                                                        other_run: tuple[Any, Any, Any]) -> None:
+    _, _, release = other_run
+    threading.Timer(0.3, release.set).start()  # the other run ends its test soon
+    with VfioBinding([NIC], fake.paths, timeout=1, lock_timeout=10) as binding:
+        assert [b.driver for b in binding.bound] == ["igb"], "the first run restored before the second bound"
+        assert fake.driver_of(NIC) == "vfio-pci"
+    assert fake.driver_of(NIC) == "igb" and vfio_records() == []
