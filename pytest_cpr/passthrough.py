@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
@@ -100,18 +100,25 @@ def kernel_blockers(probe: HostProbe, binding: VfioBinding, backend: Backend) ->
     return [r for g in binding.groups() if (r := vfio.legacy_cpr_missing(g, binding.paths.dev)) is not None]
 
 
-def after_bind(devices: VfioDevices, probe: HostProbe, expects_blocker: bool) -> str | None:
-    """Checks that need the devices on vfio-pci; returns a skip reason or None."""
+class Unserved(NamedTuple):
+    """Why the host cannot serve a test; `lacking` False: it has more than the test needs."""
+
+    reason: str
+    lacking: bool = True
+
+
+def after_bind(devices: VfioDevices, probe: HostProbe, expects_blocker: bool) -> Unserved | None:
+    """Checks that need the devices on vfio-pci; returns why the test cannot run here, or None."""
     if devices.backend == Backend.IOMMUFD:
         for address in devices.addresses:
             if (reason := vfio.cdev_missing(devices.binding.paths, address)) is not None:
-                return reason
+                return Unserved(reason)
     devices.blockers += kernel_blockers(probe, devices.binding, devices.backend)
     if devices.blockers and not expects_blocker:
-        return "; ".join(devices.blockers)
+        return Unserved("; ".join(devices.blockers))
     if expects_blocker and not devices.blockers:
-        return (f"nothing blocks VFIO cpr-transfer here (backend {devices.backend}: the kernel and both QEMU "
-                "builds have every feature it needs): no blocker to provoke")
+        return Unserved(f"nothing blocks VFIO cpr-transfer here (backend {devices.backend}: the kernel and both "
+                        "QEMU builds have every feature it needs): no blocker to provoke", lacking=False)
     return None
 
 

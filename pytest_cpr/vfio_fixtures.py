@@ -91,10 +91,10 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     devices = VfioDevices(config, cpr_vfio_backend, [(d, Passthrough(d.address, d.index, d.role))
                                                      for d in chosen], binding, blockers)
     with binding:
-        reason = after_bind(devices, probe, expects_blocker)
-        if reason is not None:
+        unserved = after_bind(devices, probe, expects_blocker)
+        if unserved is not None:
             binding.restore()
-            host_unavailable(reason, cpr_settings)
+            host_unavailable(unserved.reason, cpr_settings, unserved.lacking)
         request.node.user_properties.append(("cpr_vfio",
                                              f"{cpr_vfio_backend}: {', '.join(devices.addresses)}"))
         yield devices

@@ -92,3 +92,18 @@ def test_typo(cpr_vm_factory):
     result.stdout.fnmatch_lines(["*TypeError*unexpected keyword argument 'memroy_mib'*"])
     result.assert_outcomes(failed=1)
 
+
+
+def test_strict_fails_a_lacking_host_but_skips_a_negative_test_with_nothing_to_provoke() -> None:
+    """--cpr-strict turns 'the host lacks X' into a failure; a host that has everything a negative test
+    would need to be missing (no blocker to provoke) is no defect of the host: still a skip."""
+    from pytest_cpr.fixtures import host_unavailable
+    from pytest_cpr.settings import resolve
+
+    strict = resolve({"strict": "on"}, {}, {})
+    with pytest.raises(pytest.fail.Exception, match=r"\[cpr-strict\] no iommufd"):
+        host_unavailable("no iommufd", strict)
+    with pytest.raises(pytest.skip.Exception, match="nothing blocks"):
+        host_unavailable("nothing blocks", strict, lacking=False)
+    with pytest.raises(pytest.skip.Exception, match="no iommufd"):
+        host_unavailable("no iommufd", resolve({}, {}, {}))

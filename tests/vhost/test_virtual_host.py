@@ -28,6 +28,8 @@ from pytest_cpr.vhost import L1_PYTHON, L1_SRC, VhostConfig, VirtualHost
 L1_TIMEOUT = pytest.mark.timeout(2400)
 # pytest arguments of the inner run, e.g. CPR_VHOST_TESTS="tests/hardware -k two_groups" (the CI subset)
 INNER_TESTS = shlex.split(os.environ.get("CPR_VHOST_TESTS", "tests/hardware"))
+# the passthrough tests the gating run must see pass on every backend L1 offers
+CORE_TESTS = ("nic_traffic_through_transfer", "nvme_dma_through_transfer", "nic_and_nvme_in_two_groups")
 
 
 # ---- without L1: the generated host config against the plugin's own loader (fake sysfs) ----------
@@ -230,9 +232,17 @@ def test_inner_passthrough_transfer(l1: VirtualHost) -> None:
     assert legacy, f"no legacy-container passthrough test passed in L1: {[c.get('name') for c in cases]}"
     props = {p.get("name") for c in legacy for p in c.iter("property")}
     assert any(n and n.startswith("cpr_") for n in props), f"no cpr_ properties in {run.junit}: {props}"
-    if "iommufd" in tomllib.loads(l1.host_config)["host"]["backends"]:  # L1 booted the iommufd-capable kernel
+    backends = tomllib.loads(l1.host_config)["host"]["backends"]
+    if "iommufd" in backends:  # L1 booted the iommufd-capable kernel
         iommufd = [c.get("name") for c in passed if "iommufd" in (c.get("name") or "")]
         assert iommufd, f"L1 has /dev/iommu but no iommufd passthrough test passed: {[c.get('name') for c in cases]}"
+    if [a for a in INNER_TESTS if not a.startswith("--")] == ["tests/hardware"]:  # all of it (the gating run):
+        # every core test passed on every backend, with its numbers
+        numbers = {c.get("name"): {p.get("name") for p in c.iter("property")} for c in passed}
+        for name in (f"test_{test}[{backend}]" for test in CORE_TESTS for backend in backends):
+            assert name in numbers, f"{name} did not pass in L1: {[c.get('name') for c in cases]}; log {run.log}"
+            for number in ("cpr_t1_qemu_downtime_ms", "cpr_t1_blackout_ms"):
+                assert number in numbers[name], f"{name} has no {number} in {run.junit}"
     assert run.exit_code == 0, f"inner pytest exit code {run.exit_code}; inner log {run.log}"
 
 
