@@ -73,10 +73,13 @@ def test_nvme_dma_through_transfer(cpr_vfio_guest: PassthroughGuest, cpr_thresho
 
 @pytest.mark.vfio(role="nic")
 @pytest.mark.vfio(role="nvme")
-def test_nic_and_nvme_in_two_groups(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict) -> None:
-    """A NIC and an NVMe in two IOMMU groups (two containers with the legacy backend) in one guest:
-    DMA of both devices works after each of two transfers (the class of bug where only the first
-    container gets its DMA mappings back)."""
+def test_nic_and_nvme_in_two_groups(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict,
+                                    request: pytest.FixtureRequest) -> None:
+    """A NIC and an NVMe in two IOMMU groups in one guest, NIC traffic and NVMe DMA through two
+    transfers. Without a guest vIOMMU both groups sit in one address space, so QEMU puts them in ONE
+    legacy container (type1 takes the second group) and one iommufd IOAS: the count is asserted, so
+    this test does not pretend to reach the "dma_map restored for the first container only" bug,
+    which needs a container per device (a guest vIOMMU)."""
     guest = cpr_vfio_guest
     groups = guest.devices.groups()
     if len(groups) < 2:
@@ -84,6 +87,11 @@ def test_nic_and_nvme_in_two_groups(cpr_vfio_guest: PassthroughGuest, cpr_thresh
     dma = guest.nvme_dma()
     dma.find()
     nic_pattern = guest.nic_irq_pattern(guest.nics[0][1])
+    if guest.devices.backend == "legacy":
+        containers = procfds.vfio_containers(procfds.open_files(guest.vm.current.pid))
+        request.node.user_properties.append(("cpr_vfio_containers", containers))
+        assert containers == 1, (f"QEMU holds {containers} legacy VFIO containers for two groups in one address "
+                                 "space: expected 1 (type1 takes the second group into the first container)")
     dma.start()
     with guest.host_watch() as watch, guest.nic_traffic() as traffic:
         for _ in range(2):
