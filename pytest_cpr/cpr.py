@@ -53,6 +53,11 @@ class TransferResult:
     # Longest stall of a guest DMA stream (e.g. NVMe I/O) across the transfer; filled by the code
     # that runs such a stream (None: no DMA stream measured).
     dma_stall_ms: float | None = None
+    # fd facts of the old QEMU right before it was told to quit (passthrough guests; None: not looked):
+    # KVM files it still held (0 expected: QEMU closes KVM after a VFIO cpr-transfer) and its legacy
+    # VFIO containers (open /dev/vfio/vfio)
+    old_qemu_kvm_fds: int | None = None
+    vfio_containers: int | None = None
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
 
     def ms(self, start: Phase, end: Phase) -> float | None:
@@ -98,6 +103,8 @@ class TransferResult:
             "ssh_after_ms": self.ms(Phase.TARGET_RUNNING, Phase.SSH_ANSWERED),
             "overhead_ratio": self.overhead_ratio,
             "dma_stall_ms": self.dma_stall_ms,
+            "old_qemu_kvm_fds": self.old_qemu_kvm_fds,
+            "vfio_containers": self.vfio_containers,
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
         }
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, NamedTuple
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprTimeout
-from pytest_cpr.host import vfio
+from pytest_cpr.host import procfds, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
-from pytest_cpr.kinds import Backend, Role
+from pytest_cpr.kinds import Accel, Backend, Role
 from pytest_cpr.observers import Observer
 from pytest_cpr.procfs import IrqLine
 from pytest_cpr.qemu.probe import QemuBuild
@@ -238,14 +238,19 @@ class NvmeDma:
 
 
 class HostWatch(Observer):
-    """Host side of a transfer: the kernel log and the devices' vfio interrupt lines. As an observer
-    of a transfer it samples the lines right after the target started and once the transfer ended."""
+    """Host side of a transfer: the kernel log, the devices' vfio interrupt lines and the old QEMU's
+    open files. As an observer of a transfer it samples the lines right after the target started and
+    once the transfer ended, and reads the old QEMU's fds right before it is told to quit."""
+
+    KVM_CLOSE_WAIT_S = 5.0  # the old QEMU closes KVM as the migration completes: a moment's grace
 
     def __init__(self, addresses: list[str], dev: Path = Path("/dev")) -> None:
         self.addresses = addresses
         self.log = HostKernelLog(dev)
         self.irqs: list[dict[str, IrqLine]] = []
         self.notes: list[str] = []
+        self.old_qemu_kvm_files: list[str] = []
+        self._old_qemu_containers: int | None = None
 
     def __enter__(self) -> HostWatch:
         self.log.start()
@@ -261,9 +266,23 @@ class HostWatch(Observer):
     def on_spawned(self, target: QemuProcess) -> None:
         self.sample()
 
+    def on_before_retire(self, source: QemuProcess) -> None:
+        self.old_qemu_kvm_files = procfds.wait_kvm_closed(source.pid, self.KVM_CLOSE_WAIT_S)
+        self._old_qemu_containers = procfds.vfio_containers(procfds.open_files(source.pid))
+
     def on_result(self, result: TransferResult) -> None:
         if result.status == "completed":
             self.sample()
+            result.old_qemu_kvm_fds = len(self.old_qemu_kvm_files)
+            result.vfio_containers = self._old_qemu_containers
+
+    def check_kvm_closed(self, result: TransferResult, logs: object = None) -> None:
+        """The irq bypass -16 fix (QEMU 7ed0919119): after a completed VFIO cpr-transfer the old QEMU
+        holds no /dev/kvm, VM or vCPU fd, else the new KVM cannot take the device's irq bypass."""
+        if self.old_qemu_kvm_files:
+            raise checks.CheckFailed(f"transfer {result.index}: the old QEMU still held {self.old_qemu_kvm_files} "
+                                     f"{self.KVM_CLOSE_WAIT_S:g} s after the migration completed (QEMU closes KVM "
+                                     f"after a VFIO cpr-transfer) (logs: {logs})")
 
     def check_log(self, logs: object = None) -> None:
         bad = self.log.failures()
@@ -353,6 +372,8 @@ class PassthroughGuest:
                                          max_lost_probes=max_lost_probes)
         watch.sample()
         result.notes += watch.notes
+        if self.vm.config.accel == Accel.KVM:
+            watch.check_kvm_closed(result, self.vm.artifacts)
         return result
 
 

@@ -141,11 +141,11 @@ def test_old_qemu_closed_kvm_after_transfer(cpr_vfio_guest: PassthroughGuest, cp
     vm = cpr_vfio_guest.vm
     before = procfds.kvm_files(procfds.open_files(vm.current.pid))
     assert before, f"the source QEMU holds no KVM fd before the transfer: nothing to check; logs {vm.artifacts}"
-    held: list[str] = []
-    result = vm.transfer(before_retire=lambda source: held.extend(procfds.wait_kvm_closed(source.pid, 5.0)))
+    with cpr_vfio_guest.host_watch() as watch, vm.observing(watch):
+        result = vm.transfer()
     checks.assert_completed(result, vm.artifacts)
-    assert not held, (f"the old QEMU (postmigrate) still holds {held} 5 s after the transfer completed "
-                      f"(before it: {before}); logs {vm.artifacts}")
+    watch.check_kvm_closed(result, vm.artifacts)
+    assert result.old_qemu_kvm_fds == 0, f"no count of the old QEMU's KVM fds in the result: {result}"
     target = procfds.kvm_files(procfds.open_files(vm.current.pid))
     assert "anon_inode:kvm-vm" in target, f"the new QEMU holds no KVM VM fd: {target}"
     vm.run("true")

@@ -424,3 +424,35 @@ def test_lock_a_second_claim_waits_for_the_first_to_end(fake: FakeSysfs,
         assert [b.driver for b in binding.bound] == ["igb"], "the first run restored before the second bound"
         assert fake.driver_of(NIC) == "vfio-pci"
     assert fake.driver_of(NIC) == "igb" and vfio_records() == []
+
+
+@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm to hold open")
+def test_host_watch_fails_an_old_qemu_that_kept_kvm_open() -> None:
+    """HostWatch reads the old QEMU's fds before it is retired: a process still holding /dev/kvm is
+    counted on the result and fails check_kvm_closed (a real process holds the fd, as a QEMU would)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from pytest_cpr.checks import CheckFailed
+    from pytest_cpr.cpr import ProcessRef, TransferResult
+    from pytest_cpr.passthrough import HostWatch
+
+    code = "import os, time; fd = os.open('/dev/kvm', os.O_RDWR); print('open', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        watch = HostWatch([])
+        watch.KVM_CLOSE_WAIT_S = 0.2
+        watch.on_before_retire(SimpleNamespace(pid=holder.pid))  # type: ignore[arg-type]
+        result = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+        watch.on_result(result)
+        assert (result.old_qemu_kvm_fds, result.vfio_containers) == (1, 0)
+        assert result.numbers()["old_qemu_kvm_fds"] == 1
+        with pytest.raises(CheckFailed, match=r"transfer 1: the old QEMU still held \['/dev/kvm'\]"):
+            watch.check_kvm_closed(result)
+    finally:
+        holder.kill()
+        holder.wait()
+    watch.on_before_retire(SimpleNamespace(pid=os.getpid()))  # type: ignore[arg-type]
+    watch.check_kvm_closed(result)  # this process holds no KVM fd: passes
