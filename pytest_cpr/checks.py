@@ -3,6 +3,7 @@ was seen, and where the logs are."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from pytest_cpr.cpr import TransferResult
@@ -38,6 +39,21 @@ def assert_source_quit(result: TransferResult, known: Sequence[KnownBug] = (), l
     raise CheckFailed(f"transfer {result.index}: the old QEMU {result.source} ended {result.source_exit} "
                       f"when told to quit, expected exit code 0 (its stderr and the host kernel log say "
                       f"more){_where(logs)}")
+
+
+def assert_qemu_quiet(result: TransferResult, known: Sequence[KnownBug] = (), logs: object = None) -> None:
+    """Neither QEMU printed news on stderr during the transfer (qemu/stderr.py: trouble that is not the
+    first QEMU's start-up noise). A line that is a known bug's signature is named in the notes."""
+    bad = []
+    for line in result.qemu_messages:
+        bug = next((b for b in known if b.stderr and re.search(b.stderr, line)), None)
+        if bug is None:
+            bad.append(line)
+        else:
+            result.notes.append(f"QEMU said {line!r}: {bug.key} ({bug.summary})")
+    if bad:
+        raise CheckFailed(f"transfer {result.index} ({result.source} -> {result.target}) completed, but QEMU "
+                          "reported trouble on stderr during it:\n  " + "\n  ".join(bad[:10]) + _where(logs))
 
 
 def assert_old_qemu_answered(answers: dict[str, str], logs: object = None) -> None:

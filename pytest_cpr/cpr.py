@@ -58,6 +58,8 @@ class TransferResult:
     # VFIO containers (open /dev/vfio/vfio)
     old_qemu_kvm_fds: int | None = None
     vfio_containers: int | None = None
+    # noteworthy lines the old and new QEMU printed on stderr during the transfer (qemu/stderr.py)
+    qemu_messages: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
 
     def ms(self, start: Phase, end: Phase) -> float | None:

@@ -33,3 +33,7 @@ class TransferFailed(CprError):
     def __init__(self, message: str, result: object | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class QemuQuitFailed(CprError):
+    """The QEMU running the guest did not end with exit code 0 when told to quit."""

@@ -1,8 +1,9 @@
 """The checks of one live update under traffic, and the waits between them.
 
 Interrupt windows before and after the transfer (`window` answered probes each; the one after grows
-up to IRQ_WAIT_S for slow vectors), then every check: completed, old QEMU quit cleanly,
-connectivity, same boot, interrupts, thresholds. A new check goes into `LiveUpdatePolicy.run`.
+up to IRQ_WAIT_S for slow vectors), then every check: completed, old QEMU quit cleanly, QEMU quiet
+on stderr, connectivity, same boot, interrupts, thresholds. A new check goes into
+`LiveUpdatePolicy.run`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LiveUpdatePolicy:
         result = vm.transfer(target)
         checks.assert_completed(result, logs)
         checks.assert_source_quit(result, vm.known_bugs(result), logs)
+        checks.assert_qemu_quiet(result, vm.known_bugs(result), logs)
         self._assert_connectivity(result)
         s2 = vm.snapshot()
         self._window_after(result, s2)

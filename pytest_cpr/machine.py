@@ -22,11 +22,12 @@ from pathlib import Path
 from pytest_cpr import cloudinit, leftovers
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.diagnostics import diagnose_guest
-from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout
+from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout, QemuQuitFailed
 from pytest_cpr.guest.ssh import GuestSSH, SessionKey
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
 from pytest_cpr.kinds import Accel
+from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
 from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
@@ -99,6 +100,7 @@ class Machine:
         self.boot_seconds: float | None = None
         self.ssh_ready_seconds: float | None = None
         self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
+        self.startup_stderr: set[str] = set()  # what the first QEMU said while booting (qemu/stderr.py)
         self._builds: dict[str, QemuBuild] = {}  # by process label
 
     def _transition(self, to: MachineState, *allowed: MachineState) -> None:
@@ -225,6 +227,7 @@ class Machine:
         self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
         self.ssh.run("true")
         self.ssh_ready_seconds = time.monotonic() - t0
+        self.startup_stderr = set(stderr.lines_since(proc.stderr_path))
         self._transition(MachineState.RUNNING, MachineState.BOOTING)
         log.info("guest %s: SSH ready %.2fs after QEMU started", self.config.name, self.ssh_ready_seconds)
         return self.ssh_ready_seconds
@@ -264,9 +267,13 @@ class Machine:
 
     # ---- close
     def close(self) -> None:
+        """Quit every QEMU and remove what the guest had. The QEMU running the guest must end with exit
+        code 0 when told to quit (teardown bugs after a transfer show there): else QemuQuitFailed,
+        raised once everything is cleaned up."""
         errors: list[str] = []
         if self.ssh is not None:
             self.ssh.close()
+        last = self.current if self.generations and self.current.exit_reason() is None else None
         for proc in reversed(self.generations + self.failed):
             try:
                 proc.shutdown(CLOSE_SHUTDOWN_S)
@@ -278,6 +285,9 @@ class Machine:
         self.state = MachineState.CLOSED
         if errors:
             raise RuntimeError("cleanup of " + self.config.name + " had errors: " + "; ".join(errors))
+        if last is not None and last.popen is not None and last.popen.returncode != 0:
+            raise QemuQuitFailed(f"guest {self.config.name}: the QEMU running it did not end with exit code 0 when "
+                                 f"told to quit at the end of the test: {last.exit_reason()}")
 
 
 def record_private_dir(path: Path) -> None:

@@ -14,6 +14,7 @@ from pytest_cpr.errors import TransferFailed
 from pytest_cpr.kinds import Phase
 from pytest_cpr.machine import Machine
 from pytest_cpr.observers import Observers
+from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.spec import Incoming
 from pytest_cpr.waits import SSH_AFTER_TRANSFER_S
@@ -42,6 +43,7 @@ class TransferRunner:
         for stale in (incoming.main_socket, incoming.cpr_socket):
             stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
         log.info("guest %s: transfer %d %s -> %s", m.config.name, result.index, result.source, result.target)
+        source_said = stderr.size(source.stderr_path)
         try:
             cpr_transfer(source, lambda: m.start_generation(gen, build, incoming), incoming, result,
                          m.config.transfer_timeout, self.observers)
@@ -52,6 +54,8 @@ class TransferRunner:
             raise
         self.observers.on_before_retire(source)
         retire_source(source, result)
+        said = stderr.lines_since(source.stderr_path, source_said) + stderr.lines_since(m.current.stderr_path)
+        result.qemu_messages = stderr.news(said, m.startup_stderr)
         self.observers.on_result(result)
         if Phase.TARGET_RUNNING in result.timeline:  # else the source was paused: so is the target
             self._check_ssh(result)

@@ -23,6 +23,7 @@ class KnownBug:
     vfio: bool  # only with a vfio-pci device in the guest
     reference: str
     source_exit: str  # how the old QEMU ends when it hits the bug (TransferResult.source_exit)
+    stderr: str = ""  # a regex of what QEMU prints on stderr when it hits the bug ("": nothing)
 
     def affects(self, build: QemuBuild, accel: str, vfio: bool) -> bool:
         return (self.since <= build.version and (self.fixed_in is None or build.version < self.fixed_in)

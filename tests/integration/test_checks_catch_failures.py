@@ -4,14 +4,17 @@ migrate; virtio-net migrates its link state), so the target resumes a guest whos
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from pytest_cpr import checks
+from pytest_cpr import checks, faults
 from pytest_cpr.checks import CheckFailed
-from pytest_cpr.errors import BootHung, CprTimeout, QemuExited
+from pytest_cpr.errors import BootHung, CprTimeout, QemuExited, QemuQuitFailed
+from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.vm import CprVM
 
@@ -96,3 +99,37 @@ def test_a_hung_boot_is_diagnosed_and_retried(cpr_vm_factory: Callable[..., CprV
     assert "Kernel panic" in (vm.artifacts / "console-g0.log").read_text()
     assert "Kernel panic" in (vm.artifacts / "console-g0-retry1.log").read_text()
     assert [p.label for p in vm.generations] == ["g0-retry1"]
+
+
+def test_a_target_that_complains_on_stderr_fails_the_live_update(cpr_vm: CprVM, cpr_accel: str) -> None:
+    """A transfer that completes while QEMU reports trouble on stderr fails, naming the line: here the
+    target is started with `-cpu max,+avx512f`, which TCG cannot give (QEMU warns and leaves the
+    feature out, so the transfer itself works). The next transfer, without the complaint, passes."""
+    if cpr_accel != "tcg":
+        pytest.skip(f"the warning this control provokes is TCG's (the guest runs on {cpr_accel})")
+    with cpr_vm.traffic(tcp=False) as traffic:
+        with faults.target_args(cpr_vm, ("-cpu", "max,+avx512f")), \
+                pytest.raises(CheckFailed, match=r"reported trouble on stderr during it:\n  warning: TCG doesn't "
+                                                 r"support requested feature: CPUID.07H:EBX.avx512f"):
+            cpr_vm.live_update(traffic)
+        assert cpr_vm.transfers[-1].status == "completed"
+        result = cpr_vm.live_update(traffic)  # the new QEMU repeats nothing of it: quiet
+    assert result.qemu_messages == []
+
+
+def test_a_qemu_that_does_not_quit_cleanly_fails_at_close(cpr_vm_factory: Callable[..., CprVM],
+                                                          cpr_source_build: QemuBuild, tmp_path: Path) -> None:
+    """At the end of a test the QEMU running the guest must end with exit code 0 when told to quit (a
+    crash there is a teardown bug, e.g. after a transfer). Here a real QEMU runs under a wrapper that
+    ends with exit code 3 once QEMU has quit, as a QEMU crashing on its way out would."""
+    wrapper = tmp_path / "qemu-then-exit-3"
+    wrapper.write_text(f'#!/bin/sh\n"{cpr_source_build.binary}" "$@"\nexit 3\n')
+    wrapper.chmod(0o755)
+    build = dataclasses.replace(cpr_source_build, binary=str(wrapper))
+    vm = cpr_vm_factory(source=build, target=build)
+    vm.boot()
+    vm.run("true")
+    with pytest.raises(QemuQuitFailed, match=r"did not end with exit code 0 when told to quit at the end of the "
+                                             r"test: QEMU g0 exited \(exit code 3, after SHUTDOWN by the host"):
+        vm.close()
+    assert not list(vm.machine.rundir.parent.glob(vm.machine.rundir.name)), "close must clean up before it fails"

@@ -75,3 +75,13 @@ def test_table_counts_rounds_and_classes() -> None:
     text = st.table(rows)
     assert "| default | two_groups[legacy] | yes | 4 | 1 | L2 reset 2, L1 freeze 1 | 2.1-2.1 |" in text
     assert "| default | two_groups[legacy] | no (control) | 1 | 1 | none | 2.1-2.1 |" in text
+
+
+def test_round_message_keeps_the_why_not_the_inner_command() -> None:
+    text = ('virtual host agent socket closed while waiting for the end of "mkdir -p /mnt/out/junit && cd /mnt/src '
+            "&& env A='1' /opt/cpr-venv/bin/python -m pytest -p no:cacheprovider --junitxml=/mnt/out/junit/r000.xml "
+            '-o junit_suite_name=r000 tests/hardware/test_passthrough.py -k x": QEMU vhost exited (exit code 0, after '
+            "SHUTDOWN by the guest: guest-reset)")
+    assert st.first_lines(text) == ('virtual host agent socket closed while waiting for the end of "<inner pytest> '
+                                    '-o junit_suite_name=r000 tests/hardware/test_passthrough.py -k x": QEMU vhost '
+                                    "exited (exit code 0, after SHUTDOWN by the guest: guest-reset)")

@@ -1,0 +1,47 @@
+"""What QEMU says on stderr during a transfer: the lines that are news.
+
+QEMU reports most trouble of a cpr-transfer only there (a `vfio_container_dma_map ... File exists`
+from a mapping restored twice, a VADDR or config-space complaint) while the transfer still
+completes. A line is news when it names trouble (NOTEWORTHY) and the first generation did not
+already print it while booting (a configuration's start-up warnings, e.g. "VFIO dma-buf not
+supported in kernel", come again from every new QEMU: they are not the transfer's doing).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+NOTEWORTHY = re.compile(r"error|warn|fail|vfio|iommufd|migrat|cpr|dma|unable|cannot|invalid|abort|assert|"
+                        r"unsupported|not supported|denied|refus", re.IGNORECASE)
+_PROGRAM = re.compile(r"^\S*qemu-system-\S+: ")
+
+
+def size(path: Path) -> int:
+    """Bytes written so far (0 before the file exists)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def lines_since(path: Path, offset: int = 0) -> list[str]:
+    """The lines written from `offset` on, without the program-name prefix."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return [_PROGRAM.sub("", line).strip() for line in text.splitlines() if line.strip()]
+
+
+def news(lines: list[str], startup: set[str]) -> list[str]:
+    """The noteworthy lines that are not start-up noise, in order, each once."""
+    seen: set[str] = set()
+    out = []
+    for line in lines:
+        if NOTEWORTHY.search(line) and line not in startup and line not in seen:
+            seen.add(line)
+            out.append(line)
+    return out

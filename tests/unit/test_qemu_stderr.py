@@ -1,0 +1,46 @@
+"""What QEMU said on stderr during a transfer: which lines are news, and the check on them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_cpr import checks
+from pytest_cpr.cpr import ProcessRef, TransferResult
+from pytest_cpr.qemu import stderr
+from pytest_cpr.qemu.bugs import KVM_STATE_NULL_AFTER_CPR
+
+DMABUF = ("-device vfio-pci,host=0000:02:00.0,id=hostdev1,bus=pcie.0,addr=0x11: warning: VFIO dma-buf not "
+          "supported in kernel, using mmap fallback, P2P DMA will not work")
+
+
+def test_lines_since_an_offset_without_the_program_name(tmp_path: Path) -> None:
+    log = tmp_path / "qemu-g1.stderr"
+    assert stderr.size(log) == 0 and stderr.lines_since(log) == []
+    log.write_text(f"qemu-system-x86_64: {DMABUF}\n")
+    offset = stderr.size(log)
+    with log.open("a") as fh:
+        fh.write("/usr/bin/qemu-system-x86_64: vfio_container_dma_map(0x1, 0x0, 0x80000000) = -17 (File exists)\n\n")
+    assert stderr.lines_since(log) == [DMABUF, "vfio_container_dma_map(0x1, 0x0, 0x80000000) = -17 (File exists)"]
+    assert stderr.lines_since(log, offset) == ["vfio_container_dma_map(0x1, 0x0, 0x80000000) = -17 (File exists)"]
+
+
+def test_news_leaves_out_start_up_noise_and_chatter() -> None:
+    lines = [DMABUF, "terminating on signal 15 from pid 7", "VFIO_MAP_DMA failed: Bad address",
+             "VFIO_MAP_DMA failed: Bad address", "info: nothing to see"]
+    assert stderr.news(lines, {DMABUF}) == ["VFIO_MAP_DMA failed: Bad address"]
+    assert stderr.news(lines, set()) == [DMABUF, "VFIO_MAP_DMA failed: Bad address"]
+
+
+def test_qemu_quiet_check_names_the_lines_and_known_bugs() -> None:
+    result = TransferResult(2, ProcessRef("g1", "11.1.3"), ProcessRef("g2", "11.1.3"), status="completed")
+    checks.assert_qemu_quiet(result)  # nothing said: passes
+    result.qemu_messages = ["vfio_container_dma_map(0x1, 0x0, 0x80000000) = -17 (File exists)"]
+    with pytest.raises(checks.CheckFailed, match=r"transfer 2 \(g1 11.1.3 -> g2 11.1.3\) completed, but QEMU "
+                                                 r"reported trouble on stderr during it:\n  vfio_container_dma_map"):
+        checks.assert_qemu_quiet(result)
+    bug = replace(KVM_STATE_NULL_AFTER_CPR, stderr=r"dma_map.*File exists")
+    checks.assert_qemu_quiet(result, [bug])
+    assert result.notes == [f"QEMU said {result.qemu_messages[0]!r}: {bug.key} ({bug.summary})"]
