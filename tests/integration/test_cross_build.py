@@ -36,9 +36,9 @@ def test_update_to_the_target_build(cpr_vm_factory, cpr_source_build: QemuBuild,
         again = vm.live_update(traffic, target=cpr_target_build, **cpr_thresholds)
     checks.assert_stream_intact(traffic.stream_result, vm.artifacts)
     checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
-    assert first.source.endswith(cpr_source_build.short_version)
-    assert first.target.endswith(cpr_target_build.short_version)
-    assert again.target.endswith(cpr_target_build.short_version)
+    assert first.source.version == cpr_source_build.short_version
+    assert first.target.version == cpr_target_build.short_version
+    assert again.target.version == cpr_target_build.short_version
     assert vm.current.argv[vm.current.argv.index("-machine") + 1].startswith(cpr_source_build.q35_machine)
 
 
