@@ -22,6 +22,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_OUT, InnerRun, VhostConfig, VirtualHost
+from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -94,6 +95,7 @@ class Round:
     l1_boot: int  # which L1 boot of this run the round ran in (1 = first)
     load1: float  # host load average over 1 min at the round's end (2 cores: above ~2.3 = contended)
     when: str
+    commit: str  # the source tree's commit (the code L1 ran)
 
 
 def junit_outcome(junit: Path | None) -> tuple[str, str]:
@@ -133,6 +135,14 @@ def first_lines(text: str, n: int = 3, width: int = 400) -> str:
     return " | ".join(lines[:n])[:width]
 
 
+def source_commit(tree: Path = SOURCE_TREE) -> str:
+    """The commit of the tree L1 runs (with '+' when it has uncommitted changes), or '' outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True, timeout=30).stdout
+    head = git("rev-parse", "--short=12", "HEAD").strip()
+    return head + ("+" if head and git("status", "--porcelain", "--untracked-files=no").strip() else "")
+
+
 class Runner:
     """Rounds of one workload under one L1 configuration (see the module docstring)."""
 
@@ -150,6 +160,7 @@ class Runner:
         self.overrides = overrides
         self.root = artifacts / "vhost" / f"stability-{config}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.boots = 0
+        self.commit = source_commit()
 
     def _vhost_config(self) -> VhostConfig:
         self.boots += 1
@@ -165,7 +176,7 @@ class Runner:
                     outcome=outcome, failure_class=classify(text) if outcome == "failed" else "",
                     transfers=transfers, seconds=round(seconds, 1), message=first_lines(text),
                     evidence=str(evidence), l1_boot=self.boots, load1=round(os.getloadavg()[0], 2),
-                    when=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                    when=time.strftime("%Y-%m-%dT%H:%M:%S"), commit=self.commit)
         self.data.parent.mkdir(parents=True, exist_ok=True)
         with self.data.open("a") as fh:
             fh.write(json.dumps(dataclasses.asdict(rnd)) + "\n")
