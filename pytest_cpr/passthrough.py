@@ -46,7 +46,7 @@ def select(host: HostConfig, want: list[Want]) -> list[DeviceConfig] | str:
     for w in want:
         have = [d for d in host.with_role(w.role) if d not in chosen]
         if len(have) < w.count:
-            return (f"host config {host.path} names {len(have)} free device(s) of role {w.role!r}; the test "
+            return (f"host config {host.path} names {len(have)} free device(s) of role '{w.role}'; the test "
                     f"needs {w.count}")
         chosen += have[: w.count]
     return chosen
