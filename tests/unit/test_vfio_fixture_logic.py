@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_vfio_sysfs import NIC, NVME, FakeSysfs
 
-from pytest_cpr import leftovers, vfio_hooks
+from pytest_cpr import leftovers, passthrough, vfio_hooks
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.host import hostconfig, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig, HostPaths
@@ -648,3 +648,60 @@ def test_two_nvmes(): pass
     groups = {i.name: [m.args[0] for m in i.iter_markers("xdist_group")] for i in items}
     assert groups == {"test_nic": [f"vfio-{NIC}"], "test_nvme": [f"vfio-{NVME}"],
                       "test_two_nvmes": ["vfio-unassigned"]}
+
+
+# ---- the passthrough NIC's link across a transfer (no reset, no flap)
+
+
+class FakeGuestVM:
+    """What PassthroughGuest asks of a CprVM: the main NIC, the passthrough NIC's name, live_update."""
+
+    def __init__(self, artifacts: Path) -> None:
+        self.artifacts = artifacts
+        self.config = SimpleNamespace(accel="tcg")
+        self.live_update_kwargs: dict[str, Any] = {}
+        self.dmesg = ""
+
+    def ifname_of(self) -> str:
+        return "eth0"
+
+    def run(self, command: str, timeout: float = 60) -> SimpleNamespace:
+        return SimpleNamespace(stdout="eth1\n" if "/net 2>/dev/null" in command else "up\n12.5\n")
+
+    def observing(self, observer: object) -> Any:
+        from contextlib import nullcontext
+        return nullcontext(observer)
+
+    def live_update(self, traffic: object, **kwargs: Any) -> Any:
+        from pytest_cpr.cpr import ProcessRef, TransferResult
+        self.live_update_kwargs = kwargs
+        return TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+
+    def collect_dmesg(self) -> str:
+        return self.dmesg
+
+
+def test_transfer_checked_checks_the_carrier_of_the_main_and_the_passthrough_nic(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vfio, "host_vfio_irqs", lambda addresses: {})
+    host = config((NIC, "nic"))
+    devices = VfioDevices(host, Backend.LEGACY, [(host.devices[0], vfio.Passthrough(NIC, 0, Role.NIC))],
+                          VfioBinding([NIC], HostPaths()))
+    vm = FakeGuestVM(tmp_path)
+    guest = passthrough.PassthroughGuest(vm, devices)  # type: ignore[arg-type]
+    guest.transfer_checked(object(), "^eth1", HostWatch([NIC], tmp_path))  # type: ignore[arg-type]
+    assert vm.live_update_kwargs["links"] == ("eth0", "eth1")
+
+
+def test_guest_log_check_spares_only_the_harness_link_down_of_the_peer_setup(tmp_path: Path) -> None:
+    host = config((NIC, "nic"))
+    vm = FakeGuestVM(tmp_path)
+    devices = VfioDevices(host, Backend.LEGACY, [], VfioBinding([], HostPaths()))
+    guest = passthrough.PassthroughGuest(vm, devices)  # type: ignore[arg-type]
+    guest.link_settled_s = guest._link_settled("eth1")
+    assert guest.link_settled_s == 12.5
+    vm.dmesg = "[ 10.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down\n"
+    guest.check_guest_log()
+    vm.dmesg += "[ 30.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down\n"
+    with pytest.raises(CheckFailed, match=r"driver trouble:\n  \[ 30\.0\] igb .*NIC Link is Down"):
+        guest.check_guest_log()
