@@ -492,6 +492,8 @@ def test_nvme(cpr_vfio):
 def test_blocker(cpr_vfio):
     assert cpr_vfio.blockers
 
+def test_mdev(cpr_mdev):
+    assert cpr_mdev.uuid
 """
 
 
@@ -570,9 +572,10 @@ def test_device_tests_reach_their_body_on_both_backends_of_a_capable_fake_host(p
     fake_builds(pytester)
     pytester.makepyfile(test_devices=DEVICE_TESTS)
     result = pytester.runpytest(fake_host.write(HOST_TOML), "--cpr-strict=on", "-rs", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4, skipped=2)
+    result.assert_outcomes(passed=4, skipped=3)
     result.stdout.fnmatch_lines_random(["*SKIPPED*nothing blocks VFIO cpr-transfer here (backend legacy*",
-                                        "*SKIPPED*nothing blocks VFIO cpr-transfer here (backend iommufd*"])
+                                        "*SKIPPED*nothing blocks VFIO cpr-transfer here (backend iommufd*",
+                                        "*SKIPPED*names no ??mdev??; to run the mdev tests*"])
     assert [fake_host.sysfs.driver_of(a) for a in (NIC, NVME)] == ["igb", "nvme"], "given back"
 
 
@@ -588,11 +591,11 @@ def test_strict_a_build_without_vfio_cpr_fails_ordinary_tests_and_serves_the_blo
 def test_strict_no_host_config_fails_and_without_strict_skips(pytester: pytest.Pytester) -> None:
     fake_builds(pytester)
     pytester.makepyfile(test_devices=DEVICE_TESTS)
-    strict = pytester.runpytest("--cpr-strict=on", "-k", "nic")
-    strict.assert_outcomes(errors=2)
+    strict = pytester.runpytest("--cpr-strict=on", "-k", "nic or mdev")
+    strict.assert_outcomes(errors=3)
     strict.stdout.fnmatch_lines(["*?cpr-strict? no host config: this test needs passthrough devices*"])
-    lenient = pytester.runpytest("-k", "nic")
-    lenient.assert_outcomes(skipped=2)
+    lenient = pytester.runpytest("-k", "nic or mdev")
+    lenient.assert_outcomes(skipped=3)
 
 
 def test_strict_a_missing_kernel_feature_fails(pytester: pytest.Pytester, fake_host: FakeHost,
@@ -606,6 +609,45 @@ def test_strict_a_missing_kernel_feature_fails(pytester: pytest.Pytester, fake_h
     result.assert_outcomes(passed=2, errors=1, skipped=1)  # legacy: nic passes, blocker skips
     result.stdout.fnmatch_lines(["*ERROR*test_nic?iommufd?*", "*?cpr-strict? the host kernel lacks "
                                  "IOMMU_IOAS_CHANGE_PROCESS*"])
+
+
+MDEV_TOML = """
+[host]
+backends = ["iommufd"]
+
+[[mdev]]
+parent = "mtty"
+type = "mtty-2"
+"""
+
+
+def fake_mtty(fake_host: FakeHost) -> None:
+    types = fake_host.sysfs.paths.sysfs / "class" / "mdev_bus" / "mtty" / "mdev_supported_types" / "mtty-2"
+    types.mkdir(parents=True)
+    (types / "available_instances").write_text("12\n")
+
+
+def test_strict_mdev_configured_on_a_host_without_the_legacy_container_fails(pytester: pytest.Pytester,
+                                                                             fake_host: FakeHost) -> None:
+    """[[mdev]] given (the operator wants mdev tested) but no /dev/vfio/vfio: a real deficiency."""
+    fake_mtty(fake_host)
+    (fake_host.sysfs.paths.dev / "vfio" / "vfio").unlink()
+    fake_builds(pytester)
+    pytester.makepyfile(test_devices=DEVICE_TESTS)
+    strict = pytester.runpytest(fake_host.write(MDEV_TOML), "--cpr-strict=on", "-k", "mdev")
+    strict.assert_outcomes(errors=1)
+    strict.stdout.fnmatch_lines(["*?cpr-strict? no */dev/vfio/vfio: an mdev is tested on the legacy VFIO container*"])
+    lenient = pytester.runpytest(fake_host.write(MDEV_TOML), "-k", "mdev")
+    lenient.assert_outcomes(skipped=1)
+
+
+def test_strict_mdev_on_a_build_without_vfio_cpr_fails(pytester: pytest.Pytester, fake_host: FakeHost) -> None:
+    fake_mtty(fake_host)
+    fake_builds(pytester, (10, 0, 2))
+    pytester.makepyfile(test_devices=DEVICE_TESTS)
+    result = pytester.runpytest(fake_host.write(MDEV_TOML), "--cpr-strict=on", "-k", "mdev")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*?cpr-strict? qemu-fake (QEMU 10.0.2) lacks VFIO support in cpr-transfer*"])
 
 
 def test_xdist_groups_tests_that_share_a_device(pytester: pytest.Pytester, fake_host: FakeHost) -> None:
