@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import test_vfio_sysfs
 from test_vfio_sysfs import NIC, NVME, FakeSysfs
 
 from pytest_cpr import leftovers, passthrough, vfio_hooks
@@ -40,6 +41,7 @@ from pytest_cpr.qemu.probe import QemuBuild
 
 pytest_plugins = ["pytester"]
 
+fake = test_vfio_sysfs.fake  # the fake kernel (FakeSysfs behind vfio's writes), as a fixture here too
 NIC2, NVME2 = "0000:03:00.0", "0000:04:00.0"
 HARDWARE_TESTS = Path(__file__).parents[1] / "hardware" / "test_passthrough.py"
 
@@ -179,14 +181,6 @@ def test_kernel_blockers_legacy_asks_each_group(fake: FakeSysfs, monkeypatch: py
     with VfioBinding([NIC, NVME], fake.paths, timeout=1) as binding:
         assert kernel_blockers(probe(), binding, Backend.LEGACY) == ["group 8 lacks VFIO_UPDATE_VADDR"]
     assert asked == ["7", "8"]
-
-
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSysfs:
-    sysfs = FakeSysfs(tmp_path)
-    monkeypatch.setattr(vfio, "_write", sysfs.kernel_write)
-    monkeypatch.setattr(leftovers, "STATE_DIR", tmp_path / "state")
-    return sysfs
 
 
 @pytest.fixture
@@ -354,30 +348,6 @@ def test_check_log_fails_naming_the_bad_host_lines(tmp_path: Path) -> None:
         with pytest.raises(CheckFailed, match=r"host kernel log during the transfer:\n  kvm: irq bypass consumer "
                                               r"\(token 00000000a1b2c3d4\) registration fails: -16 \(logs: art\)"):
             watch.check_log("art")
-
-
-@pytest.mark.parametrize("line", [
-    "iommufd: IOMMU_IOAS_MAP failed: -14",
-    "vfio-pci 0000:01:00.0: vfio_ecap_init: hiding ecap error",
-    "vfio_iommu_type1: vfio_pin_pages_remote failed",
-    "DMAR: DRHD: handling fault status reg 3",
-    "AMD-Vi: Completion-Wait loop timed out (fault)",
-    "BUG: unable to handle page fault for address: ffff888000000000",
-    "WARNING: CPU: 3 PID: 4242 at drivers/vfio/vfio_iommu_type1.c:1234 vfio_dma_do_unmap+0x1/0x2",
-    "Call Trace:",
-])
-def test_host_log_failure_patterns_catch_iommu_and_kernel_faults(line: str) -> None:
-    assert vfio.HOST_LOG_FAILURES.search(line)
-
-
-@pytest.mark.parametrize("line", [
-    "vfio-pci 0000:01:00.0: resetting",
-    "iommufd: module loaded",
-    "kvm: enabling virtualization on CPU3",
-    "igb 0000:01:00.0 enp1s0: igb: enp1s0 NIC Link is Up 1000 Mbps Full Duplex",
-])
-def test_host_log_failure_patterns_pass_ordinary_lines(line: str) -> None:
-    assert not vfio.HOST_LOG_FAILURES.search(line)
 
 
 # ---- the NVMe DMA script and its parsers ("guest": the local shell, the "disk": a file)
