@@ -4,7 +4,7 @@ was seen, and where the logs are."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
@@ -127,8 +127,26 @@ def assert_interrupts(pre: Sequence[GuestSnapshot], post: Sequence[GuestSnapshot
     return {"before": fired_before, "after": fired_after}
 
 
-def assert_clean_dmesg(text: str, logs: object = None) -> None:
-    bad = dmesg_failures(text)
+def assert_no_link_flap(before: Mapping[str, int], after: Mapping[str, int],
+                        result: TransferResult | None = None, logs: object = None) -> int:
+    """The guest's NICs were not reset and their link did not flap across the transfer: each one's
+    /sys/class/net/<if>/carrier_changes is the same after it as before. Returns the total change
+    (also set as `result.carrier_changes`); an interface gone after the transfer counts as changed."""
+    changed = {name: (n, after.get(name)) for name, n in before.items() if after.get(name) != n}
+    delta = sum(abs((a if a is not None else n) - n) for n, a in changed.values())
+    if result is not None:
+        result.carrier_changes = delta
+    if changed:
+        which = f"transfer {result.index}: " if result is not None else ""
+        counts = ", ".join(f"{name} carrier_changes {n} -> {'gone' if a is None else a}"
+                           for name, (n, a) in changed.items())
+        raise CheckFailed(f"{which}the guest NIC link went down across the transfer (a reset or a flap): {counts}"
+                          f"{_where(logs)}")
+    return delta
+
+
+def assert_clean_dmesg(text: str, logs: object = None, link_settled_s: float | None = None) -> None:
+    bad = dmesg_failures(text, link_settled_s)
     if bad:
         raise CheckFailed("guest kernel log reports driver trouble:\n  " + "\n  ".join(bad[:10]) + _where(logs))
 

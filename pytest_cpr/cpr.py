@@ -58,6 +58,9 @@ class TransferResult:
     # VFIO containers (open /dev/vfio/vfio)
     old_qemu_kvm_fds: int | None = None
     vfio_containers: int | None = None
+    # carrier changes of the checked guest NICs across the transfer (0 expected: no reset, no flap;
+    # None: not read)
+    carrier_changes: int | None = None
     # noteworthy lines the old and new QEMU printed on stderr during the transfer (qemu/stderr.py)
     qemu_messages: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
@@ -107,6 +110,7 @@ class TransferResult:
             "dma_stall_ms": self.dma_stall_ms,
             "old_qemu_kvm_fds": self.old_qemu_kvm_fds,
             "vfio_containers": self.vfio_containers,
+            "carrier_changes": self.carrier_changes,
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
         }
 

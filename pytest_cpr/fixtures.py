@@ -134,8 +134,15 @@ def cpr_artifacts(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> 
 
 def _record_transfer(node: pytest.Item) -> Callable[[TransferResult], None]:
     def record(result: TransferResult) -> None:
+        """Each number once: a second call for the same transfer (checks added figures) updates them."""
+        props = node.user_properties
         for name, value in result.numbers().items():
-            node.user_properties.append((f"cpr_t{result.index}_{name}", value))
+            key = f"cpr_t{result.index}_{name}"
+            at = next((i for i, (k, _) in enumerate(props) if k == key), None)
+            if at is None:
+                props.append((key, value))
+            else:
+                props[at] = (key, value)
 
     return record
 

@@ -2,13 +2,15 @@
 
 Interrupt windows before and after the transfer (`window` answered probes each; the one after grows
 up to IRQ_WAIT_S for slow vectors), then every check: completed, old QEMU quit cleanly, QEMU quiet
-on stderr, connectivity, same boot, interrupts, thresholds. A new check goes into
+on stderr, connectivity, same boot, interrupts, no link flap (carrier_changes of the main NIC and
+any `links` unchanged), thresholds. A new check goes into
 `LiveUpdatePolicy.run`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pytest_cpr import checks
@@ -27,10 +29,12 @@ class LiveUpdatePolicy:
     """One checked transfer of `vm` under `traffic`."""
 
     def __init__(self, vm: CprVM, traffic: Traffic, window: int = 100, max_blackout_ms: float | None = None,
-                 max_lost_probes: float | None = None, irq_pattern: str | None = None) -> None:
+                 max_lost_probes: float | None = None, irq_pattern: str | None = None,
+                 links: Sequence[str] | None = None) -> None:
         self.vm, self.traffic, self.window = vm, traffic, window
         self.max_blackout_ms, self.max_lost_probes = max_blackout_ms, max_lost_probes
         self.pattern = irq_pattern or vm.nic_irq_pattern()
+        self.links = tuple(links) if links is not None else (vm.ifname_of(),)
 
     def _window(self) -> None:
         self.traffic.wait_answers(self.window, WINDOW_TIMEOUT_S)
@@ -40,17 +44,22 @@ class LiveUpdatePolicy:
         s0 = vm.snapshot()
         self._window()
         s1 = vm.snapshot()
+        carrier = vm.carrier_changes(self.links)
         result = vm.transfer(target)
         checks.assert_completed(result, logs)
         checks.assert_source_quit(result, vm.known_bugs(result), logs)
         checks.assert_qemu_quiet(result, vm.known_bugs(result), logs)
         self._assert_connectivity(result)
         s2 = vm.snapshot()
+        carrier_after = vm.carrier_changes(self.links)
         self._window_after(result, s2)
         s3 = self._until_vectors_fire_again(checks.active_vectors(s0, s1, self.pattern), s2, vm.snapshot())
         checks.assert_same_boot(s1, s2, logs=logs)
         result.interrupts = checks.assert_interrupts((s0, s1), (s2, s3), self.pattern, logs)
-        vm.write_transfers()  # with the interrupt counts the checks just took
+        try:
+            checks.assert_no_link_flap(carrier, carrier_after, result, logs)
+        finally:
+            vm.write_transfers(result)  # with the interrupt counts and carrier changes the checks just took
         checks.assert_thresholds(result, self.max_blackout_ms, self.max_lost_probes, logs)
         return result
 

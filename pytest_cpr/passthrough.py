@@ -46,7 +46,7 @@ def select(host: HostConfig, want: list[Want]) -> list[DeviceConfig] | str:
     for w in want:
         have = [d for d in host.with_role(w.role) if d not in chosen]
         if len(have) < w.count:
-            return (f"host config {host.path} names {len(have)} free device(s) of role {w.role!r}; the test "
+            return (f"host config {host.path} names {len(have)} free device(s) of role '{w.role}'; the test "
                     f"needs {w.count}")
         chosen += have[: w.count]
     return chosen
@@ -318,6 +318,7 @@ class PassthroughGuest:
 
     def __init__(self, vm: CprVM, devices: VfioDevices) -> None:
         self.vm, self.devices = vm, devices
+        self.link_settled_s: float | None = None  # guest uptime when nic_traffic had set up the peers
 
     @property
     def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
@@ -348,9 +349,24 @@ class PassthroughGuest:
         ifname = self.guest_ifname(dev)  # guest-setup addressed it from cpr.net<N>; make sure of it
         self.vm.run(f"ip addr replace {config.guest_ip} dev {ifname} && ip link set {ifname} up")
         if config.peer_interface not in self.vm.network.adopted:
-            self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)
+            self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)  # takes its link down once
+            self.link_settled_s = self._link_settled(ifname)
         return self.vm.traffic(tcp=tcp, target=config.guest_ip.split("/")[0],
                                host_ip=config.peer_ip.split("/")[0])
+
+    LINK_SETTLE_S = 3.0  # igb's watchdog reports a link change within 2 s
+
+    def _link_settled(self, ifname: str, timeout: float = DEVICE_APPEAR_TIMEOUT_S) -> float:
+        """Guest uptime once the NIC has carrier again after its peer port moved (and the driver had
+        time to report the link change that caused)."""
+        carrier = f"[ \"$(cat /sys/class/net/{ifname}/carrier 2>/dev/null)\" = 1 ]"
+        out = self.vm.run(f"for i in $(seq {int(timeout * 10)}); do {carrier} && break; sleep 0.1; done; "
+                          f"sleep {self.LINK_SETTLE_S:g}; {carrier} && echo up; cut -d' ' -f1 /proc/uptime",
+                          timeout=timeout + self.LINK_SETTLE_S + GUEST_SHELL_MARGIN_S).stdout.split()
+        if out[:1] != ["up"]:
+            raise CprTimeout(f"guest NIC {ifname} has no carrier {timeout:.0f}s after its peer port came up "
+                             f"(cable? peer_interface in the host config?); logs: {self.vm.artifacts}")
+        return float(out[-1])
 
     def nvme_dma(self, nvme: tuple[DeviceConfig, Passthrough] | None = None) -> NvmeDma:
         config, dev = nvme or self.nvmes[0]
@@ -360,16 +376,20 @@ class PassthroughGuest:
         return HostWatch(self.devices.addresses, self.devices.host.paths.dev)
 
     def check_guest_log(self) -> None:
-        checks.assert_clean_dmesg(self.vm.collect_dmesg(), self.vm.artifacts)
+        """No driver trouble in the guest kernel log: no lost interrupts or DMA, no NIC reset, no link
+        down (but the one the harness causes when it moves a NIC's peer port into the namespace)."""
+        checks.assert_clean_dmesg(self.vm.collect_dmesg(), self.vm.artifacts, self.link_settled_s)
 
     def transfer_checked(self, traffic: Traffic, irq_pattern: str, watch: HostWatch,
                          max_blackout_ms: float | None = None,
                          max_lost_probes: float | None = None) -> TransferResult:
-        """vm.live_update with host samples around it: guest vectors and host vfio lines keep counting."""
+        """vm.live_update with host samples around it: guest vectors and host vfio lines keep counting,
+        and neither the main NIC nor a passthrough NIC was reset or flapped (carrier_changes)."""
+        links = (self.vm.ifname_of(), *(self.guest_ifname(dev) for _, dev in self.nics))
         watch.sample()
         with self.vm.observing(watch):  # samples inside live_update's windows, around the transfer
             result = self.vm.live_update(traffic, irq_pattern=irq_pattern, max_blackout_ms=max_blackout_ms,
-                                         max_lost_probes=max_lost_probes)
+                                         max_lost_probes=max_lost_probes, links=links)
         watch.sample()
         result.notes += watch.notes
         if self.vm.config.accel == Accel.KVM:

@@ -119,10 +119,13 @@ def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     """A new instance of the host config's first [[mdev]] type (UUID per test), removed after the test
     (also on failure or Ctrl-C; a killed run's instance is removed by the next run). Its guest PCI
     slot follows those of the config's passthrough devices. Skipped (failed with --cpr-strict) with
-    the reason where the host or QEMU cannot serve."""
+    the reason where the host or QEMU cannot serve; a host config without [[mdev]] skips also under
+    --cpr-strict (the operator chose not to test mdevs)."""
     config = request.config.stash.get(HOST_CONFIG_KEY, None)
     if config is None:
         host_unavailable(NO_CONFIG, cpr_settings)
+    if not config.mdevs:  # the operator chose not to configure mdev: no deficiency, a skip even when strict
+        host_unavailable(NO_MDEV.format(path=config.path), cpr_settings, lacking=False)
     if (reason := mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
         host_unavailable(reason, cpr_settings)
     first = config.mdevs[0]

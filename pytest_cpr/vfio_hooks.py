@@ -83,7 +83,7 @@ def backends_for(node: Any, host: HostConfig | None) -> list[Backend]:
     if node.get_closest_marker("iommufd") is not None:
         fixed.add(Backend.IOMMUFD)
     if len(fixed) > 1:
-        raise pytest.UsageError(f"{node.nodeid}: vfio markers ask for backends {sorted(fixed)}; one test "
+        raise pytest.UsageError(f"{node.nodeid}: vfio markers ask for backends {sorted(map(str, fixed))}; one test "
                                 "runs on one backend")
     if fixed:
         return sorted(fixed)

@@ -17,14 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pytest_cpr.artifacts import ArtifactWriter
 from pytest_cpr.cpr import TransferResult
-from pytest_cpr.errors import CprTimeout
+from pytest_cpr.errors import CprError, CprTimeout
 from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
-from pytest_cpr.guest.state import SNAPSHOT_COMMAND, GuestSnapshot, parse_snapshot, snapshot
+from pytest_cpr.guest.state import (
+    SNAPSHOT_COMMAND,
+    GuestSnapshot,
+    carrier_command,
+    parse_carrier_changes,
+    parse_snapshot,
+    snapshot,
+)
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.live_update import LiveUpdatePolicy
 from pytest_cpr.machine import Machine, VmConfig, record_private_dir
@@ -125,6 +132,17 @@ class CprVM:
         dev = self.run(f"basename $(readlink /sys/class/net/{ifname}/device)").stdout.strip()
         return rf"^{dev}-(input|output)"
 
+    def ifname_of(self, ip: str | None = None) -> str:
+        """The guest interface holding `ip` (default: the harness's guest address, the main NIC)."""
+        out = self.run(f"ip -o addr show to {ip or self.guest_ip}").stdout.split()
+        if len(out) < 2:
+            raise CprError(f"no guest interface holds {ip or self.guest_ip}; logs: {self.artifacts}")
+        return out[1].split("@")[0]
+
+    def carrier_changes(self, ifnames: Sequence[str]) -> dict[str, int]:
+        """/sys/class/net/<if>/carrier_changes of the guest interfaces, over SSH."""
+        return parse_carrier_changes(self.run(carrier_command(tuple(ifnames))).stdout) if ifnames else {}
+
     def collect_dmesg(self) -> str:
         """Guest kernel log, over SSH if it works, else over the serial console; saved to artifacts."""
         return self.machine.collect_dmesg()
@@ -153,11 +171,11 @@ class CprVM:
 
     def live_update(self, traffic: Traffic, target: QemuBuild | None = None, window: int = 100,
                     max_blackout_ms: float | None = None, max_lost_probes: float | None = None,
-                    irq_pattern: str | None = None) -> TransferResult:
+                    irq_pattern: str | None = None, links: Sequence[str] | None = None) -> TransferResult:
         """One checked transfer under traffic (pytest_cpr.live_update): interrupt windows before and
         after, then every check: completed, old QEMU quit cleanly, connectivity, same boot,
-        interrupts, thresholds."""
-        policy = LiveUpdatePolicy(self, traffic, window, max_blackout_ms, max_lost_probes, irq_pattern)
+        interrupts, no link flap of `links` (default: the main NIC), thresholds."""
+        policy = LiveUpdatePolicy(self, traffic, window, max_blackout_ms, max_lost_probes, irq_pattern, links)
         return policy.run(target)
 
     def known_bugs(self, result: TransferResult) -> list[KnownBug]:
@@ -165,6 +183,10 @@ class CprVM:
         vfio_device = any(str(arg).startswith("vfio-pci") for arg in self.config.extra_args)
         return known_bugs(self.machine.build_of(result.source.label), self.config.accel, vfio_device)
 
-    def write_transfers(self) -> None:
-        """Rewrite transfers.json (after checks added to the last result)."""
+    def write_transfers(self, result: TransferResult | None = None) -> None:
+        """Rewrite transfers.json (after checks added to the last result); with `result`, its numbers
+        go to the report again too (figures the checks added after the transfer, e.g. carrier_changes)."""
+        if result is not None:
+            for hook in self._runner.report:
+                hook(result)
         self._runner.artifacts.write_transfers(self.transfers)

@@ -14,9 +14,14 @@ from pytest_cpr.procfs import parse_interrupts as parse_interrupts
 DMESG_FAILURES = re.compile(
     r"NETDEV WATCHDOG|transmit queue \d+ timed out|nvme\S* .*(timeout|I/O \d+ .* timeout|controller is down)"
     r"|hung_task|blocked for more than|soft lockup|hard LOCKUP|irq \d+: nobody cared|Disabling IRQ"
-    r"|virtio_net .* (error|failed)|Oops|BUG:|Call Trace|rcu_sched self-detected stall",
+    r"|virtio_net .* (error|failed)|Oops|BUG:|Call Trace|rcu_sched self-detected stall"
+    # a NIC reset or link loss (igb, e1000e): a passthrough NIC must come through a transfer untouched
+    r"|Reset adapter|Detected Tx Unit Hang|NIC Link is Down",
     re.IGNORECASE,
 )
+LINK_DOWN = re.compile(r"NIC Link is Down", re.IGNORECASE)
+_STAMP = re.compile(r"^\[\s*(\d+\.\d+)\]")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 
 @dataclass
@@ -53,5 +58,31 @@ def snapshot(ssh: GuestSSH) -> GuestSnapshot:
     return parse_snapshot(host_t, ssh.run(SNAPSHOT_COMMAND).stdout)
 
 
-def dmesg_failures(text: str) -> list[str]:
-    return [line for line in text.splitlines() if DMESG_FAILURES.search(line)]
+def dmesg_failures(text: str, link_settled_s: float | None = None) -> list[str]:
+    """Lines of the guest kernel log that mean trouble. `link_settled_s`: guest uptime by which the
+    harness had set up the NICs' peers (moving a peer port into the guest's namespace takes its link
+    down once); a link-down line stamped before it is the harness's, not the transfer's."""
+    def harness_link(line: str) -> bool:
+        stamp = _STAMP.match(line)
+        return (link_settled_s is not None and stamp is not None and float(stamp.group(1)) <= link_settled_s
+                and LINK_DOWN.search(line) is not None)
+
+    return [line for line in text.splitlines() if DMESG_FAILURES.search(line) and not harness_link(line)]
+
+
+def carrier_command(ifnames: list[str] | tuple[str, ...]) -> str:
+    """Shell command printing '<ifname> <carrier_changes>' per interface (the kernel counts every
+    carrier down and up a driver reports: a NIC reset or link flap)."""
+    bad = [n for n in ifnames if not _IFNAME.match(n)]
+    if bad:
+        raise ValueError(f"not interface names: {bad}")
+    return "; ".join(f'echo "{n} $(cat /sys/class/net/{n}/carrier_changes)"' for n in ifnames)
+
+
+def parse_carrier_changes(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        name, _, count = line.strip().partition(" ")
+        if name and count.strip().isdigit():
+            out[name] = int(count)
+    return out

@@ -14,6 +14,7 @@ import pytest
 from pytest_cpr import checks, faults
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.errors import BootHung, CprTimeout, QemuExited, QemuQuitFailed
+from pytest_cpr.observers import Callbacks
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.vm import CprVM
@@ -49,6 +50,37 @@ def test_connectivity_and_interrupt_checks_catch_a_dead_nic(cpr_vm: CprVM) -> No
         cpr_vm.current.qmp.execute("set_link", {"name": "n0", "up": True})
         traffic.wait_answers(50, 60.0)
         assert cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == s0.boot_id
+
+
+def test_carrier_unchanged_by_a_transfer_and_the_flap_check_catches_a_flapped_link(cpr_vm: CprVM) -> None:
+    """A clean cpr-transfer leaves the guest NIC's carrier_changes as it was (virtio-net migrates its
+    link state; recorded as cpr_t<i>_carrier_changes = 0). Control: the link flaps (QMP set_link down,
+    the guest sees it, up again) on the source right before migrate; everything else about the transfer
+    is fine, and the flap check fails naming the interface and both counts."""
+    main = cpr_vm.ifname_of()
+    carrier = f"/sys/class/net/{main}/carrier"
+
+    def guest_sees(state: int) -> None:  # over the source's console: SSH rides on this link
+        console = source.console or source.connect_console(30)
+        console.run(f"for i in $(seq 100); do [ $(cat {carrier}) = {state} ] && break; sleep 0.1; done", timeout=30)
+
+    def flap(_target: QemuProcess) -> None:
+        for up in (False, True):
+            source.qmp.execute("set_link", {"name": "n0", "up": up})
+            guest_sees(int(up))
+
+    with cpr_vm.traffic(tcp=False) as traffic:
+        clean = cpr_vm.live_update(traffic)
+        assert clean.carrier_changes == 0
+        before = cpr_vm.carrier_changes([main])[main]
+        source = cpr_vm.current
+        flap_failure = (rf"transfer 2: the guest NIC link went down across the transfer \(a reset or a flap\): "
+                        rf"{main} carrier_changes {before} -> {before + 2}")
+        with cpr_vm.observing(Callbacks(before_migrate=flap)), pytest.raises(CheckFailed, match=flap_failure):
+            cpr_vm.live_update(traffic)
+        flapped = cpr_vm.transfers[-1]
+        assert (flapped.status, flapped.carrier_changes, flapped.numbers()["carrier_changes"]) == ("completed", 2, 2)
+        assert cpr_vm.live_update(traffic).carrier_changes == 0  # the link itself is fine again
 
 
 def test_a_stuck_guest_is_diagnosed(cpr_vm_factory: Callable[..., CprVM]) -> None:

@@ -2,9 +2,22 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_cpr.checks import CheckFailed, assert_interrupts, assert_same_boot, assert_thresholds
+from pytest_cpr.checks import (
+    CheckFailed,
+    assert_interrupts,
+    assert_no_link_flap,
+    assert_same_boot,
+    assert_thresholds,
+)
 from pytest_cpr.cpr import ProcessRef, TransferResult
-from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures, parse_interrupts, parse_snapshot
+from pytest_cpr.guest.state import (
+    GuestSnapshot,
+    carrier_command,
+    dmesg_failures,
+    parse_carrier_changes,
+    parse_interrupts,
+    parse_snapshot,
+)
 from pytest_cpr.guest.traffic import Probe, probe_stats
 
 INTERRUPTS = """\
@@ -123,3 +136,72 @@ def test_probe_stats_blackout_runs_to_the_window_end_when_answers_stop() -> None
     stats = probe_stats(probes, 100, 101, 5.0, grace_s=0.0)
     assert stats.lost == 180 and stats.gap_end is None
     assert stats.max_gap_ms == pytest.approx((199 - 19) * 5 - 1, abs=0.01)
+
+
+@pytest.mark.parametrize("line", [
+    "[ 88.1] igb 0000:00:10.0 eth1: Reset adapter",
+    "[ 88.2] igb 0000:00:10.0: Detected Tx Unit Hang",
+    "[ 88.3] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down",
+    "[ 88.4] e1000e 0000:00:10.0 eth1: NIC Link is Down",
+])
+def test_dmesg_nic_reset_and_link_down_lines_are_failures(line: str) -> None:
+    assert dmesg_failures(f"[ 1.0] ok\n{line}\n") == [line]
+
+
+def test_dmesg_nic_link_up_and_ordinary_lines_pass() -> None:
+    log = ("[ 5.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Up 1000 Mbps Full Duplex, Flow Control: RX/TX\n"
+           "[ 5.1] igb 0000:00:10.0: Intel(R) Gigabit Ethernet Network Connection\n"
+           "[ 5.2] virtio_net virtio0 eth0: renamed from ens3\n")
+    assert dmesg_failures(log) == []
+
+
+def test_dmesg_link_down_of_the_harness_peer_setup_is_not_the_transfers() -> None:
+    """The harness moves the NIC's peer port into the guest's namespace (its link goes down once):
+    link-down lines up to link_settled_s are its own; later ones, and resets at any time, fail."""
+    log = ("[ 12.5] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down\n"
+           "[ 12.6] igb 0000:00:10.0 eth1: Reset adapter\n"
+           "[ 40.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down\n")
+    assert dmesg_failures(log, link_settled_s=15.0) == ["[ 12.6] igb 0000:00:10.0 eth1: Reset adapter",
+                                                        "[ 40.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Down"]
+    assert len(dmesg_failures(log)) == 3
+
+
+def test_carrier_command_and_parser() -> None:
+    cmd = carrier_command(("eth0", "eth1"))
+    assert cmd == ('echo "eth0 $(cat /sys/class/net/eth0/carrier_changes)"; '
+                   'echo "eth1 $(cat /sys/class/net/eth1/carrier_changes)"')
+    assert parse_carrier_changes("eth0 2\neth1 5\nnoise\neth2 \n") == {"eth0": 2, "eth1": 5}
+    with pytest.raises(ValueError, match="not interface names"):
+        carrier_command(("eth0; reboot",))
+
+
+def test_link_flap_check_passes_unchanged_carrier_and_records_zero() -> None:
+    r = TransferResult(2, ProcessRef("g1"), ProcessRef("g2"), status="completed")
+    assert assert_no_link_flap({"eth0": 2, "eth1": 4}, {"eth0": 2, "eth1": 4}, r) == 0
+    assert r.carrier_changes == 0 and r.numbers()["carrier_changes"] == 0
+
+
+def test_link_flap_check_fails_naming_the_interface_and_counts() -> None:
+    r = TransferResult(2, ProcessRef("g1"), ProcessRef("g2"), status="completed")
+    with pytest.raises(CheckFailed, match=r"transfer 2: the guest NIC link went down across the transfer \(a reset "
+                                          r"or a flap\): eth1 carrier_changes 4 -> 6 \(logs: art\)"):
+        assert_no_link_flap({"eth0": 2, "eth1": 4}, {"eth0": 2, "eth1": 6}, r, "art")
+    assert r.numbers()["carrier_changes"] == 2, "recorded before it fails"
+    with pytest.raises(CheckFailed, match=r"eth1 carrier_changes 4 -> gone"):
+        assert_no_link_flap({"eth1": 4}, {})
+
+
+def test_transfer_numbers_are_recorded_once_and_updated_by_later_checks() -> None:
+    from types import SimpleNamespace
+
+    from pytest_cpr.fixtures import _record_transfer
+
+    node = SimpleNamespace(user_properties=[("cpr_artifacts", "/a")])
+    record = _record_transfer(node)  # type: ignore[arg-type]
+    r = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+    record(r)
+    r.carrier_changes = 0
+    record(r)
+    keys = [k for k, _ in node.user_properties]
+    assert len(keys) == len(set(keys)) and keys[0] == "cpr_artifacts"
+    assert dict(node.user_properties)["cpr_t1_carrier_changes"] == 0

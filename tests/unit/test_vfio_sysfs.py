@@ -274,13 +274,21 @@ def test_host_vfio_interrupt_lines(tmp_path: Path) -> None:
     "DMAR: [DMA Read NO_PASID] Request device [01:00.0] fault addr 0x1000",
     "vfio-pci 0000:01:00.0: timed out waiting for pending transaction",
     "AMD-Vi: Event logged [IO_PAGE_FAULT domain=0x0000 address=0x1000 flags=0x0000]",
+    "iommufd: IOMMU_IOAS_MAP failed: -14",
+    "vfio_iommu_type1: vfio_pin_pages_remote failed",
+    "DMAR: DRHD: handling fault status reg 3",
+    "BUG: unable to handle page fault for address: ffff888000000000",
+    "WARNING: CPU: 3 PID: 4242 at drivers/vfio/vfio_iommu_type1.c:1234 vfio_dma_do_unmap+0x1/0x2",
+    "Call Trace:",
 ])
 def test_host_log_failures_are_recognised(line: str) -> None:
     assert vfio.HOST_LOG_FAILURES.search(line)
 
 
 @pytest.mark.parametrize("line", ["vfio-pci 0000:01:00.0: enabling device (0000 -> 0002)",
-                                  "igb 0000:01:00.0: added PHC on eth1"])
+                                  "igb 0000:01:00.0: added PHC on eth1", "vfio-pci 0000:01:00.0: resetting",
+                                  "iommufd: module loaded", "kvm: enabling virtualization on CPU3",
+                                  "igb 0000:01:00.0 enp1s0: igb: enp1s0 NIC Link is Up 1000 Mbps Full Duplex"])
 def test_ordinary_host_log_lines_pass(line: str) -> None:
     assert not vfio.HOST_LOG_FAILURES.search(line)
 
