@@ -4,7 +4,9 @@ QEMU reports most trouble of a cpr-transfer only there (a `vfio_container_dma_ma
 from a mapping restored twice, a VADDR or config-space complaint) while the transfer still
 completes. A line is news when it names trouble (NOTEWORTHY) and the first generation did not
 already print it while booting (a configuration's start-up warnings, e.g. "VFIO dma-buf not
-supported in kernel", come again from every new QEMU: they are not the transfer's doing).
+supported in kernel", or with iommufd "IOMMU_IOAS_MAP failed: Bad address, PCI BAR?" and the
+`vfio_container_dma_map(...) = -14` of a BAR that cannot be mapped for peer-to-peer, come again
+from every new QEMU at other addresses: they are not the transfer's doing).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 NOTEWORTHY = re.compile(r"error|warn|fail|vfio|iommufd|migrat|cpr|dma|unable|cannot|invalid|abort|assert|"
                         r"unsupported|not supported|denied|refus", re.IGNORECASE)
 _PROGRAM = re.compile(r"^\S*qemu-system-\S+: ")
+_NUMBER = re.compile(r"0x[0-9a-fA-F]+")  # addresses differ from process to process
 
 
 def size(path: Path) -> int:
@@ -36,12 +39,18 @@ def lines_since(path: Path, offset: int = 0) -> list[str]:
     return [_PROGRAM.sub("", line).strip() for line in text.splitlines() if line.strip()]
 
 
+def _shape(line: str) -> str:
+    """A line with its hex numbers blanked: what two QEMU processes saying the same thing share."""
+    return _NUMBER.sub("0x_", line)
+
+
 def news(lines: list[str], startup: set[str]) -> list[str]:
-    """The noteworthy lines that are not start-up noise, in order, each once."""
-    seen: set[str] = set()
+    """The noteworthy lines that are not start-up noise (compared with their addresses blanked: a new
+    QEMU maps at other addresses), in order, each once."""
+    seen = {_shape(line) for line in startup}
     out = []
     for line in lines:
-        if NOTEWORTHY.search(line) and line not in startup and line not in seen:
-            seen.add(line)
+        if NOTEWORTHY.search(line) and _shape(line) not in seen:
+            seen.add(_shape(line))
             out.append(line)
     return out

@@ -34,6 +34,15 @@ def test_news_leaves_out_start_up_noise_and_chatter() -> None:
     assert stderr.news(lines, set()) == [DMABUF, "VFIO_MAP_DMA failed: Bad address"]
 
 
+def test_news_knows_start_up_noise_at_other_addresses() -> None:
+    """iommufd cannot map a BAR for peer-to-peer: every QEMU says so while the guest boots, at its own
+    addresses (seen in the virtual host: g0 and g1 of one guest)."""
+    g0 = "warning: vfio_container_dma_map(0x558448a4f0a0, 0xfeb80000, 0x20000, 0x7f8754d20000) = -14 (Bad address)"
+    g1 = "warning: vfio_container_dma_map(0x55ee0e35ec50, 0xfeb80000, 0x20000, 0x7fd908560000) = -14 (Bad address)"
+    other = "warning: vfio_container_dma_map(0x55ee0e35ec50, 0x0, 0x80000000, 0x7fd908560000) = -17 (File exists)"
+    assert stderr.news([g1, other], {g0}) == [other]
+
+
 def test_qemu_quiet_check_names_the_lines_and_known_bugs() -> None:
     result = TransferResult(2, ProcessRef("g1", "11.1.3"), ProcessRef("g2", "11.1.3"), status="completed")
     checks.assert_qemu_quiet(result)  # nothing said: passes

@@ -22,6 +22,9 @@ from pytest_cpr.errors import CprError
     ("CprTimeout: NVMe DMA in the guest made 0 of 2 rounds in 120s", "DMA hang"),
     ("CprTimeout: only 27 of 100 probes to 10.78.0.2 answered within 120s", "connectivity"),
     ("CprTimeout: guest command 'x' did not finish within 60s", "guest stuck"),
+    ("CheckFailed: transfer 1 (g0 11.1.3 -> g1 11.1.3) completed, but QEMU reported trouble on stderr during "
+     "it: | warning: x (logs: y) | probes", "QEMU stderr"),
+    ("CheckFailed: transfer 2: the guest NIC link went down across the transfer", "link flap"),
     ("AssertionError: something new", "other"),
 ])
 def test_failure_classes(text: str, expected: str) -> None:
