@@ -160,16 +160,19 @@ def _set_pause_before_switchover(state: bool) -> Callable[[CprVM], None]:
     return apply
 
 
-def _wait_pre_switchover(fault: Fault, timeout: float = 30.0) -> None:
+def _wait_pre_switchover(fault: Fault, timeout: float = 30.0, accept: tuple[str, ...] = ()) -> str:
     """Wait for the source's migration to pause before switchover (the target has read the cpr
-    state and receives the main stream by then)."""
+    state and receives the main stream by then), or to reach a status in `accept`; returns it."""
     source = fault.source
     deadline = time.monotonic() + timeout
     while True:
-        status = source.qmp.execute("query-migrate").get("status")
+        status = str(source.qmp.execute("query-migrate").get("status"))
         if status == "pre-switchover":
             fault.note("source migration in pre-switchover (guest stopped, device state not sent)")
-            return
+            return status
+        if status in accept:
+            fault.note(f"source migration {status} before it reached pre-switchover")
+            return status
         if status in ("failed", "cancelled", "completed") or time.monotonic() > deadline:
             raise CprTimeout(f"fault: source migration did not reach pre-switchover within {timeout:.0f}s "
                              f"(status {status}); QMP transcript in {source.artifacts}")
@@ -250,11 +253,45 @@ def wrong_target_memory(memory_mib: int) -> Fault:
                              memory_mib=memory_mib)
 
 
-def wrong_target_machine(machine: str) -> Fault:
+def wrong_target_machine(machine: str, timeout: float = 30.0) -> Fault:
     """The target gets another machine type: it reads the cpr state, then rejects the first section
-    of the migration stream (the machine type)."""
-    return _with_target_args(Fault("wrong-machine", f"target started with -machine {machine}"),
-                             machine=machine)
+    of the migration stream (the machine type) and exits. Made deterministic: the source pauses before
+    switchover and goes on only once the target is gone, so it meets the closed channel. Without the
+    pause the old QEMU could write its whole stream (~200 KB) into the socket before the target read
+    the first section, and report `completed`: the missing completion handshake of the
+    fails-after-source-completed finding, which made this test fail 3 runs in 8 on a loaded machine."""
+    fault = _with_target_args(Fault("wrong-machine", f"target started with -machine {machine}"),
+                              machine=machine)
+    setup_args, teardown_args = fault.setup, fault.teardown
+    pause, unpause = _set_pause_before_switchover(True), _set_pause_before_switchover(False)
+
+    def setup(vm: CprVM) -> None:
+        assert setup_args is not None
+        setup_args(vm)
+        pause(vm)
+
+    def teardown(vm: CprVM) -> None:
+        try:
+            unpause(vm)
+        finally:
+            assert teardown_args is not None
+            teardown_args(vm)
+
+    def strike(target: QemuProcess) -> None:
+        if _wait_pre_switchover(fault, timeout, accept=("failed",)) != "pre-switchover":
+            return
+        deadline = time.monotonic() + timeout
+        while (reason := target.exit_reason()) is None:
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"fault: the target with -machine {machine} did not exit within {timeout:.0f}s "
+                                 f"of reading the stream's first section; stderr {target.stderr_path}")
+            time.sleep(0.01)
+        fault.note(f"target {target.label} gone at pre-switchover: {reason.splitlines()[0]}")
+        fault.source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        fault.note("migrate-continue sent to the source")
+
+    fault.setup, fault.teardown, fault.after_migrate = setup, teardown, strike
+    return fault
 
 
 def target_fails_after_source_completed(feature: str = "mrg_rxbuf", timeout: float = 20.0) -> Fault:
