@@ -287,8 +287,6 @@ class ExecSteps(ModeSteps):
         t[Phase.TARGET_SPAWNED] = _event_time(completed)  # QEMU exec's right after it says completed
         t[Phase.TARGET_LISTENING] = time.time()
         target.connect_qmp(self.timeout)
-        if self.incoming.defer:
-            target.qmp.execute("migrate-incoming", {"channels": self.channels()})
 
     def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
         result.notes.append(f"cpr-exec: {source.label} exec'd {target.label} in place (PID {target.pid}); "

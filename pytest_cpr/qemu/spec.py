@@ -63,19 +63,18 @@ class Incoming:
 @dataclass(frozen=True)
 class ExecIncoming:
     """cpr-exec channel of the new QEMU the old one exec's: the main stream in a file (QEMU documents
-    a file-like URI: the two never run at once), read at start (-incoming file:) or, with `defer`,
-    when told (-incoming defer, then migrate-incoming). The fds travel in a memfd QEMU names in the
-    environment (QEMU_CPR_EXEC_STATE): no cpr channel."""
+    a file-like URI: the two never run at once), read at start (-incoming file:, no monitor command
+    in the guest's pause). The fds travel in a memfd QEMU names in the environment
+    (QEMU_CPR_EXEC_STATE): no cpr channel."""
 
     state_file: Path
-    defer: bool = False
 
     def channels(self) -> list[dict[str, object]]:
         return [{"channel-type": "main",
                  "addr": {"transport": "file", "filename": str(self.state_file), "offset": 0}}]
 
     def args(self) -> list[str]:
-        return ["-incoming", "defer" if self.defer else f"file:{self.state_file}"]
+        return ["-incoming", f"file:{self.state_file}"]
 
 
 @dataclass(frozen=True)

@@ -92,11 +92,10 @@ def test_commas_in_paths_are_doubled_in_qemu_option_values() -> None:
 
 def test_cpr_exec_target_is_source_plus_a_file_incoming() -> None:
     """cpr-exec: the exec'd argv is the same VM with -incoming file: (QEMU documents a file-like main
-    channel, the two QEMUs never run at once) and no cpr channel; `defer` waits for migrate-incoming."""
+    channel, the two QEMUs never run at once) and no cpr channel."""
     inc = ExecIncoming(Path("/run/state-g1.bin"))
     src, tgt = argv(spec()), argv(spec(), inc)
     assert tgt[: len(src) - 1] == src[:-1]
     assert tgt[len(src) - 1:] == ["-incoming", "file:/run/state-g1.bin"]
     assert inc.channels() == [{"channel-type": "main",
                                "addr": {"transport": "file", "filename": "/run/state-g1.bin", "offset": 0}}]
-    assert ExecIncoming(Path("/s"), defer=True).args() == ["-incoming", "defer"]
