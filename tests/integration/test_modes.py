@@ -25,8 +25,15 @@ from pytest_cpr.vm import CprVM
 MODES = [pytest.param(str(m), marks=pytest.mark.cpr(mode=str(m)), id=str(m)) for m in Mode]
 
 
-def _exe(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+def _fds(pid: int) -> dict[str, str]:
+    """The open fds of a process: number -> what it points at (sockets and memfds by name and inode)."""
+    fds = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds[fd.name] = os.readlink(fd)
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return fds
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -34,12 +41,16 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
                                                                    request: pytest.FixtureRequest) -> None:
     """Two transfers in `mode` under probe + TCP traffic, each with every live-update check: SSH
     session kept, stream complete and in order, same boot, every NIC vector that fired before fires
-    after, guest log clean. cpr-exec keeps the PID (one process, three generations); cpr-transfer
+    after, guest log clean. cpr-exec keeps the PID (one process, three generations) and its fd count
+    (nothing piles up across exec's); cpr-transfer
     starts one new process per transfer. The mode is on the result, in transfers.json and in the
     JUnit properties."""
     boot_id = cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    results, fds = [], []
     with cpr_vm.traffic() as traffic:
-        results = [cpr_vm.live_update(traffic, **cpr_thresholds) for _ in range(2)]
+        for _ in range(2):
+            results.append(cpr_vm.live_update(traffic, **cpr_thresholds))
+            fds.append(sorted(_fds(cpr_vm.current.pid).values()))
     checks.assert_stream_intact(traffic.stream_result, cpr_vm.artifacts)
     checks.assert_clean_dmesg(cpr_vm.collect_dmesg(), cpr_vm.artifacts)
     assert cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
@@ -50,6 +61,7 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
         assert len(set(pids)) == 1, f"cpr-exec must keep the QEMU's PID, saw {pids}"
         assert all(r.source_pid == r.target_pid == pids[0] for r in results)
         assert cpr_vm.current.qmp.execute("query-status")["status"] == "running"
+        assert len(fds[1]) == len(fds[0]), f"fds pile up across exec's: {fds[0]} -> {fds[1]}"
     else:
         assert len(set(pids)) == 3, f"cpr-transfer starts one new QEMU per transfer, saw {pids}"
         assert all(r.source_pid != r.target_pid for r in results)
@@ -74,8 +86,11 @@ def test_cpr_exec_of_a_missing_binary_leaves_the_old_qemu_running_the_guest(
     old = cpr_vm.current
     boot_id = cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     with cpr_vm.traffic() as traffic:
+        fds_before = _fds(old.pid)
         with pytest.raises(TransferFailed) as failed:
             cpr_vm.transfer(target=missing)
+        leaked = sorted(set(_fds(old.pid).items()) - set(fds_before.items()))
+        assert not leaked, f"the old QEMU kept fds the failed exec opened: {leaked}"
         result = cpr_vm.transfers[0]
         assert failed.value.result is result
         assert (result.mode, result.status) == ("cpr-exec", "failed")
