@@ -22,6 +22,12 @@ if [ -x "$next" ]; then
     tests/integration/test_transfer.py --junitxml=artifacts/junit/cross-version.xml "${ARGS[@]}" || xrc=$?
   [ "$xrc" = 5 ] && xrc=0
   [ "$rc" = 0 ] && rc=$xrc
+  echo "== cpr-exec (qemu-next): source and target $next"
+  erc=0
+  CPR_QEMU="$next" CPR_TARGET_QEMU="$next" "${PYTEST[@]}" tests/integration/test_modes.py \
+    --junitxml=artifacts/junit/cpr-exec.xml "${ARGS[@]}" || erc=$?
+  [ "$erc" = 5 ] && erc=0
+  [ "$rc" = 0 ] && rc=$erc
 fi
 # Virtual hardware host tier (L1 VM under TCG with emulated VT-d, igb and NVMe bound to vfio-pci, the
 # iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1): the whole of tests/hardware,

@@ -1,9 +1,15 @@
-"""cpr-transfer orchestration: source QEMU -> freshly started target QEMU, as QEMU documents it.
+"""CPR orchestration: source QEMU -> target QEMU, in each mode as QEMU documents it.
 
-Steps (docs/devel/migration/CPR.rst): the target starts with the source's arguments plus a main
-and a cpr -incoming channel; the source gets mode=cpr-transfer and `migrate` with both channels;
-the source ends in postmigrate, the target resumes the guest by itself. Every step is timed on
-the host's wall clock (the clock QMP event timestamps use too) and bounded by a timeout.
+One orchestration (cpr_migrate) with a small strategy per mode (ModeSteps), after
+docs/devel/migration/CPR.rst:
+- cpr-transfer: the target starts with the source's arguments plus a main and a cpr -incoming
+  channel; the source gets mode=cpr-transfer and `migrate` with both channels; the source ends in
+  postmigrate, the target resumes the guest by itself.
+- cpr-exec: the source gets mode=cpr-exec and cpr-exec-command (the target's argv with -incoming
+  for a state file), `migrate` to that file, then exec's the target in place (same PID); the
+  target resumes the guest by itself. A failed exec leaves the source running the guest.
+Every step is timed on the host's wall clock (the clock QMP event timestamps use too) and bounded
+by a timeout.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
-from pytest_cpr.kinds import Phase
+from pytest_cpr.kinds import Mode, Phase
 from pytest_cpr.observers import Observer, TransferObserver
-from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.qemu.process import QemuProcess, unix_listening
 from pytest_cpr.qemu.qmp import QmpError
-from pytest_cpr.qemu.spec import Incoming
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -42,6 +48,7 @@ class TransferResult:
     index: int
     source: ProcessRef
     target: ProcessRef
+    mode: str = str(Mode.CPR_TRANSFER)
     status: str = "not started"
     error: str | None = None
     timeline: dict[Phase, float] = field(default_factory=dict)  # phase -> host wall time (s)
@@ -64,6 +71,9 @@ class TransferResult:
     # noteworthy lines the old and new QEMU printed on stderr during the transfer (qemu/stderr.py)
     qemu_messages: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
+    # PIDs of the old and the new QEMU (cpr-exec: the same process)
+    source_pid: int | None = None
+    target_pid: int | None = None
 
     def ms(self, start: Phase, end: Phase) -> float | None:
         t = self.timeline
@@ -95,11 +105,15 @@ class TransferResult:
         """The figures recorded on the test report (names without the cpr_ prefix)."""
         probe = self.probe or {}
         return {
+            "mode": self.mode,
             "status": self.status,
             "qemu_downtime_ms": self.qemu_downtime_ms,
             "qemu_total_ms": self.qemu_total_ms,
             "qemu_setup_ms": self.qemu.get("setup-time"),
             "wall_ms": self.ms(Phase.MIGRATE_ISSUED, Phase.TARGET_RUNNING),
+            # the old QEMU's STOP to the new QEMU's RESUME: the same measure in every mode (cpr-exec's
+            # QEMU downtime is the old QEMU's share only; it cannot be asked after the exec)
+            "vm_pause_ms": self.ms(Phase.SOURCE_STOPPED, Phase.TARGET_RUNNING),
             "step_ms": self.ms(Phase.STEP_START, Phase.TARGET_RUNNING),
             "spawn_to_listen_ms": self.ms(Phase.TARGET_SPAWNED, Phase.TARGET_LISTENING),
             "blackout_ms": self.blackout_ms,
@@ -160,35 +174,168 @@ class _TargetMonitor:
             raise CprTimeout(f"QMP of target {self.target.label} not connected within {self.timeout:.0f}s")
 
 
+class ModeSteps:
+    """What one CPR mode does at each step of the one orchestration (cpr_migrate): make the target,
+    the parameters and channels of `migrate`, and how the target takes the guest over once the
+    source reported the migration completed."""
+
+    mode: Mode
+    retires_source = True  # the old QEMU stays in postmigrate and is told to quit afterwards
+
+    def __init__(self, make_target: Callable[[], QemuProcess], timeout: float) -> None:
+        self.make_target, self.timeout = make_target, timeout
+
+    def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
+        raise NotImplementedError
+
+    def parameters(self, target: QemuProcess) -> dict[str, Any]:
+        return {"mode": str(self.mode)}
+
+    def channels(self) -> list[dict[str, object]]:
+        raise NotImplementedError
+
+    def take_over(self, source: QemuProcess, target: QemuProcess, result: TransferResult,
+                  completed: dict[str, Any], mark: int) -> None:
+        """The source said completed: the target takes the guest over (its QMP connected)."""
+        raise NotImplementedError
+
+    def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
+        """The target runs the guest: what is left of the mode's own bookkeeping."""
+
+    def abandon(self, target: QemuProcess | None) -> None:
+        if target is not None:
+            target.shutdown(timeout=5)
+
+
+class TransferSteps(ModeSteps):
+    """cpr-transfer: a new QEMU process listens on the main and cpr channels before `migrate`; it
+    connects its QMP once it read the cpr state; the source ends in postmigrate."""
+
+    mode = Mode.CPR_TRANSFER
+
+    def __init__(self, make_target: Callable[[], QemuProcess], incoming: Incoming, timeout: float) -> None:
+        super().__init__(make_target, timeout)
+        self.incoming = incoming
+        self._monitor: _TargetMonitor | None = None
+
+    def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
+        target = self.make_target()
+        timeline[Phase.TARGET_SPAWNED] = target.t_spawn
+        observer.on_spawned(target)
+        timeline[Phase.TARGET_LISTENING] = target.wait_for_path(
+            self.incoming.cpr_socket, self.timeout, f"cpr channel of target {target.label}", listening=True)
+        self._monitor = _TargetMonitor(target, self.timeout)
+        observer.on_before_migrate(target)
+        return target
+
+    def channels(self) -> list[dict[str, object]]:
+        return self.incoming.channels()
+
+    def take_over(self, source: QemuProcess, target: QemuProcess, result: TransferResult,
+                  completed: dict[str, Any], mark: int) -> None:
+        assert self._monitor is not None
+        self._monitor.join()
+
+    def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
+        status = source.qmp.execute("query-status")["status"]
+        if status != "postmigrate":
+            result.notes.append(f"source ended in {status}, expected postmigrate")
+
+
+class ExecSteps(ModeSteps):
+    """cpr-exec: no second process. The source writes the VM state to a file, then exec's
+    `cpr-exec-command` (the target build's binary, the same VM spec with the target generation's
+    QMP and console sockets, and -incoming for that file) in place: same PID, fds kept in a memfd.
+    QEMU reports MIGRATION completed *before* it exec's; a failed exec follows with MIGRATION failed
+    and a RESUME of the old QEMU (the guest keeps running there)."""
+
+    mode = Mode.CPR_EXEC
+    retires_source = False  # the source became the target
+
+    def __init__(self, make_target: Callable[[], QemuProcess], incoming: ExecIncoming, timeout: float) -> None:
+        super().__init__(make_target, timeout)
+        self.incoming = incoming
+
+    def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
+        target = self.make_target()  # not started: the source exec's its argv
+        observer.on_spawned(target)
+        observer.on_before_migrate(target)
+        return target
+
+    def parameters(self, target: QemuProcess) -> dict[str, Any]:
+        return {"mode": str(self.mode), "cpr-exec-command": target.argv}
+
+    def channels(self) -> list[dict[str, object]]:
+        return self.incoming.channels()
+
+    def take_over(self, source: QemuProcess, target: QemuProcess, result: TransferResult,
+                  completed: dict[str, Any], mark: int) -> None:
+        t = result.timeline
+        qmp = source.qmp
+        deadline = time.monotonic() + self.timeout
+        failed = _status_is("failed")
+        while not unix_listening(target.qmp_socket):
+            if any(failed(e) for e in qmp.events[mark:]):  # the exec failed: the old QEMU runs again
+                info = qmp.execute("query-migrate")
+                result.qemu["status"] = str(info.get("status"))
+                if "error-desc" in info:
+                    result.qemu["error-desc"] = info["error-desc"]
+                return
+            if source.popen is not None and source.popen.poll() is not None:
+                break  # exec'd, and the new QEMU died before it opened its QMP socket
+            if time.monotonic() > deadline:
+                raise CprTimeout(f"cpr-exec: neither the QMP socket of {target.label} ({target.qmp_socket}) "
+                                 f"nor MIGRATION failed within {self.timeout:.0f}s after completed")
+            time.sleep(0.002)
+        target.take_over(source)
+        t[Phase.TARGET_SPAWNED] = _event_time(completed)  # QEMU exec's right after it says completed
+        t[Phase.TARGET_LISTENING] = time.time()
+        target.connect_qmp(self.timeout)
+
+    def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
+        result.notes.append(f"cpr-exec: {source.label} exec'd {target.label} in place (PID {target.pid}); "
+                            "QEMU downtime and total from the old QEMU's MIGRATION/STOP event times")
+        self.incoming.state_file.unlink(missing_ok=True)
+
+    def abandon(self, target: QemuProcess | None) -> None:
+        self.incoming.state_file.unlink(missing_ok=True)
+        if target is not None and target.popen is not None:  # exec'd: the process is the target's
+            target.shutdown(timeout=5)
+
+
 def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
                  result: TransferResult, timeout: float, observer: TransferObserver | None = None) -> QemuProcess:
-    """Transfer the guest from `source` to a new QEMU made by `start_target`; returns the target.
+    """cpr-transfer `source`'s guest to a new QEMU made by `start_target` (see cpr_migrate)."""
+    return cpr_migrate(source, TransferSteps(start_target, incoming, timeout), result, timeout, observer)
+
+
+def cpr_migrate(source: QemuProcess, steps: ModeSteps, result: TransferResult, timeout: float,
+                observer: TransferObserver | None = None) -> QemuProcess:
+    """Transfer the guest from `source` to the target `steps` make, in `steps.mode`; returns the target.
 
     On failure raises TransferFailed (result filled in as far as it got); the source is left as
     QEMU left it (it should be running the guest again) and the target is shut down.
-    `observer` is told, with the target: on_spawned right after it was started, on_before_migrate
-    once it listens, on_after_migrate once the source accepted `migrate`.
+    `observer` is told, with the target: on_spawned once it is made (cpr-transfer: started; cpr-exec:
+    its argv ready, the source will exec it), on_before_migrate once it listens (cpr-exec: right
+    after), on_after_migrate once the source accepted `migrate`.
     A source that was not running (paused guest) leaves the target paused too, as QEMU does.
     """
     observer = observer or Observer()
     t = result.timeline
+    result.mode = str(steps.mode)
+    what = f"{steps.mode} {result.index}"
     source_status = source.qmp.execute("query-status")["status"]
+    result.source_pid = source.pid
     t[Phase.STEP_START] = time.time()
     target: QemuProcess | None = None
     try:
-        target = start_target()
-        t[Phase.TARGET_SPAWNED] = target.t_spawn
-        observer.on_spawned(target)
-        t[Phase.TARGET_LISTENING] = target.wait_for_path(incoming.cpr_socket, timeout,
-                                                     f"cpr channel of target {target.label}", listening=True)
-        monitor = _TargetMonitor(target, timeout)
-        observer.on_before_migrate(target)
+        target = steps.prepare(t, observer)
         qmp = source.qmp
         mark = len(qmp.events)
         qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        qmp.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+        qmp.execute("migrate-set-parameters", steps.parameters(target))
         t[Phase.MIGRATE_ISSUED] = time.time()
-        qmp.execute("migrate", {"channels": incoming.channels()})
+        qmp.execute("migrate", {"channels": steps.channels()})
         observer.on_after_migrate(target)
         final = qmp.wait_event(_status_is(*FINAL_STATES), timeout, "MIGRATION completed/failed",
                                since=mark, alive=source.exit_reason)
@@ -196,21 +343,25 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
         for event in qmp.events[mark:]:
             if event.get("event") == "STOP" and Phase.SOURCE_STOPPED not in t:
                 t[Phase.SOURCE_STOPPED] = _event_time(event)
-        info = qmp.execute("query-migrate")
-        result.qemu = {k: info.get(k) for k in ("status", "downtime", "total-time", "setup-time",
-                                                "error-desc") if k in info}
-        result.qemu["ram"] = {k: info.get("ram", {}).get(k) for k in ("transferred", "total", "duplicate")}
-        result.status = str(info.get("status"))
+        if steps.retires_source or final["data"]["status"] != "completed":
+            result.qemu = _source_numbers(qmp.execute("query-migrate"))
+        else:  # the source exec's right after completed: its numbers from its event times
+            result.qemu = _event_numbers(qmp.events[mark:], final)
+        if final["data"]["status"] == "completed":
+            steps.take_over(source, target, result, final, mark)
+        result.status = str(result.qemu["status"])
+        if result.status != final["data"]["status"]:  # cpr-exec: failed after completed
+            t[Phase.migration_ended(result.status)] = _last_status_time(qmp.events[mark:], final)
         if result.status != "completed":
-            result.error = str(info.get("error-desc", f"migration {result.status}"))
+            result.error = str(result.qemu.get("error-desc", f"migration {result.status}"))
             why = _target_exit(target)
             if why:
                 result.notes.append(why)
-            raise TransferFailed(f"cpr-transfer {result.index} ended {result.status}: "
-                                 f"{info.get('error-desc', 'no error description')}"
+            raise TransferFailed(f"{what} ended {result.status}: "
+                                 f"{result.qemu.get('error-desc', 'no error description')}"
                                  + (f"; {why}" if why else ""), result)
-        monitor.join()
         tq = target.qmp
+        result.target_pid = target.pid
         if source_status != "running":
             result.notes.append(f"source was {source_status} before migrate; the target is left "
                                 f"{tq.execute('query-status')['status']} (no target_running)")
@@ -224,25 +375,50 @@ def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], i
             if not resumed:
                 result.notes.append("target was already running when its QMP answered; "
                                     "target_running is the time of that answer")
-        status = qmp.execute("query-status")["status"]
-        if status != "postmigrate":
-            result.notes.append(f"source ended in {status}, expected postmigrate")
+        steps.finish(source, target, result)
         return target
     except TransferFailed:
-        _abandon(target)
+        steps.abandon(target)
         raise
     except (CprError, QMPError, OSError) as exc:  # QmpError is a CprError
         result.status = "failed"
         result.error = _failure(exc, target, result)
-        _abandon(target)
-        raise TransferFailed(f"cpr-transfer {result.index} failed: {result.error}", result) from exc
+        steps.abandon(target)
+        raise TransferFailed(f"{what} failed: {result.error}", result) from exc
     except BaseException:
-        _abandon(target)
+        steps.abandon(target)
         raise
+
+
+def _source_numbers(info: dict[str, Any]) -> dict[str, Any]:
+    """The figures of query-migrate on the source."""
+    keys = ("status", "downtime", "total-time", "setup-time", "error-desc")
+    numbers: dict[str, Any] = {k: info.get(k) for k in keys if k in info}
+    numbers["ram"] = {k: info.get("ram", {}).get(k) for k in ("transferred", "total", "duplicate")}
+    return numbers
+
+
+def _event_numbers(events: list[dict[str, Any]], completed: dict[str, Any]) -> dict[str, Any]:
+    """query-migrate's figures from the source's events, for a source that cannot be asked (cpr-exec):
+    total = MIGRATION setup -> completed, downtime = STOP -> completed (QEMU's own timestamps)."""
+    end = _event_time(completed)
+    setup = next((e for e in events if _status_is("setup")(e)), None)
+    stop = next((e for e in events if e.get("event") == "STOP"), None)
+    return {"status": "completed",
+            "total-time": round((end - _event_time(setup)) * 1000, 3) if setup else None,
+            "downtime": round((end - _event_time(stop)) * 1000, 3) if stop else None}
+
+
+def _last_status_time(events: list[dict[str, Any]], final: dict[str, Any]) -> float:
+    """The time of the last MIGRATION status event (cpr-exec: failed may follow completed)."""
+    statuses = [e for e in events if _status_is(*FINAL_STATES)(e)]
+    return _event_time(statuses[-1] if statuses else final)
 
 
 def _target_exit(target: QemuProcess, grace: float = 2.0) -> str | None:
     """Why the target went away, if it did (it usually exits right after a failed load)."""
+    if target.popen is None:  # never started (a cpr-exec that did not exec)
+        return None
     target.wait_exit(grace)
     return target.exit_reason()
 
@@ -259,11 +435,6 @@ def _failure(exc: BaseException, target: QemuProcess | None, result: TransferRes
                             "guest stopped) but the target did not take the guest over")
         text = f"source reported completed but the target failed: {text}"
     return text
-
-
-def _abandon(target: QemuProcess | None) -> None:
-    if target is not None:
-        target.shutdown(timeout=5)
 
 
 # What management software asks the old QEMU after a migration, before it tells it to quit.

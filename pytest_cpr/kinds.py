@@ -54,7 +54,8 @@ class Role(StrEnum):
 class Mode(StrEnum):
     """CPR migration modes a test can ask for with the `cpr` marker."""
 
-    CPR_TRANSFER = "cpr-transfer"
+    CPR_TRANSFER = "cpr-transfer"  # a new QEMU process; fds over the cpr channel (QEMU >= 10.0)
+    CPR_EXEC = "cpr-exec"  # the same process exec's the new QEMU; state in a file (QEMU >= 10.2)
 
 
 def values(kind: type[StrEnum]) -> tuple[str, ...]:

@@ -26,11 +26,11 @@ from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout, Q
 from pytest_cpr.guest.ssh import GuestSSH, SessionKey
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
-from pytest_cpr.kinds import Accel
+from pytest_cpr.kinds import Accel, Mode
 from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
-from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming, Nic, VmSpec
 from pytest_cpr.waits import (
     CLOSE_SHUTDOWN_S,
     CONSOLE_CONNECT_TIMEOUT_S,
@@ -54,6 +54,7 @@ class VmConfig:
     source: QemuBuild
     target: QemuBuild
     accel: Accel
+    mode: Mode = Mode.CPR_TRANSFER  # CPR mode of vm.transfer() (the `cpr` marker's mode)
     memory_mib: int = 512
     cpus: int = 1
     boot_timeout: float = 240.0
@@ -163,6 +164,19 @@ class Machine:
     # ---- generations
     def start_generation(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
         """Start QEMU generation `generation` of `build` (a transfer target when `incoming` is set)."""
+        proc = self.new_generation(generation, build, incoming)
+        log.info("guest %s: starting %s (%s)", self.config.name, proc.label, build.short_version)
+        try:
+            proc.start()
+        except BaseException:
+            self.generations.remove(proc)
+            raise
+        return proc
+
+    def new_generation(self, generation: int, build: QemuBuild,
+                        incoming: Incoming | ExecIncoming | None) -> QemuProcess:
+        """QEMU generation `generation` of `build`, not started: its argv is what the current QEMU
+        exec's under cpr-exec (own QMP and console sockets and console log, same VM spec)."""
         assert self.spec is not None  # set by boot() before any generation starts
         label = f"g{generation}"
         if retries := sum(1 for p in self.failed if p.label.split("-")[0] == label):
@@ -174,8 +188,6 @@ class Machine:
                               paused=incoming is None)
         proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
                            con_log, pass_fds=self.spec.pass_fds())
-        log.info("guest %s: starting %s (%s)", self.config.name, label, build.short_version)
-        proc.start()
         self.generations.append(proc)
         self._builds[label] = build
         return proc

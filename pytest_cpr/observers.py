@@ -1,4 +1,4 @@
-"""Observers of a transfer: one protocol for everything that acts or measures around cpr-transfer.
+"""Observers of a transfer: one protocol for everything that acts or measures around a CPR transfer.
 
 Faults (break the transfer at a point), host watches (sample the host around it) and the probe
 measurement (judge the guest's network after it) implement it; so can a user's conftest:
@@ -16,6 +16,10 @@ source accepted `migrate`, on_before_retire(source) with the old QEMU in postmig
 told to quit, and on_result(result) once the source is retired, or the transfer failed (then
 without the events it did not reach). The harness's own SSH check, artifact files and report
 follow on_result.
+
+cpr-exec has no second process: the target is the source's process once it exec'd. on_spawned and
+on_before_migrate come before `migrate` with the target generation made but not yet running (its
+argv is the cpr-exec-command), and there is no on_before_retire (nothing is left to retire).
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ def timeline_document(result: dict[str, Any]) -> dict[str, Any]:
     timeline: dict[str, float] = result["timeline"]
     t0 = timeline.get(Phase.STEP_START, min(timeline.values(), default=0.0))
     return {
-        "index": result["index"], "source": result["source"], "target": result["target"],
-        "status": result["status"], "error": result.get("error"),
+        "index": result["index"], "mode": result.get("mode"), "source": result["source"],
+        "target": result["target"], "status": result["status"], "error": result.get("error"),
         "clock": "host wall time, seconds (time.time()); QMP event timestamps use the same clock",
         "t0": t0,
         "phases": [{"phase": name, "t": t, "ms": round((t - t0) * 1000, 3)}
@@ -176,7 +176,8 @@ class _Figure:
 
         warning = "   [blackout overlaps a harness send stall: overstated]" \
             if probe.get("blackout_overlaps_send_stall") else ""
-        return (f"transfer {r['index']}: {r['source']} -> {r['target']} ({r['status']}){warning}\n"
+        mode = r.get("mode", "cpr-transfer")
+        return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}){warning}\n"
                 f"guest blackout {fmt(numbers.get('blackout_ms'))}   QEMU downtime "
                 f"{fmt(numbers.get('qemu_downtime_ms'))}   QEMU total {fmt(numbers.get('qemu_total_ms'))}   "
                 f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}   "

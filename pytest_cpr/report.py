@@ -11,12 +11,14 @@ import pytest
 CLEANED_KEY = pytest.StashKey[list[str]]()
 
 # (header, row key, numeric); optional columns are shown only when some row has a value.
-COLUMNS = (("test", "test", False), ("#", "index", True), ("QEMU source -> target", "path", False),
+COLUMNS = (("test", "test", False), ("#", "index", True), ("mode", "mode", False),
+           ("QEMU source -> target", "path", False),
            ("status", "status", False), ("QEMU downtime ms", "qemu_downtime_ms", True),
-           ("QEMU total ms", "qemu_total_ms", True), ("guest blackout ms", "blackout_ms", True),
+           ("QEMU total ms", "qemu_total_ms", True), ("VM paused ms", "vm_pause_ms", True),
+           ("guest blackout ms", "blackout_ms", True),
            ("lost probes", "lost_probes", True), ("DMA stall ms", "dma_stall_ms", True),
            ("result", "outcome", False))
-OPTIONAL = ("dma_stall_ms",)
+OPTIONAL = ("dma_stall_ms", "vm_pause_ms")
 
 
 def collect_rows(terminalreporter: Any) -> list[dict[str, Any]]:

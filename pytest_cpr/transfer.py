@@ -1,6 +1,7 @@
-"""One cpr-transfer of a machine's guest to a new QEMU generation, with its bookkeeping: the result
-list, the observers' events, the failed target set aside, the old QEMU retired, the SSH session
-checked, the artifact files written and the result reported."""
+"""One CPR transfer (cpr-transfer or cpr-exec) of a machine's guest to a new QEMU generation, with its
+bookkeeping: the result list, the observers' events, the failed target set aside, the old QEMU
+retired (cpr-exec: it became the new one), the SSH session checked, the artifact files written and
+the result reported."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import time
 from collections.abc import Callable
 
 from pytest_cpr.artifacts import ArtifactWriter
-from pytest_cpr.cpr import ProcessRef, TransferResult, cpr_transfer, retire_source
+from pytest_cpr.cpr import (
+    ExecSteps,
+    ModeSteps,
+    ProcessRef,
+    TransferResult,
+    TransferSteps,
+    cpr_migrate,
+    retire_source,
+)
 from pytest_cpr.errors import TransferFailed
-from pytest_cpr.kinds import Phase
+from pytest_cpr.kinds import Mode, Phase
 from pytest_cpr.machine import Machine
 from pytest_cpr.observers import Observers
 from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
-from pytest_cpr.qemu.spec import Incoming
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming
 from pytest_cpr.waits import SSH_AFTER_TRANSFER_S
 
 log = logging.getLogger(__name__)
@@ -30,37 +39,52 @@ class TransferRunner:
         self.machine, self.observers, self.artifacts, self.report = machine, observers, artifacts, report
         self.results: list[TransferResult] = []
 
-    def run(self, target: QemuBuild | None = None) -> TransferResult:
-        """Transfer to a new generation of `target` (default: the configured target build)."""
+    def run(self, target: QemuBuild | None = None, mode: Mode | None = None) -> TransferResult:
+        """Transfer to a new generation of `target` (default: the configured target build) in `mode`
+        (default: the configured mode)."""
         m = self.machine
         build = target or m.config.target
+        mode = Mode(mode or m.config.mode)
         source = m.current
         gen = len(m.generations)
-        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", m.rundir / f"cpr-g{gen}.sock")
         result = TransferResult(len(self.results) + 1, ProcessRef(source.label, m.build_of(source.label).short_version),
-                                ProcessRef(f"g{gen}", build.short_version))
+                                ProcessRef(f"g{gen}", build.short_version), mode=str(mode))
         self.results.append(result)
-        for stale in (incoming.main_socket, incoming.cpr_socket):
-            stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
-        log.info("guest %s: transfer %d %s -> %s", m.config.name, result.index, result.source, result.target)
+        steps = self._steps(mode, gen, build)
+        log.info("guest %s: %s %d %s -> %s", m.config.name, mode, result.index, result.source, result.target)
         source_said = stderr.size(source.stderr_path)
         try:
-            cpr_transfer(source, lambda: m.start_generation(gen, build, incoming), incoming, result,
-                         m.config.transfer_timeout, self.observers)
+            cpr_migrate(source, steps, result, m.config.transfer_timeout, self.observers)
         except TransferFailed:
             m.drop_generation(gen)
             self.observers.on_result(result)
             self.record(result)
             raise
-        self.observers.on_before_retire(source)
-        retire_source(source, result)
-        said = stderr.lines_since(source.stderr_path, source_said) + stderr.lines_since(m.current.stderr_path)
+        if steps.retires_source:
+            self.observers.on_before_retire(source)
+            retire_source(source, result)
+        said = stderr.lines_since(source.stderr_path, source_said)
+        if m.current.stderr_path != source.stderr_path:  # cpr-exec: one process, one stderr file
+            said += stderr.lines_since(m.current.stderr_path)
         result.qemu_messages = stderr.news(said, m.startup_stderr)
         self.observers.on_result(result)
         if Phase.TARGET_RUNNING in result.timeline:  # else the source was paused: so is the target
             self._check_ssh(result)
         self.record(result)
         return result
+
+    def _steps(self, mode: Mode, gen: int, build: QemuBuild) -> ModeSteps:
+        """The mode's steps towards generation `gen` of `build` (its channels in the run directory)."""
+        m = self.machine
+        timeout = m.config.transfer_timeout
+        if mode is Mode.CPR_EXEC:
+            state = ExecIncoming(m.rundir / f"state-g{gen}.bin")
+            state.state_file.unlink(missing_ok=True)  # left by a failed transfer to this generation
+            return ExecSteps(lambda: m.new_generation(gen, build, state), state, timeout)
+        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", m.rundir / f"cpr-g{gen}.sock")
+        for stale in (incoming.main_socket, incoming.cpr_socket):
+            stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
+        return TransferSteps(lambda: m.start_generation(gen, build, incoming), incoming, timeout)
 
     def _check_ssh(self, result: TransferResult) -> None:
         """The SSH session opened before the transfer runs a command after it (timed)."""

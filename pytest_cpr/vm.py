@@ -33,6 +33,7 @@ from pytest_cpr.guest.state import (
     snapshot,
 )
 from pytest_cpr.host.netns import GuestNetwork
+from pytest_cpr.kinds import Mode
 from pytest_cpr.live_update import LiveUpdatePolicy
 from pytest_cpr.machine import Machine, VmConfig, record_private_dir
 from pytest_cpr.observers import Callbacks, Observers, ProcessHook, TransferObserver
@@ -159,15 +160,17 @@ class CprVM:
 
     def transfer(self, target: QemuBuild | None = None, before_migrate: ProcessHook | None = None,
                  after_spawn: ProcessHook | None = None, after_migrate: ProcessHook | None = None,
-                 before_retire: ProcessHook | None = None) -> TransferResult:
-        """cpr-transfer the guest to a new QEMU process (of `target`, default: the configured target
-        build). The old process is retired (`before_retire` gets it first, in postmigrate); the new
-        one owns the guest. With traffic running, waits for the probe stream to come back and
-        records the guest-visible blackout. The hooks are a one-transfer observer."""
+                 before_retire: ProcessHook | None = None, mode: Mode | None = None) -> TransferResult:
+        """Transfer the guest to a new QEMU (of `target`, default: the configured target build) in
+        `mode` (default: the configured one, the `cpr` marker's). cpr-transfer: a new process, the old
+        one is retired (`before_retire` gets it first, in postmigrate); cpr-exec: the old process
+        exec's the new QEMU (same PID, nothing to retire). With traffic running, waits for the probe
+        stream to come back and records the guest-visible blackout. The hooks are a one-transfer
+        observer."""
         hooks = Callbacks(after_spawn=after_spawn, before_migrate=before_migrate, after_migrate=after_migrate,
                           before_retire=before_retire)
         with self.observing(hooks):
-            return self._runner.run(target)
+            return self._runner.run(target, mode)
 
     def live_update(self, traffic: Traffic, target: QemuBuild | None = None, window: int = 100,
                     max_blackout_ms: float | None = None, max_lost_probes: float | None = None,

@@ -110,6 +110,22 @@ class QemuProcess:
         self.qmp = QmpSession(label, artifacts / "qmp-transcript.jsonl")
         self.console: Console | None = None
         self.t_spawn = 0.0
+        self.replaced_by: str | None = None  # cpr-exec: the label of the QEMU this process exec'd
+
+    def take_over(self, predecessor: QemuProcess) -> None:
+        """cpr-exec: this generation is the new QEMU `predecessor`'s process exec'd (same PID, stderr
+        file inherited). The predecessor's QMP and console died with the exec; its shutdown no longer
+        touches the process, which is this generation's now."""
+        assert predecessor.popen is not None
+        self.popen, self.t_spawn = predecessor.popen, time.time()
+        self.stderr_path = predecessor.stderr_path
+        predecessor.replaced_by = self.label
+        if predecessor.console is not None:
+            predecessor.console.close()
+        predecessor.qmp.close()
+        (self.artifacts / f"qemu-{self.label}.cmdline").write_text(
+            " ".join(_quote(a) for a in self.argv) + f"\n# exec'd by {predecessor.label} (PID {self.pid})\n")
+        leftovers.record_process(self.pid, self.argv)
 
     @property
     def pid(self) -> int:
@@ -131,7 +147,8 @@ class QemuProcess:
             raise
 
     def exit_reason(self) -> str | None:
-        """None while running; else a sentence with the exit status and the stderr tail."""
+        """None while running (a process that exec'd its successor runs as that); else a sentence with
+        the exit status and the stderr tail."""
         if self.popen is None or self.popen.poll() is None:
             return None
         rc = self.popen.returncode
@@ -191,9 +208,10 @@ class QemuProcess:
             return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """quit over QMP, then SIGTERM, then SIGKILL; always reaps and closes everything."""
+        """quit over QMP, then SIGTERM, then SIGKILL; always reaps and closes everything. A process
+        that exec'd its successor (cpr-exec) is the successor's to end: only closed here."""
         try:
-            if self.popen is not None and self.popen.poll() is None:
+            if self.popen is not None and self.replaced_by is None and self.popen.poll() is None:
                 self._signal(signal.SIGCONT)  # a stopped process (fault injection) cannot quit
                 if self.qmp.connected:
                     try:
@@ -209,8 +227,9 @@ class QemuProcess:
             if self.console is not None:
                 self.console.close()
             self.qmp.close()
-            if self.popen is not None and self.popen.poll() is not None:  # an interrupted shutdown
-                leftovers.forget_process(self.popen.pid)  # keeps the record: a later cleanup kills it
+            # an interrupted shutdown keeps the record (a later cleanup kills it); so does an exec'd one
+            if self.popen is not None and self.replaced_by is None and self.popen.poll() is not None:
+                leftovers.forget_process(self.popen.pid)
 
     def kill(self) -> None:
         """SIGKILL now (fault injection and last-resort cleanup)."""
@@ -219,7 +238,7 @@ class QemuProcess:
             self.popen.wait(10)
 
     def _signal(self, signum: int) -> None:
-        if self.popen is not None and self.popen.poll() is None:
+        if self.popen is not None and self.replaced_by is None and self.popen.poll() is None:
             try:
                 os.kill(self.popen.pid, signum)
             except ProcessLookupError:

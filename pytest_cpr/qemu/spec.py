@@ -61,6 +61,23 @@ class Incoming:
 
 
 @dataclass(frozen=True)
+class ExecIncoming:
+    """cpr-exec channel of the new QEMU the old one exec's: the main stream in a file (QEMU documents
+    a file-like URI: the two never run at once), read at start (-incoming file:, no monitor command
+    in the guest's pause). The fds travel in a memfd QEMU names in the environment
+    (QEMU_CPR_EXEC_STATE): no cpr channel."""
+
+    state_file: Path
+
+    def channels(self) -> list[dict[str, object]]:
+        return [{"channel-type": "main",
+                 "addr": {"transport": "file", "filename": str(self.state_file), "offset": 0}}]
+
+    def args(self) -> list[str]:
+        return ["-incoming", f"file:{self.state_file}"]
+
+
+@dataclass(frozen=True)
 class VmSpec:
     name: str
     accel: Accel  # KVM or TCG (AUTO is resolved before a spec is built)
@@ -108,7 +125,7 @@ class VmSpec:
         return args
 
     def argv(self, binary: str, console_socket: Path, console_log: Path, qmp_socket: Path,
-             incoming: Incoming | None = None, paused: bool = False) -> list[str]:
+             incoming: Incoming | ExecIncoming | None = None, paused: bool = False) -> list[str]:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
         accel = "tcg,thread=multi" if self.accel == Accel.TCG else "kvm"
         cpu = "host" if self.accel == Accel.KVM else "max"

@@ -60,6 +60,7 @@ def test_timeline_document_lists_phases_in_time_order() -> None:
     assert [p["phase"] for p in doc["phases"]] == list(PHASES_MS)
     assert [p["ms"] for p in doc["phases"]] == pytest.approx(list(PHASES_MS.values()), abs=1e-3)
     assert doc["numbers"]["blackout_ms"] == 102.7 and doc["numbers"]["qemu_downtime_ms"] == 4
+    assert doc["mode"] == doc["numbers"]["mode"] == "cpr-transfer"
     json.dumps(doc)
 
 
@@ -72,7 +73,7 @@ def test_plot_writes_png_and_svg_with_every_phase_and_the_blackout(tmp_path: Pat
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     text = svg.read_text()
     assert svg.stat().st_size > 20_000
-    for label in ("target listening", "migrate issued", "source stopped", "target running",
+    for label in ("cpr-transfer 1:", "target listening", "migrate issued", "source stopped", "target running",
                   "first probe answered", "SSH answered", "blackout", "102.7 ms", "probe never answered (2)"):
         assert label in text, f"{label!r} missing from the picture"
 

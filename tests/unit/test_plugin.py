@@ -79,6 +79,20 @@ def test_exec(cpr_vm_factory):
     result.stdout.fnmatch_lines(["*SKIPPED*(QEMU 10.*) lacks migration mode cpr-exec (QEMU >= 10.2)*"])
 
 
+def test_an_unknown_mode_in_the_cpr_marker_is_a_usage_error_naming_the_modes(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.cpr(mode="cpr-teleport")
+def test_x(cpr_vm_factory):
+    pass
+""")
+    result = pytester.runpytest("--cpr-accel=tcg")
+    if "probing" in result.stdout.str():
+        pytest.skip("no usable QEMU on this machine")
+    result.stdout.fnmatch_lines(["*unknown mode 'cpr-teleport'; use one of cpr-transfer, cpr-exec*"])
+
+
 def test_a_misspelt_vm_override_is_an_error(pytester: pytest.Pytester, tmp_path) -> None:
     """cpr_vm_factory(**overrides) applies them with dataclasses.replace: a typo raises, nothing boots."""
     pytester.makepyfile("""

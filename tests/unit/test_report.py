@@ -56,9 +56,10 @@ def test_terminal_table_is_aligned_and_has_the_issue_columns() -> None:
     rows = report.collect_rows(terminal([recorded(1, 4, 99.6, 0), recorded(2, 2, 35.6, 3)], "failed"))
     text = report.table(rows)
     lines = text.splitlines()
-    for column in ("test", "QEMU source -> target", "QEMU downtime ms", "guest blackout ms", "lost probes",
-                   "result"):
+    for column in ("test", "mode", "QEMU source -> target", "QEMU downtime ms", "guest blackout ms",
+                   "lost probes", "result"):
         assert column in lines[0]
+    assert "cpr-transfer" in lines[2], "each row says the transfer's mode"
     assert "DMA stall ms" not in lines[0], "an empty optional column is left out"
     assert len(lines) == 4 and set(lines[1]) <= {"-", " "}
     assert "g0 10.0.2 -> g1 10.1.0" in lines[2] and "99.6" in lines[2] and lines[2].endswith("failed")
@@ -94,9 +95,9 @@ def test_summary_goes_to_the_terminal_and_to_github_step_summary(
     assert text.startswith("# earlier step\n## cpr-transfer summary")
     table_lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table_lines) == 4
-    assert table_lines[1].startswith("|---|---:|---|---|---:")
-    assert "| test_three_transfers | 1 | g0 10.0.2 -> g1 10.1.0 | completed | 4 | 36 | 99.6 | 0 | passed |" \
-        in table_lines
+    assert table_lines[1].startswith("|---|---:|---|---|---|---:")
+    assert "| test_three_transfers | 1 | cpr-transfer | g0 10.0.2 -> g1 10.1.0 | completed | 4 | 36 | 99.6 | 0 " \
+        "| passed |" in table_lines
     assert summary.stat().st_size > 300
 
 

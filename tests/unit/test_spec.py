@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pytest_cpr.qemu.spec import Incoming, Nic, VmSpec
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming, Nic, VmSpec
 
 
 def spec(**kw: object) -> VmSpec:
@@ -13,7 +13,7 @@ def spec(**kw: object) -> VmSpec:
     return VmSpec(**base)  # type: ignore[arg-type]
 
 
-def argv(s: VmSpec, incoming: Incoming | None = None) -> list[str]:
+def argv(s: VmSpec, incoming: Incoming | ExecIncoming | None = None) -> list[str]:
     return s.argv("qemu", Path("/run/c.sock"), Path("/a/c.log"), Path("/run/q.sock"), incoming, paused=True)
 
 
@@ -88,3 +88,14 @@ def test_commas_in_paths_are_doubled_in_qemu_option_values() -> None:
     assert "socket,id=console0,path=/t,,1/c.sock,server=on,wait=off,logfile=/art,,ifacts/c.log" in a
     assert "socket,id=qmp0,path=/t,,1/q.sock,server=on,wait=off" in a
     assert "memory-backend-file,id=ram0,size=512M,share=on,mem-path=/dev/shm/a,,b" in a
+
+
+def test_cpr_exec_target_is_source_plus_a_file_incoming() -> None:
+    """cpr-exec: the exec'd argv is the same VM with -incoming file: (QEMU documents a file-like main
+    channel, the two QEMUs never run at once) and no cpr channel."""
+    inc = ExecIncoming(Path("/run/state-g1.bin"))
+    src, tgt = argv(spec()), argv(spec(), inc)
+    assert tgt[: len(src) - 1] == src[:-1]
+    assert tgt[len(src) - 1:] == ["-incoming", "file:/run/state-g1.bin"]
+    assert inc.channels() == [{"channel-type": "main",
+                               "addr": {"transport": "file", "filename": "/run/state-g1.bin", "offset": 0}}]
