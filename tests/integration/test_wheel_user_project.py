@@ -118,8 +118,8 @@ def _processes_naming(text: str) -> list[str]:
 
 
 def test_user_project_runs_a_transfer_from_a_wheel_install(
-        wheel_venv: Callable[..., Venv], tmp_path: Path, cpr_settings: CprSettings,
-        cpr_image: GuestImage | None) -> None:
+        cpr_image: GuestImage | None, cpr_settings: CprSettings, wheel_venv: Callable[..., Venv],
+        tmp_path: Path) -> None:
     """The user's project passes from the wheel's virtualenv: its conftest and ini are used, the
     transfer is in the JUnit XML as cpr_t1_* properties, and no process or record is left."""
     venv = wheel_venv(tmp_path / "venv", dependencies=True)
