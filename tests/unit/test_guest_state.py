@@ -117,8 +117,9 @@ def test_thresholds() -> None:
 
 def test_dmesg_failures() -> None:
     log = "[1.0] ok\n[2.0] NETDEV WATCHDOG: eth0 (igb): transmit queue 0 timed out\n" \
-          "[3.0] nvme nvme0: I/O 12 QID 1 timeout, aborting\n"
-    assert len(dmesg_failures(log)) == 2
+          "[3.0] nvme nvme0: I/O 12 QID 1 timeout, aborting\n" \
+          "[4.0] BUG: kernel NULL pointer dereference, address: 0000000000000000\n"
+    assert len(dmesg_failures(log)) == 3
 
 
 def test_transfer_numbers_and_overhead_ratio() -> None:
@@ -151,7 +152,8 @@ def test_dmesg_nic_reset_and_link_down_lines_are_failures(line: str) -> None:
 def test_dmesg_nic_link_up_and_ordinary_lines_pass() -> None:
     log = ("[ 5.0] igb 0000:00:10.0 eth1: igb: eth1 NIC Link is Up 1000 Mbps Full Duplex, Flow Control: RX/TX\n"
            "[ 5.1] igb 0000:00:10.0: Intel(R) Gigabit Ethernet Network Connection\n"
-           "[ 5.2] virtio_net virtio0 eth0: renamed from ens3\n")
+           "[ 5.2] virtio_net virtio0 eth0: renamed from ens3\n"
+           "[ 0.004] ..MP-BIOS bug: 8254 timer not connected to IO-APIC\n")
     assert dmesg_failures(log) == []
 
 
