@@ -61,6 +61,7 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
 CLASSES: tuple[tuple[str, str], ...] = (
     ("L1 freeze", r"virtual host stopped answering"),
     ("L1 reset", r"virtual host (exited|agent socket closed)"),
+    ("L2 KVM internal error", r"QEMU internal-error|KVM internal error"),
     ("L2 boot hang", r"did not finish booting|CPR-HOSTKEY"),
     ("L2 reset", r"guest-reset|the guest is gone"),
     ("QEMU stderr", r"reported trouble on stderr"),

@@ -16,6 +16,8 @@ from pytest_cpr.errors import CprError
     ("virtual host exited while waiting for the L1 agent: exit 0, after SHUTDOWN by the guest: guest-reset",
      "L1 reset"),
     ("CprTimeout: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s", "L2 boot hang"),
+    ("BootHung: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s; QEMU internal-error, "
+     "serial console silent", "L2 KVM internal error"),
     ("QemuExited: guest command 'cat x': the guest is gone: QEMU g1 exited 0, after SHUTDOWN by the guest: "
      "guest-reset", "L2 reset"),
     ("CheckFailed: vectors that fired before the transfer stayed silent after it while traffic flowed", "lost vector"),
