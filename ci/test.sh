@@ -37,8 +37,8 @@ fi
 # - the NVMe DMA tests (nvme_dma, two_groups) report only, with their measured failure rates in
 #   docs/virtual-host.md (the stability runner's table): the nested emulation still loses an L2 or
 #   L1 now and then under them, also without a transfer, at a rate CI cannot gate on yet.
-VHOST_GATE='tests/hardware --cpr-strict -k "not nvme_dma and not two_groups"'
-VHOST_REPORT='tests/hardware --cpr-strict -k "nvme_dma or two_groups"'
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not nvme_dma and not two_groups"'
+VHOST_REPORT='tests/hardware --cpr-strict=on -k "nvme_dma or two_groups"'
 vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (30 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
   timeout -k 60 "${CPR_VHOST_TIMEOUT:-1800}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
