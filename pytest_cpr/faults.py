@@ -241,6 +241,28 @@ def _with_target_args(fault: Fault, extra: tuple[str, ...] = (), **changes: Any)
     return fault
 
 
+def _paused_before_switchover(fault: Fault) -> Fault:
+    """`fault` with the source pausing before switchover (pause-before-switchover) around its own
+    setup and teardown: its strike runs while the target holds the main channel."""
+    setup_first, teardown_first = fault.setup, fault.teardown
+    pause, unpause = _set_pause_before_switchover(True), _set_pause_before_switchover(False)
+
+    def setup(vm: CprVM) -> None:
+        if setup_first is not None:
+            setup_first(vm)
+        pause(vm)
+
+    def teardown(vm: CprVM) -> None:
+        try:
+            if teardown_first is not None:
+                teardown_first(vm)
+        finally:
+            unpause(vm)
+
+    fault.setup, fault.teardown = setup, teardown
+    return fault
+
+
 def wrong_target_option() -> Fault:
     """The target gets an option QEMU does not know: it exits before it listens."""
     return _with_target_args(Fault("wrong-option", "target started with an unknown option"),
@@ -260,22 +282,8 @@ def wrong_target_machine(machine: str, timeout: float = 30.0) -> Fault:
     pause the old QEMU could write its whole stream (~200 KB) into the socket before the target read
     the first section, and report `completed`: the missing completion handshake of the
     fails-after-source-completed finding, which made this test fail 3 runs in 8 on a loaded machine."""
-    fault = _with_target_args(Fault("wrong-machine", f"target started with -machine {machine}"),
-                              machine=machine)
-    setup_args, teardown_args = fault.setup, fault.teardown
-    pause, unpause = _set_pause_before_switchover(True), _set_pause_before_switchover(False)
-
-    def setup(vm: CprVM) -> None:
-        assert setup_args is not None
-        setup_args(vm)
-        pause(vm)
-
-    def teardown(vm: CprVM) -> None:
-        try:
-            unpause(vm)
-        finally:
-            assert teardown_args is not None
-            teardown_args(vm)
+    fault = _paused_before_switchover(_with_target_args(
+        Fault("wrong-machine", f"target started with -machine {machine}"), machine=machine))
 
     def strike(target: QemuProcess) -> None:
         if _wait_pre_switchover(fault, timeout, accept=("failed",)) != "pre-switchover":
@@ -290,7 +298,7 @@ def wrong_target_machine(machine: str, timeout: float = 30.0) -> Fault:
         fault.source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
         fault.note("migrate-continue sent to the source")
 
-    fault.setup, fault.teardown, fault.after_migrate = setup, teardown, strike
+    fault.after_migrate = strike
     return fault
 
 
@@ -299,21 +307,9 @@ def target_fails_after_source_completed(feature: str = "mrg_rxbuf", timeout: flo
     state, the last thing the source sends. Made deterministic: the source pauses before switchover,
     the target is SIGSTOPped, the source sends the device state into the socket and ends its side;
     only then does the target (SIGCONT) read it and fail."""
-    fault = _with_target_args(Fault("fails-after-source-completed", f"target NIC with {feature}=off "
-                                    "fails on the device state after the source finished sending"),
-                              ("-global", f"virtio-net-pci.{feature}=off"))
-    setup_args, teardown_args = fault.setup, fault.teardown
-    pause, unpause = _set_pause_before_switchover(True), _set_pause_before_switchover(False)
-
-    def setup(vm: CprVM) -> None:
-        assert setup_args is not None
-        setup_args(vm)
-        pause(vm)
-
-    def teardown(vm: CprVM) -> None:
-        assert teardown_args is not None
-        teardown_args(vm)
-        unpause(vm)
+    fault = _paused_before_switchover(_with_target_args(
+        Fault("fails-after-source-completed", f"target NIC with {feature}=off fails on the device state after "
+              "the source finished sending"), ("-global", f"virtio-net-pci.{feature}=off")))
 
     def strike(target: QemuProcess) -> None:
         _wait_pre_switchover(fault)
@@ -331,7 +327,7 @@ def target_fails_after_source_completed(feature: str = "mrg_rxbuf", timeout: flo
             os.kill(target.pid, signal.SIGCONT)
             fault.note(f"SIGCONT target {target.label}")
 
-    fault.setup, fault.teardown, fault.after_migrate = setup, teardown, strike
+    fault.after_migrate = strike
     return fault
 
 
