@@ -638,7 +638,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 3
 
 
-def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+def sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM (`kill`, a job timeout) as Ctrl-C: the `with` blocks shut what they started down."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", default=L1_HOST_CONFIG)
     h.add_argument("--peer", default=PEER_NAME)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # `kill`, a job timeout: L1 is shut down, not orphaned
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `kill`, a job timeout: L1 is shut down, not orphaned
     try:
         return _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args)
     except CprError as exc:

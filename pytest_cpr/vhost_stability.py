@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost
+from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, sigterm_as_ctrl_c
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -257,10 +257,6 @@ def read_rows(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_cpr.vhost_stability",
                                      description=(__doc__ or "").split("\n")[0])
@@ -280,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "table":
         print(table(read_rows(args.data)))
         return 0
-    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # L1 is shut down, not orphaned
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # L1 is shut down, not orphaned
     try:
         runner = Runner(args.config, args.workload, args.control, args.rounds, args.max_failures,
                         args.data, args.artifacts.resolve(), args.append)
