@@ -110,6 +110,7 @@ class QemuProcess:
         self.qmp = QmpSession(label, artifacts / "qmp-transcript.jsonl")
         self.console: Console | None = None
         self.t_spawn = 0.0
+        self.quit_sent = False  # QEMU acknowledged `quit` over QMP (shutdown): its exit status is its own
         self.replaced_by: str | None = None  # cpr-exec: the label of the QEMU this process exec'd
 
     def take_over(self, predecessor: QemuProcess) -> None:
@@ -216,6 +217,7 @@ class QemuProcess:
                 if self.qmp.connected:
                     try:
                         self.qmp.execute("quit", timeout=timeout)
+                        self.quit_sent = True
                     except Exception:
                         pass
                 if self.wait_exit(timeout) is None:
