@@ -101,7 +101,7 @@ class Machine:
         self.boot_seconds: float | None = None
         self.ssh_ready_seconds: float | None = None
         self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
-        self.startup_stderr: set[str] = set()  # what the first QEMU said while booting (qemu/stderr.py)
+        self.known_stderr: set[str] = set()  # what the QEMUs said outside any transfer (qemu/stderr.py)
         self._builds: dict[str, QemuBuild] = {}  # by process label
 
     def _transition(self, to: MachineState, *allowed: MachineState) -> None:
@@ -239,7 +239,7 @@ class Machine:
         self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
         self.ssh.run("true")
         self.ssh_ready_seconds = time.monotonic() - t0
-        self.startup_stderr = set(stderr.lines_since(proc.stderr_path))
+        self.known_stderr = set(stderr.lines_since(proc.stderr_path))
         self._transition(MachineState.RUNNING, MachineState.BOOTING)
         log.info("guest %s: SSH ready %.2fs after QEMU started", self.config.name, self.ssh_ready_seconds)
         return self.ssh_ready_seconds

@@ -52,6 +52,7 @@ class TransferRunner:
         self.results.append(result)
         steps = self._steps(mode, gen, build)
         log.info("guest %s: %s %d %s -> %s", m.config.name, mode, result.index, result.source, result.target)
+        m.known_stderr |= set(stderr.lines_since(source.stderr_path))  # said before this transfer: not its doing
         source_said = stderr.size(source.stderr_path)
         try:
             cpr_migrate(source, steps, result, m.config.transfer_timeout, self.observers)
@@ -66,7 +67,7 @@ class TransferRunner:
         said = stderr.lines_since(source.stderr_path, source_said)
         if m.current.stderr_path != source.stderr_path:  # cpr-exec: one process, one stderr file
             said += stderr.lines_since(m.current.stderr_path)
-        result.qemu_messages = stderr.news(said, m.startup_stderr)
+        result.qemu_messages = stderr.news(said, m.known_stderr)
         self.observers.on_result(result)
         if Phase.TARGET_RUNNING in result.timeline:  # else the source was paused: so is the target
             self._check_ssh(result)

@@ -2,11 +2,12 @@
 
 QEMU reports most trouble of a cpr-transfer only there (a `vfio_container_dma_map ... File exists`
 from a mapping restored twice, a VADDR or config-space complaint) while the transfer still
-completes. A line is news when it names trouble (NOTEWORTHY) and the first generation did not
-already print it while booting (a configuration's start-up warnings, e.g. "VFIO dma-buf not
-supported in kernel", or with iommufd "IOMMU_IOAS_MAP failed: Bad address, PCI BAR?" and the
-`vfio_container_dma_map(...) = -14` of a BAR that cannot be mapped for peer-to-peer, come again
-from every new QEMU at other addresses: they are not the transfer's doing).
+completes. A line is news when it names trouble (NOTEWORTHY) and no QEMU of the guest said it
+before the transfer began (a configuration's warnings come again from every new QEMU and are not
+the transfer's doing: "VFIO dma-buf not supported in kernel"; with iommufd "IOMMU_IOAS_MAP failed:
+Bad address, PCI BAR?", the `vfio_container_dma_map(...) = -14` of a BAR that cannot be mapped for
+peer-to-peer, at other addresses, and "<device>: PCI peer-to-peer transactions on BARs are not
+supported", which the first QEMU says for the NVMe only once the guest's driver maps its BARs).
 """
 
 from __future__ import annotations
