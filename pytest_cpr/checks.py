@@ -42,8 +42,8 @@ def assert_source_quit(result: TransferResult, known: Sequence[KnownBug] = (), l
 
 
 def assert_qemu_quiet(result: TransferResult, known: Sequence[KnownBug] = (), logs: object = None) -> None:
-    """Neither QEMU printed news on stderr during the transfer (qemu/stderr.py: trouble that is not the
-    first QEMU's start-up noise). A line that is a known bug's signature is named in the notes."""
+    """Neither QEMU printed news on stderr during the transfer (qemu/stderr.py: trouble no QEMU of the
+    guest said before the transfer). A line that is a known bug's signature is named in the notes."""
     bad = []
     for line in result.qemu_messages:
         bug = next((b for b in known if b.stderr and re.search(b.stderr, line)), None)
