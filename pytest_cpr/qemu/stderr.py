@@ -19,6 +19,7 @@ NOTEWORTHY = re.compile(r"error|warn|fail|vfio|iommufd|migrat|cpr|dma|unable|can
                         r"unsupported|not supported|denied|refus", re.IGNORECASE)
 _PROGRAM = re.compile(r"^\S*qemu-system-\S+: ")
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+")  # addresses differ from process to process
+_PCI = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")  # and the device named
 
 
 def size(path: Path) -> int:
@@ -41,8 +42,9 @@ def lines_since(path: Path, offset: int = 0) -> list[str]:
 
 
 def _shape(line: str) -> str:
-    """A line with its hex numbers blanked: what two QEMU processes saying the same thing share."""
-    return _NUMBER.sub("0x_", line)
+    """A line with its hex numbers and PCI addresses blanked: what two QEMU processes saying the same
+    thing share (iommufd's p2p warning comes once per process, about whichever device's BAR came first)."""
+    return _PCI.sub("<pci>", _NUMBER.sub("0x_", line))
 
 
 def news(lines: list[str], startup: set[str]) -> list[str]:

@@ -41,6 +41,9 @@ def test_news_knows_start_up_noise_at_other_addresses() -> None:
     g1 = "warning: vfio_container_dma_map(0x55ee0e35ec50, 0xfeb80000, 0x20000, 0x7fd908560000) = -14 (Bad address)"
     other = "warning: vfio_container_dma_map(0x55ee0e35ec50, 0x0, 0x80000000, 0x7fd908560000) = -17 (File exists)"
     assert stderr.news([g1, other], {g0}) == [other]
+    # once per process, about whichever device's BAR came first (seen: g0 01:00.0, g1 02:00.0)
+    p2p = "{}: PCI peer-to-peer transactions on BARs are not supported."
+    assert stderr.news([p2p.format("0000:02:00.0")], {p2p.format("0000:01:00.0")}) == []
 
 
 def test_qemu_quiet_check_names_the_lines_and_known_bugs() -> None:
