@@ -664,14 +664,20 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--out", default=L1_HOST_CONFIG)
     h.add_argument("--peer", default=PEER_NAME)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # `kill`, a job timeout: L1 is shut down, not orphaned
+    return run_as_cli("cpr-vhost", lambda: _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args))
+
+
+def run_as_cli(name: str, command: Callable[[], int]) -> int:
+    """Run a command-line tool's `command`: SIGTERM (`kill`, a job timeout) counts as Ctrl-C, so L1 is
+    shut down, not orphaned; an error is one line; exit 2 on an error, 130 when interrupted."""
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     try:
-        return _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args)
+        return command()
     except CprError as exc:
-        print(f"cpr-vhost: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"cpr-vhost: interrupted ({exc or 'Ctrl-C'}); L1 was shut down", file=sys.stderr)
+        print(f"{name}: interrupted ({exc or 'Ctrl-C'}); L1 was shut down", file=sys.stderr)
         return 130
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, sigterm_as_ctrl_c
+from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, run_as_cli
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -276,20 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "table":
         print(table(read_rows(args.data)))
         return 0
-    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)  # L1 is shut down, not orphaned
-    try:
-        runner = Runner(args.config, args.workload, args.control, args.rounds, args.max_failures,
-                        args.data, args.artifacts.resolve(), args.append)
-        records = runner.run()
-    except CprError as exc:
-        print(f"vhost-stability: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print(f"vhost-stability: interrupted ({exc or 'Ctrl-C'}); L1 was shut down", file=sys.stderr)
-        return 130
-    passed = sum(r.outcome == "passed" for r in records)
-    print(f"[stability] {args.config} {args.workload}: {passed} of {len(records)} rounds passed", flush=True)
-    return 0 if passed == len(records) else 1
+    def rounds() -> int:
+        records = Runner(args.config, args.workload, args.control, args.rounds, args.max_failures,
+                         args.data, args.artifacts.resolve(), args.append).run()
+        passed = sum(r.outcome == "passed" for r in records)
+        print(f"[stability] {args.config} {args.workload}: {passed} of {len(records)} rounds passed", flush=True)
+        return 0 if passed == len(records) else 1
+
+    return run_as_cli("vhost-stability", rounds)
 
 
 if __name__ == "__main__":
