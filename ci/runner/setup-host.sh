@@ -7,8 +7,10 @@
 #     --runner-dir DIR     the runner's folder: hooks and CPR_* settings go into DIR/.env
 #     --host-config FILE   installed as /etc/pytest-cpr/host.toml (CPR_HOST_CONFIG)
 #     --plugin SPEC        pip requirement for the hooks' virtualenv (default: this checkout)
+#     --hook-python PATH   the interpreter the hooks run as root (default /opt/pytest-cpr/venv/bin/python);
+#                          written into /opt/pytest-cpr/hooks/python, never taken from the environment
 #     --kernel-params      add the IOMMU kernel parameters to GRUB (takes effect after a reboot)
-#     --sudoers            give --runner-user passwordless sudo (the tests need root; see README)
+#     --sudoers            give --runner-user sudo for exactly the kit's commands (/etc/sudoers.d/pytest-cpr)
 #     --root DIR           write every file under DIR and run nothing that changes the running
 #                          system (modprobe, udev, grub, usermod, venv): for review and for tests
 set -euo pipefail
@@ -17,10 +19,12 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CHECK=0 ROOT="" RUNNER_USER="" RUNNER_DIR="" HOST_CONFIG="" PLUGIN="" KERNEL_PARAMS=0 SUDOERS=0
 PREFIX=/opt/pytest-cpr
+HOOK_PYTHON=$PREFIX/venv/bin/python
+HOOKS=(lib.sh job-started.sh job-completed.sh give-back.sh)
 MODULES=(vfio vfio_pci vfio_iommu_type1 iommufd tun bridge)
 MISSING=0
 
-usage() { sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 ok() { printf '  ok       %s\n' "$*"; }
 missing() { printf '  MISSING  %s\n' "$*"; MISSING=$((MISSING + 1)); }
 did() { printf '  done     %s\n' "$*"; }
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
     --runner-dir) RUNNER_DIR=${2:?}; shift ;;
     --host-config) HOST_CONFIG=${2:?}; shift ;;
     --plugin) PLUGIN=${2:?}; shift ;;
+    --hook-python) HOOK_PYTHON=${2:?}; shift ;;
     --kernel-params) KERNEL_PARAMS=1 ;;
     --sudoers) SUDOERS=1 ;;
     -h | --help) usage 0 ;;
@@ -43,6 +48,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+case $HOOK_PYTHON in /*) ;; *) echo "setup-host.sh: --hook-python needs an absolute path" >&2; exit 2 ;; esac
 if live && [ "$(id -u)" -ne 0 ]; then echo "setup-host.sh: run as root (or use --check / --root DIR)" >&2; exit 2; fi
 
 write_file() {  # path mode: content from stdin, under ROOT
@@ -136,34 +142,55 @@ EOF
   if [ -c /dev/net/tun ]; then ok "/dev/net/tun"; else missing "/dev/net/tun: modprobe tun"; fi
 }
 
+sudoers_rules() {  # the narrow rules: exactly the commands the hooks and the action run as root
+  local user=$1 clean="$HOOK_PYTHON -I -m pytest_cpr.cleanup --label"
+  cat <<EOF
+# pytest-cpr (ci/runner/setup-host.sh): what $user may run as root, and nothing else.
+# The job hooks' cleanup, exactly as hooks/lib.sh runs it (no argument may differ; sudo empties the
+# environment, so no CPR_STATE_DIR or PYTHON* variable reaches it):
+Cmnd_Alias CPR_CLEANUP = $clean pytest-cpr job-started, \\
+                         $clean pytest-cpr job-completed
+# Root's files in the runner's work tree back to the runner user (give-back.sh refuses other paths):
+Cmnd_Alias CPR_GIVE_BACK = $PREFIX/hooks/give-back.sh *
+# The tests and the image build (network namespaces, taps, vfio-pci, debootstrap) through the hooks'
+# root-owned interpreter. They run the job's test code as root: this rule narrows what a stray
+# command can do; it is no boundary against the job (ci/README.md, "Security model").
+Cmnd_Alias CPR_TESTS = $HOOK_PYTHON -m pytest *, $HOOK_PYTHON -m pytest_cpr.images build *
+# SETENV: the action passes its CPR_* settings with sudo --preserve-env=...
+$user ALL=(root) NOPASSWD: CPR_CLEANUP, CPR_GIVE_BACK, SETENV: CPR_TESTS
+EOF
+}
+
 setup_sudoers() {
   [ "$SUDOERS" -eq 1 ] && [ -n "$RUNNER_USER" ] && apply || return 0
-  section "sudo for $RUNNER_USER"
-  printf '%s\n' "# pytest-cpr: the tests need root (network namespaces, taps, vfio-pci binding)." \
-    "# Only on a dedicated test host that never runs code from forks (ci/README.md)." \
-    "$RUNNER_USER ALL=(root) NOPASSWD: ALL" | write_file /etc/sudoers.d/pytest-cpr 0440
-  if command -v visudo >/dev/null; then visudo -c -q -f "$ROOT/etc/sudoers.d/pytest-cpr" && ok "sudoers syntax"; fi
+  section "sudo for $RUNNER_USER (exactly the kit's commands)"
+  sudoers_rules "$RUNNER_USER" | write_file /etc/sudoers.d/pytest-cpr 0440
+  if command -v visudo >/dev/null; then
+    if visudo -c -q -f "$ROOT/etc/sudoers.d/pytest-cpr"; then ok "sudoers syntax (visudo -c)"
+    else rm -f "$ROOT/etc/sudoers.d/pytest-cpr"; missing "sudoers file refused by visudo -c: removed"; fi
+  fi
 }
 
 setup_hooks() {
   section "runner job hooks and the cleanup tool"
   local h
   if apply; then
-    for h in lib.sh job-started.sh job-completed.sh; do
-      mkdir -p "$ROOT$PREFIX/hooks"
-      install -m 0755 "$HERE/hooks/$h" "$ROOT$PREFIX/hooks/$h"
-    done
-    did "installed $PREFIX/hooks (root-owned: jobs cannot change them)"
+    mkdir -p "$ROOT$PREFIX/hooks"
+    for h in "${HOOKS[@]}"; do install -m 0755 "$HERE/hooks/$h" "$ROOT$PREFIX/hooks/$h"; done
+    printf '%s\n' "$HOOK_PYTHON" | write_file "$PREFIX/hooks/python" 0644
+    if [ -n "$RUNNER_DIR" ]; then printf '%s\n' "$RUNNER_DIR/_work" | write_file "$PREFIX/hooks/runner-work" 0644; fi
+    did "installed $PREFIX/hooks (root-owned; the hooks refuse to run anything a job could change)"
   fi
-  if live; then
+  if live && [ "$HOOK_PYTHON" = "$PREFIX/venv/bin/python" ]; then
     local spec=${PLUGIN:-$REPO}
     python3 -m venv "$PREFIX/venv"
     "$PREFIX/venv/bin/python" -m pip install --quiet --upgrade "$spec"
     did "$PREFIX/venv with $spec"
   fi
-  if [ -x "$ROOT$PREFIX/venv/bin/python" ] && "$ROOT$PREFIX/venv/bin/python" -c 'import pytest_cpr.cleanup' 2>/dev/null
-  then ok "$PREFIX/venv has pytest_cpr.cleanup"
-  elif [ -z "$ROOT" ]; then missing "$PREFIX/venv/bin/python with pytest-cpr (run without --check)"; fi
+  # from / with -I, as the hooks run it: a checkout in the current directory must not count
+  if [ -x "$ROOT$HOOK_PYTHON" ] && (cd / && "$ROOT$HOOK_PYTHON" -I -c 'import pytest_cpr.cleanup') 2>/dev/null
+  then ok "$HOOK_PYTHON has pytest_cpr.cleanup"
+  elif [ -z "$ROOT" ]; then missing "$HOOK_PYTHON with pytest-cpr (run without --check)"; fi
 }
 
 setup_host_config() {

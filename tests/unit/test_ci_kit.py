@@ -323,6 +323,19 @@ def test_evaluator_reads_github_expressions() -> None:
 
 # -- runner hooks and host setup -----------------------------------------------------------------------
 
+def setup_host(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CI / "runner" / "setup-host.sh"), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def installed_hooks(tmp_path: Path, python: Path, *args: str) -> Path:
+    """The hooks as setup-host.sh installs them (under --root), with `python` as their interpreter."""
+    root = tmp_path / "root"
+    result = setup_host(root, "--hook-python", str(python), *args)
+    assert "wrote /opt/pytest-cpr/hooks/python" in result.stdout, result.stdout + result.stderr
+    return root / "opt" / "pytest-cpr" / "hooks"
+
+
 def fake_python(tmp_path: Path, output: str, rc: int) -> Path:
     """Stands in for the hooks' interpreter: prints what pytest_cpr.cleanup would print."""
     stub = tmp_path / "python"
@@ -331,16 +344,23 @@ def fake_python(tmp_path: Path, output: str, rc: int) -> Path:
     return stub
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the hooks call sudo when not root")
+def run_hook(hooks: Path, name: str, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-e", str(hooks / name)], env=dict(os.environ, **env), cwd=cwd,
+                          capture_output=True, text=True, timeout=30)
+
+
+root_only = pytest.mark.skipif(os.geteuid() != 0,
+                               reason="the hooks call sudo when not root, and check root owns their files")
+
+
+@root_only
 @pytest.mark.parametrize(("output", "rc", "annotation"), [
     ("pytest-cpr job-started: nothing to clean", 0, None),
     ("pytest-cpr job-started: killed orphaned QEMU process 7 (q)", 0, "::warning::"),
     ("pytest-cpr job-started: could not clean vfio 0000:01:00.0: busy", 1, "::error::"),
 ])
 def test_job_started_hook(tmp_path: Path, output: str, rc: int, annotation: str | None) -> None:
-    env = dict(os.environ, CPR_HOOK_PYTHON=str(fake_python(tmp_path, output, rc)))
-    result = subprocess.run(["bash", "-e", str(CI / "runner" / "hooks" / "job-started.sh")], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = run_hook(installed_hooks(tmp_path, fake_python(tmp_path, output, rc)), "job-started.sh")
     assert result.returncode == rc, result.stdout + result.stderr
     assert output in result.stdout
     if annotation:
@@ -349,16 +369,96 @@ def test_job_started_hook(tmp_path: Path, output: str, rc: int, annotation: str 
         assert "::" not in result.stdout
 
 
+@root_only
 def test_hook_without_the_tool_fails_the_job(tmp_path: Path) -> None:
-    env = dict(os.environ, CPR_HOOK_PYTHON=str(tmp_path / "missing"))
-    result = subprocess.run(["bash", "-e", str(CI / "runner" / "hooks" / "job-completed.sh")], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = run_hook(installed_hooks(tmp_path, tmp_path / "missing"), "job-completed.sh")
     assert result.returncode == 1 and "run ci/runner/setup-host.sh" in result.stdout
 
 
-def setup_host(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CI / "runner" / "setup-host.sh"), "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=60)
+POISON = "import pathlib; pathlib.Path({marker!r}).write_text('imported'); print('POISONED')\n"
+
+
+def poisoned_workspace(tmp_path: Path) -> tuple[Path, Path]:
+    """A job's workspace with its own pytest_cpr package that leaves a marker when imported."""
+    ws, marker = tmp_path / "workspace", tmp_path / "poison-imported"
+    (ws / "pytest_cpr").mkdir(parents=True)
+    for module in ("__init__.py", "cleanup.py"):
+        (ws / "pytest_cpr" / module).write_text(POISON.format(marker=str(marker)))
+    return ws, marker
+
+
+IMPORT_ONLY = 'import pytest_cpr.cleanup as c; print("pytest-cpr job-started: nothing to clean;", c.__file__)'
+
+
+def recording_python(tmp_path: Path) -> tuple[Path, Path]:
+    """An interpreter for the hooks that writes down its directory, arguments and environment, then runs
+    the real interpreter with the hook's flags, importing pytest_cpr.cleanup without running it (this
+    host's real records are other runs')."""
+    stub, log = tmp_path / "interp" / "python", tmp_path / "interp.log"
+    stub.parent.mkdir()
+    stub.write_text(f"""#!/bin/bash
+{{ printf 'cwd=%s\\n' "$PWD"; printf 'arg=%s\\n' "$@"; env | sed 's/^/env=/'; }} > {log}
+flags=(); while [ $# -gt 0 ] && [ "$1" != -m ]; do flags+=("$1"); shift; done
+exec {sys.executable} "${{flags[@]}}" -c {IMPORT_ONLY!r}
+""")
+    stub.chmod(0o755)
+    return stub, log
+
+
+@root_only
+def test_hook_runs_cleanup_from_root_dir_isolated_and_never_imports_a_poison_in_the_workspace(tmp_path: Path) -> None:
+    ws, marker = poisoned_workspace(tmp_path)
+    python, log = recording_python(tmp_path)
+    evil = tmp_path / "evil-python"
+    evil.write_text(f"#!/bin/sh\ntouch {tmp_path}/evil-ran\n")
+    evil.chmod(0o755)
+    result = run_hook(installed_hooks(tmp_path, python), "job-started.sh", cwd=ws, CPR_HOOK_PYTHON=str(evil),
+                      PYTHONPATH=str(ws), CPR_STATE_DIR=str(tmp_path / "fake-state"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = log.read_text().splitlines()
+    assert "cwd=/" in lines
+    assert lines[1:6] == ["arg=-I", "arg=-m", "arg=pytest_cpr.cleanup", "arg=--label", "arg=pytest-cpr job-started"]
+    assert not [v for v in lines if v.startswith(("env=CPR_", "env=PYTHON"))], lines
+    assert f"{REPO / 'pytest_cpr' / 'cleanup.py'}" in result.stdout and "POISONED" not in result.stdout
+    assert not marker.exists() and not (tmp_path / "evil-ran").exists()
+    assert "CPR_HOOK_PYTHON from the environment is ignored" in result.stderr
+    # control: the same interpreter in the workspace without -I runs the job's package
+    control = subprocess.run([sys.executable, "-c", "import pytest_cpr.cleanup"], cwd=ws, capture_output=True,
+                             text=True, timeout=30)
+    assert "POISONED" in control.stdout and marker.exists()
+
+
+@root_only
+@pytest.mark.parametrize("loose", ["interpreter file", "interpreter", "interpreter folder"])
+def test_hook_refuses_a_poison_interpreter_others_can_write(tmp_path: Path, loose: str) -> None:
+    python, log = recording_python(tmp_path)
+    hooks = installed_hooks(tmp_path, python)
+    target = {"interpreter file": hooks / "python", "interpreter": python, "interpreter folder": python.parent}[loose]
+    target.chmod(target.stat().st_mode | 0o022)
+    result = run_hook(hooks, "job-started.sh")
+    assert result.returncode == 1
+    assert f"::error::pytest-cpr hook: {target} is writable by group or others" in result.stdout
+    assert len(result.stdout.splitlines()) == 1 and not log.exists()
+
+
+@root_only
+def test_give_back_chowns_only_inside_the_runner_work_tree(tmp_path: Path) -> None:
+    work = tmp_path / "root" / "srv" / "runner" / "_work"
+    inside, outside = work / "repo" / "repo", tmp_path / "elsewhere"
+    for d in (inside, outside):
+        d.mkdir(parents=True)
+        (d / "made-by-root").write_text("x")
+    os.chown(work, 65534, 65534)
+    (work / "link").symlink_to(outside)
+    hooks = installed_hooks(tmp_path, fake_python(tmp_path, "", 0), "--runner-dir", str(tmp_path / "root/srv/runner"))
+    (hooks / "runner-work").write_text(f"{work}\n")  # --root writes the path as on the host
+    ok = subprocess.run([str(hooks / "give-back.sh"), str(inside)], capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    assert (inside / "made-by-root").stat().st_uid == 65534
+    for bad in (outside, work / "link", work / ".." / ".." / ".." / ".." / "elsewhere"):
+        refused = subprocess.run([str(hooks / "give-back.sh"), str(bad)], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 1 and "is not a folder inside the runner's work tree" in refused.stderr
+    assert (outside / "made-by-root").stat().st_uid == 0
 
 
 def test_setup_host_writes_the_runner_files(tmp_path: Path) -> None:
@@ -392,6 +492,34 @@ def test_setup_host_writes_the_runner_files(tmp_path: Path) -> None:
     unit = root / "etc/systemd/system/actions.runner.acme-cpr.host-a.service.d/pytest-cpr.conf"
     assert "LimitMEMLOCK=infinity" in unit.read_text()
     assert (root / "etc" / "sudoers.d" / "pytest-cpr").stat().st_mode & 0o777 == 0o440
+
+
+SUDOERS_RULES = ["Cmnd_Alias CPR_CLEANUP = /opt/pytest-cpr/venv/bin/python -I -m pytest_cpr.cleanup --label "
+                 "pytest-cpr job-started, \\",
+                 "                         /opt/pytest-cpr/venv/bin/python -I -m pytest_cpr.cleanup --label "
+                 "pytest-cpr job-completed",
+                 "Cmnd_Alias CPR_GIVE_BACK = /opt/pytest-cpr/hooks/give-back.sh *",
+                 "Cmnd_Alias CPR_TESTS = /opt/pytest-cpr/venv/bin/python -m pytest *, "
+                 "/opt/pytest-cpr/venv/bin/python -m pytest_cpr.images build *",
+                 "nobody ALL=(root) NOPASSWD: CPR_CLEANUP, CPR_GIVE_BACK, SETENV: CPR_TESTS"]
+
+
+def test_setup_host_sudoers_allows_exactly_the_kit_commands(tmp_path: Path) -> None:
+    result = setup_host(tmp_path, "--runner-user", "nobody", "--sudoers")
+    sudoers = tmp_path / "etc" / "sudoers.d" / "pytest-cpr"
+    rules = [line for line in sudoers.read_text().splitlines() if line and not line.startswith("#")]
+    assert rules == SUDOERS_RULES
+    assert "NOPASSWD: ALL" not in sudoers.read_text()
+    if shutil.which("visudo"):
+        assert "ok       sudoers syntax (visudo -c)" in result.stdout
+        assert subprocess.run(["visudo", "-c", "-q", "-f", str(sudoers)], timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not shutil.which("visudo"), reason="visudo is not installed")
+def test_setup_host_removes_a_sudoers_file_visudo_refuses(tmp_path: Path) -> None:
+    result = setup_host(tmp_path, "--runner-user", "nobody", "--sudoers", "--hook-python", "/opt/a,b/python")
+    assert "MISSING  sudoers file refused by visudo -c: removed" in result.stdout, result.stdout
+    assert not (tmp_path / "etc" / "sudoers.d" / "pytest-cpr").exists()
 
 
 def test_setup_host_check_changes_nothing(tmp_path: Path) -> None:

@@ -36,15 +36,18 @@ need_sudo() {
   esac
 }
 
-as_root() {  # run "$@" as root (network namespaces, taps, VFIO, debootstrap), keeping CPR_* and GitHub files
+as_root() {  # run "$@" as root (network namespaces, taps, VFIO, debootstrap), keeping CPR_* and GitHub files;
+  # sudo's own PATH (secure_path) stays: setup-host.sh's sudoers rules allow exactly these commands
   if ! need_sudo; then "$@"; return; fi
-  local keep=() var
-  while IFS= read -r var; do keep+=("$var=${!var}"); done < <(compgen -e | grep -E '^(CPR_|GITHUB_STEP_SUMMARY$|PATH$)' | grep -v '^CPR_CI_')
-  sudo -n -- env "${keep[@]}" "$@"
+  local keep
+  keep=$(compgen -e | grep -E '^(CPR_|GITHUB_STEP_SUMMARY$)' | grep -v '^CPR_CI_' | paste -sd, -)
+  sudo -n ${keep:+--preserve-env="$keep"} -- "$@"
 }
 
 give_back() {  # files made by root under sudo: back to the runner user, so the runner can upload and delete them
-  if need_sudo && [ -e "$1" ]; then sudo -n chown -R "$(id -u):$(id -g)" "$1"; fi
+  if ! need_sudo || [ ! -e "$1" ]; then return 0; fi
+  if [ -x /opt/pytest-cpr/hooks/give-back.sh ]; then sudo -n /opt/pytest-cpr/hooks/give-back.sh "$1"  # setup-host.sh's rules
+  else sudo -n chown -R "$(id -u):$(id -g)" "$1"; fi
 }
 
 export_setting() {  # CPR_CI_X -> CPR_X, only when given

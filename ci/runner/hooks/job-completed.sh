@@ -8,7 +8,7 @@ rc=0
 cpr_cleanup "pytest-cpr job-completed" || rc=$?
 if [ "$(id -u)" -ne 0 ]; then
   for dir in "${GITHUB_WORKSPACE:-}" "${RUNNER_TEMP:-}"; do
-    if [ -n "$dir" ] && [ -d "$dir" ]; then as_root chown -R "$(id -u):$(id -g)" "$dir" || rc=1; fi
+    if [ -n "$dir" ] && [ -d "$dir" ]; then as_root "$CPR_HOOKS_DIR/give-back.sh" "$dir" || rc=1; fi
   done
 fi
 exit "$rc"
