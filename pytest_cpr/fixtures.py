@@ -19,7 +19,7 @@ from pytest_cpr import leftovers
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
-from pytest_cpr.images import GuestImage, cached_path
+from pytest_cpr.images import GuestImage, cached_path, verify
 from pytest_cpr.kinds import Accel, Mode, values
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.settings import CprSettings
@@ -88,6 +88,7 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage | None:
         if not path.exists():
             host_unavailable(f"guest image not built ({path} missing): run `cpr-image build guest` "
                              "(or set --cpr-image / CPR_IMAGE)", cpr_settings)
+        verify(path, "guest")
         return GuestImage.load(path, "--cpr-image / CPR_IMAGE")
 
 

@@ -56,25 +56,30 @@ class StateDirError(CprError):
     """The state directory is not private to root: its records cannot be trusted."""
 
 
-def check_state_dir(path: Path | None = None) -> None:
-    """Refuse a state directory that is a symlink, not a directory, owned by another user or writable
-    by group or others: whoever can write a record there gets root to act on it."""
-    path = path or STATE_DIR
+def private_dir_problem(path: Path) -> str | None:
+    """Why a directory root acts on is not private to root (None: it is, or it does not exist yet): a
+    symlink, not a directory, owned by another user, or writable by group or others."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        problem = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-    elif st.st_uid not in (0, os.geteuid()):
-        problem = f"owned by uid {st.st_uid}"
-    elif st.st_mode & 0o022:
-        problem = f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-        return
-    raise StateDirError(f"state directory {path} (CPR_STATE_DIR) is {problem}: its records are acted on as "
-                        f"root; make it a root-owned directory with mode 700 (or remove it) or point "
-                        "CPR_STATE_DIR at one")
+        return "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def check_state_dir(path: Path | None = None) -> None:
+    """Refuse a state directory that is not private to root: whoever can write a record there gets
+    root to act on it."""
+    path = path or STATE_DIR
+    if problem := private_dir_problem(path):
+        raise StateDirError(f"state directory {path} (CPR_STATE_DIR) is {problem}: its records are acted on as "
+                            f"root; make it a root-owned directory with mode 700 (or remove it) or point "
+                            "CPR_STATE_DIR at one")
 
 
 def fake_trees_allowed() -> bool:
@@ -155,10 +160,12 @@ class ClaimLock:
     """An exclusive flock on <state dir>/locks/<name>.lock, held while a resource is claimed. The kernel
     drops it when the holder dies, so a lock is never stale; the file names the holder's pid."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, directory: Path | None = None) -> None:
+        """directory: where the lock file lives (default <state dir>/locks); the caller checks it is private."""
         if not _plain(name):
             raise ValueError(f"lock name {name!r} is not a plain name")
-        self.path = STATE_DIR / "locks" / f"{name}.lock"
+        self.in_state_dir = directory is None
+        self.path = (directory or STATE_DIR / "locks") / f"{name}.lock"
         self.fd: int | None = None
 
     def holder(self) -> str:
@@ -169,7 +176,8 @@ class ClaimLock:
 
     def acquire(self, timeout: float, poll: float = 0.05) -> ClaimLock:
         """Wait up to `timeout` seconds for the lock; LockTimeout names the holder's pid."""
-        check_state_dir()
+        if self.in_state_dir:
+            check_state_dir()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + timeout

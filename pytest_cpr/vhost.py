@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
-from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir
+from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir, verify_existing
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
 
@@ -294,9 +294,14 @@ class VhostConfig:
         and `cpr-image build qemu-next` / `vhost-kernel` when built); see `l1_qemu` and `l1_kernel`."""
         cache = cache_dir or default_cache_dir()
         guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
+        l0_qemu = l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache)
+        l0_kernel = l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache)
+        # cache entries are checked against their manifests: root runs this QEMU and boots these files
+        for used in (cached_path("vhost", cache), guest, Path(l0_qemu).parent.parent, l0_kernel and l0_kernel.parent):
+            if used:
+                verify_existing(used)
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
-                   qemu=l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache),
-                   kernel=l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache),
+                   qemu=l0_qemu, kernel=l0_kernel,
                    append=os.environ.get("CPR_VHOST_APPEND", ""),
                    tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
                    tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")), **overrides)  # type: ignore[arg-type]

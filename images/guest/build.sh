@@ -6,6 +6,7 @@ set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/../lib/initrd.sh"
+. "$HERE/../lib/debootstrap.sh"
 SUITE=${CPR_GUEST_SUITE:-bookworm}
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=openssh-server,iproute2,iputils-ping,procps,busybox
@@ -20,9 +21,7 @@ done
 mkdir -p "$WORK/rootfs"
 
 step "debootstrap $SUITE minbase with $PACKAGES"
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$WORK/rootfs" "$MIRROR" \
-  | sed -u 's/^/  /' | grep -E --line-buffered '^  I: (Retrieving|Validating|Extracting|Installing|Configuring|Base system)' \
-  | awk 'NR % 25 == 1 || /Base system/' || true
+signed_debootstrap "$SUITE" "$WORK/rootfs" "$MIRROR" --variant=minbase --include="$PACKAGES"
 [ -x "$WORK/rootfs/usr/sbin/sshd" ] || { echo "debootstrap failed: no sshd in rootfs" >&2; exit 1; }
 
 # Two kernels share the rootfs: "cloud" (virtio only, the fastest boot: the default) and "full"

@@ -10,10 +10,12 @@ SUITE=${CPR_QEMU_NEXT_SUITE:-trixie}
 PKG_SUITE=${CPR_QEMU_NEXT_PKG_SUITE:-trixie-backports}
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 R="$OUT/root"
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../lib/debootstrap.sh"
 step() { printf '[qemu-next %(%H:%M:%S)T] %s\n' -1 "$*"; }
 
 step "debootstrap $SUITE minbase"
-debootstrap --variant=minbase "$SUITE" "$R" "$MIRROR" | grep --line-buffered -E '^I: (Base system|Retrieving InRelease)' || true
+signed_debootstrap "$SUITE" "$R" "$MIRROR" --variant=minbase
 [ -x "$R/bin/sh" ] || { echo "debootstrap of $SUITE failed" >&2; exit 1; }
 step "qemu-system-x86 from $PKG_SUITE"
 printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \

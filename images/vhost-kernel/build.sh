@@ -62,7 +62,7 @@ done < "$HERE/cpr.config"
 [ "$missing" = 0 ] || exit 1
 
 step "build bzImage with $JOBS jobs (12-20 min on two cores)"
-nice -n "${CPR_KERNEL_NICE:-5}" make -C "$S" -s -j"$JOBS" bzImage 2>&1 | grep -v '^  ' || true
+nice -n "${CPR_KERNEL_NICE:-5}" make -C "$S" -s -j"$JOBS" bzImage 2>&1 | awk '!/^  /'
 [ -f "$S/arch/x86/boot/bzImage" ] || { echo "kernel build failed (no bzImage)" >&2; exit 1; }
 cp "$S/arch/x86/boot/bzImage" "$OUT/vmlinuz"
 cp "$S/.config" "$OUT/config"

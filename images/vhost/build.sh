@@ -9,6 +9,7 @@ set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/../lib/initrd.sh"
+. "$HERE/../lib/debootstrap.sh"
 SUITE=trixie
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=kmod,pciutils,iproute2,iputils-ping,procps,python3,python3-venv,ca-certificates,util-linux,bash
@@ -27,9 +28,7 @@ done
 mkdir -p "$R"
 
 step "debootstrap $SUITE minbase with $PACKAGES"
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$R" "$MIRROR" \
-  | sed -u 's/^/  /' | grep -E --line-buffered '^  I: (Retrieving|Validating|Extracting|Installing|Configuring|Base system)' \
-  | awk 'NR % 25 == 1 || /Base system/' || true
+signed_debootstrap "$SUITE" "$R" "$MIRROR" --variant=minbase --include="$PACKAGES"
 [ -x "$R/usr/bin/python3" ] || { echo "debootstrap failed: no python3 in rootfs" >&2; exit 1; }
 
 cat > "$R/etc/apt/sources.list.d/trixie-backports.sources" <<EOS
@@ -45,7 +44,7 @@ in_root apt-get -q update >/dev/null
 
 step "QEMU from trixie-backports (VFIO cpr-transfer needs >= 10.1)"
 in_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-  -t trixie-backports qemu-system-x86 seabios ipxe-qemu | grep -E '^(Setting up|Unpacking) (qemu-system-x86|seabios)' || true
+  -t trixie-backports qemu-system-x86 seabios ipxe-qemu | awk '/^(Setting up|Unpacking) (qemu-system-x86|seabios)/'
 QEMU_VERSION=$(in_root qemu-system-x86_64 --version | head -1)
 step "  $QEMU_VERSION"
 
