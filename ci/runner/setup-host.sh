@@ -222,6 +222,8 @@ setup_runner_env() {
     set_env_line "$env" CPR_CACHE_DIR /var/cache/pytest-cpr
     set_env_line "$env" CPR_STRICT on
     if [ -n "$HOST_CONFIG" ]; then set_env_line "$env" CPR_HOST_CONFIG /etc/pytest-cpr/host.toml; fi
+    # the sudo rules allow the tests through this interpreter only (the action then installs nothing)
+    if [ "$SUDOERS" -eq 1 ]; then set_env_line "$env" CPR_CI_VENV_PYTHON "$HOOK_PYTHON"; fi
   fi
   if grep -q '^ACTIONS_RUNNER_HOOK_JOB_STARTED=' "$env" 2>/dev/null; then ok "job hooks in .env"
   else missing "job hooks not in $RUNNER_DIR/.env"; fi

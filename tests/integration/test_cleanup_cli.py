@@ -19,7 +19,6 @@ from pytest_cpr import cleanup
 pyroute2_netns = pytest.importorskip("pyroute2.netns")
 
 REPO = Path(__file__).resolve().parents[2]
-HOOK = REPO / "ci" / "runner" / "hooks" / "job-started.sh"
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces, killing QEMU")
@@ -42,6 +41,19 @@ def wait_for(what: str, ready: Callable[[], bool], timeout: float = 10.0) -> Non
 
 def alive(pid: int) -> bool:
     return cleanup.read_proc(pid) is not None and not cleanup._is_zombie(pid, cleanup.PROC)
+
+
+def installed_hook(tmp_path: Path) -> Path:
+    """job-started.sh as setup-host.sh installs it (under --root), running this interpreter with a state
+    folder of its own: the hook empties the environment, so the wrapper names it (the real records
+    in /run/pytest-cpr are other runs')."""
+    python = tmp_path / "interp" / "python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nexport CPR_STATE_DIR={tmp_path}/state\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    subprocess.run(["bash", str(REPO / "ci" / "runner" / "setup-host.sh"), "--root", str(tmp_path / "root"),
+                    "--hook-python", str(python)], check=True, capture_output=True, timeout=60)
+    return tmp_path / "root" / "opt" / "pytest-cpr" / "hooks" / "job-started.sh"
 
 
 def free_pid() -> int:
@@ -73,8 +85,7 @@ def test_job_started_hook_cleans_only_what_no_harness_owns(dirs: tuple[Path, Pat
                  and (rundir / "qmp-g0.sock").exists())
         for name in (stale_ns, live_ns):
             pyroute2_netns.create(name)
-        env = dict(os.environ, CPR_HOOK_PYTHON=sys.executable, CPR_STATE_DIR=str(tmp_path / "state"))
-        result = subprocess.run(["bash", "-e", str(HOOK)], env=env, capture_output=True, text=True,
+        result = subprocess.run(["bash", "-e", str(installed_hook(tmp_path))], capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"killed orphaned QEMU process {orphan} (qemu-system-x86_64 -name orphan;" in result.stdout, \

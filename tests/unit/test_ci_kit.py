@@ -478,7 +478,8 @@ def test_setup_host_writes_the_runner_files(tmp_path: Path) -> None:
     assert env_lines == ["ACTIONS_RUNNER_HOOK_JOB_STARTED=/opt/pytest-cpr/hooks/job-started.sh",
                          "ACTIONS_RUNNER_HOOK_JOB_COMPLETED=/opt/pytest-cpr/hooks/job-completed.sh",
                          "CPR_CACHE_DIR=/var/cache/pytest-cpr", "CPR_STRICT=on",
-                         "CPR_HOST_CONFIG=/etc/pytest-cpr/host.toml"]
+                         "CPR_HOST_CONFIG=/etc/pytest-cpr/host.toml",
+                         "CPR_CI_VENV_PYTHON=/opt/pytest-cpr/venv/bin/python"]
     grub = (root / "etc" / "default" / "grub").read_text()
     assert grub.count("iommu=pt") == 1 and re.search(r"(intel|amd)_iommu=on", grub)
     modules = (root / "etc" / "modules-load.d" / "pytest-cpr.conf").read_text().split()
@@ -492,6 +493,8 @@ def test_setup_host_writes_the_runner_files(tmp_path: Path) -> None:
     unit = root / "etc/systemd/system/actions.runner.acme-cpr.host-a.service.d/pytest-cpr.conf"
     assert "LimitMEMLOCK=infinity" in unit.read_text()
     assert (root / "etc" / "sudoers.d" / "pytest-cpr").stat().st_mode & 0o777 == 0o440
+    assert (root / "opt" / "pytest-cpr" / "hooks" / "python").read_text() == "/opt/pytest-cpr/venv/bin/python\n"
+    assert (root / "opt" / "pytest-cpr" / "hooks" / "runner-work").read_text() == "/srv/runner/_work\n"
 
 
 SUDOERS_RULES = ["Cmnd_Alias CPR_CLEANUP = /opt/pytest-cpr/venv/bin/python -I -m pytest_cpr.cleanup --label "
@@ -520,6 +523,17 @@ def test_setup_host_removes_a_sudoers_file_visudo_refuses(tmp_path: Path) -> Non
     result = setup_host(tmp_path, "--runner-user", "nobody", "--sudoers", "--hook-python", "/opt/a,b/python")
     assert "MISSING  sudoers file refused by visudo -c: removed" in result.stdout, result.stdout
     assert not (tmp_path / "etc" / "sudoers.d" / "pytest-cpr").exists()
+
+
+def test_readme_says_the_fork_guard_is_no_boundary_and_names_the_safe_setup() -> None:
+    readme = " ".join((CI / "README.md").read_text().split())
+    for claim in ("The fork guard is no security boundary",
+                  "Approving a fork's workflow run on a repository with these runners gives the fork root on the host",
+                  "cpr-hardware-reusable.yml@refs/heads/main", "Ephemeral runners",
+                  "Approval required for all outside contributors", "No blanket passwordless sudo",
+                  "they run the job's test code as root"):
+        assert claim in readme, claim
+    assert "forks never reach it" not in readme
 
 
 def test_setup_host_check_changes_nothing(tmp_path: Path) -> None:
