@@ -6,6 +6,7 @@ behind (no QEMU process, no namespace, no registry record).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_cpr import leftovers
-from pytest_cpr.images import cached_path
+from pytest_cpr.images import cached_path, file_hashes
 from pytest_cpr.settings import BY_KEY
 
 pytestmark = pytest.mark.timeout(600)
@@ -86,6 +87,26 @@ def _image_dir(tmp: Path, name: str, **replace: bytes | None) -> Path:
     return d
 
 
+def _cache_entry(tmp: Path, hashes: bool = True) -> Path:
+    """A cache {tmp}/cache whose guest entry (current recipe) has small files and a manifest: what is
+    checked first is the manifest, before the files are looked at as an image."""
+    entry = cached_path("guest", tmp / "cache")
+    entry.mkdir(parents=True)
+    for f in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (entry / f).write_text(f)
+    manifest = {"name": "guest", **({"files": file_hashes(entry)} if hashes else {})}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    return entry
+
+
+def _poisoned_entry(tmp: Path) -> None:
+    (_cache_entry(tmp) / "vmlinuz").write_text("another kernel")
+
+
+def _loose_cache(tmp: Path) -> None:
+    (_cache_entry(tmp).parent).chmod(0o777)
+
+
 def _empty_ext4(tmp: Path) -> None:
     """A guest image whose root filesystem is a valid but empty ext4: the kernel finds no init."""
     d = _image_dir(tmp, "emptyroot", **{"rootfs.img": None})
@@ -149,6 +170,16 @@ CASES = [
     Case("image-not-built", "skipped", r"guest image not built \(.*emptycache/images/guest-[0-9a-f]+ "
          r"missing\): run `cpr-image build guest` \(or set --cpr-image / CPR_IMAGE\)",
          args=("--cpr-cache-dir={tmp}/emptycache",)),
+    Case("cache-entry-poison-file-changed", "error", r"image cache entry .*/cache/images/guest-[0-9a-f]{16}: "
+         r"vmlinuz does not match its manifest \(sha256:.*\): rebuild it with `cpr-image build guest --force`$",
+         args=("--cpr-cache-dir={tmp}/cache",), prepare=_poisoned_entry),
+    Case("cache-entry-manifest-without-hashes", "error", r"image cache entry .*/guest-[0-9a-f]{16} has no file "
+         r"hashes in its manifest \(built by an older pytest-cpr, or not by cpr-image\): rebuild it with "
+         r"`cpr-image build guest --force`$", args=("--cpr-cache-dir={tmp}/cache",),
+         prepare=lambda t: _cache_entry(t, hashes=False)),
+    Case("cache-dir-writable-by-others", "error", r"image cache .*/cache/images is writable by group or others "
+         r"\(mode 777\): pytest-cpr runs what it holds .*point --cpr-cache-dir / CPR_CACHE_DIR at one$",
+         args=("--cpr-cache-dir={tmp}/cache",), prepare=_loose_cache),
     Case("memory-not-a-size", "usage", r"^ERROR: setting --cpr-memory / CPR_MEMORY / ini cpr_memory from "
          r"cli: '12X' is not a size; use a size such as 512M or 2G$", args=("--cpr-memory=12X",)),
     Case("memory-too-small", "usage", r"setting --cpr-memory .* from env: '32M' is below 64 MiB, too small "
