@@ -19,7 +19,7 @@ from pytest_cpr import leftovers
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
-from pytest_cpr.images import GuestImage, cached_path, verify
+from pytest_cpr.images import GuestImage, cached_path, verify, verify_binary
 from pytest_cpr.kinds import Accel, Mode, values
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.settings import CprSettings
@@ -57,6 +57,7 @@ def cpr_settings(pytestconfig: pytest.Config) -> CprSettings:
 
 def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
     with one_line_errors(f"probing {binary}"):
+        verify_binary(binary)
         return probe(binary, option)
 
 

@@ -225,6 +225,16 @@ def verify_existing(entry: Path) -> None:
         verify(entry, m.group("name"))
 
 
+def verify_binary(binary: str) -> None:
+    """A program that lives in a cache entry (qemu-next's QEMU, as --cpr-qemu or --cpr-target-qemu) is
+    checked against the entry's manifest before it runs."""
+    found = shutil.which(binary)
+    for parent in Path(os.path.realpath(found)).parents if found else ():
+        if parent.parent.name == "images" and (m := _ENTRY.match(parent.name)):
+            verify(parent, m.group("name"))
+            return
+
+
 def verified(name: str, cache_dir: Path, images_dir: Path = REPO_IMAGES) -> Path:
     """The cache entry of the current recipe of `name`, checked against its manifest."""
     entry = cached_path(name, cache_dir, images_dir)

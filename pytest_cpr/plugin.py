@@ -28,6 +28,7 @@ from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by imp
     cpr_vm,
     cpr_vm_factory,
 )
+from pytest_cpr.images import verify_binary
 from pytest_cpr.qemu.probe import probe
 from pytest_cpr.settings import SETTINGS, resolve, unknown_ini_keys
 from pytest_cpr.vfio_fixtures import (  # noqa: F401 - fixtures are registered by import
@@ -82,6 +83,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = ["pytest-cpr settings:", *settings.header_lines()]
     for label, binary in (("source", settings.qemu), ("target", settings.target_qemu_binary)):
         try:
+            verify_binary(binary)  # before it runs: a QEMU from the image cache must match its manifest
             build = probe(binary)
             modes = ",".join(sorted(build.migration_modes))
             lines.append(f"  {label} QEMU: {build.describe()}; migration modes: {modes}; "

@@ -25,6 +25,8 @@ printf 'kernel %s\\n' "${CPR_FAKE_FLAVOR:-plain}" > "$OUT/vmlinuz"
 head -c 4096 /dev/zero > "$OUT/rootfs.img"
 mkdir -p "$OUT/bin"
 ln -s ../vmlinuz "$OUT/bin/kernel"
+printf '#!/bin/sh\necho QEMU emulator version 11.1.3\n' > "$OUT/bin/qemu-system-x86_64"
+chmod +x "$OUT/bin/qemu-system-x86_64"
 sleep "${FAKE_SLEEP:-0}"
 """
 
@@ -128,7 +130,7 @@ def test_recipe_hash_covers_mirror_and_suite(monkeypatch: pytest.MonkeyPatch) ->
 def test_manifest_holds_every_file_hash_and_verify_passes(recipes: Path, cache: Path) -> None:
     entry = images.build("fake", cache, images_dir=recipes)
     files = json.loads((entry / "manifest.json").read_text())["files"]
-    assert set(files) == {"vmlinuz", "rootfs.img", "bin/kernel"}
+    assert set(files) == {"vmlinuz", "rootfs.img", "bin/kernel", "bin/qemu-system-x86_64"}
     assert files["bin/kernel"] == "link:../vmlinuz" and files["vmlinuz"].startswith("sha256:")
     assert images.verified("fake", cache, recipes) == entry
     assert (entry / ".verified.json").is_file()
@@ -295,3 +297,14 @@ def test_prune_leaves_an_image_being_built_alone(recipes: Path, cache: Path) -> 
 def test_prune_keep_zero_is_refused(cache: Path) -> None:
     with pytest.raises(CprSettingError, match="--keep 0: keep at least 1 entry per image"):
         images.prune(cache, keep=0)
+
+
+@root_only
+def test_manifest_poison_of_a_cached_qemu_is_refused_before_it_runs(recipes: Path, cache: Path) -> None:
+    entry = images.build("fake", cache, images_dir=recipes)
+    qemu = entry / "bin" / "qemu-system-x86_64"
+    images.verify_binary("/bin/true")  # not in a cache: nothing to check
+    images.verify_binary(str(qemu))  # as built
+    qemu.write_text("#!/bin/sh\nexec /bin/sh\n")  # replaced after the build
+    with pytest.raises(CprSettingError, match=r"bin/qemu-system-x86_64 does not match its manifest"):
+        images.verify_binary(str(qemu))
