@@ -308,3 +308,21 @@ def test_manifest_poison_of_a_cached_qemu_is_refused_before_it_runs(recipes: Pat
     qemu.write_text("#!/bin/sh\nexec /bin/sh\n")  # replaced after the build
     with pytest.raises(CprSettingError, match=r"bin/qemu-system-x86_64 does not match its manifest"):
         images.verify_binary(str(qemu))
+
+
+def test_manifest_poison_of_the_virtual_host_qemu_is_refused(tmp_path: Path, cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """L1's QEMU (qemu-next from the cache, run as root on L0) is checked when the config is made."""
+    from pytest_cpr.vhost import VhostConfig
+
+    monkeypatch.delenv("CPR_IMAGE", raising=False)
+    monkeypatch.delenv("CPR_VHOST_QEMU", raising=False)
+    entry = images.cached_path("qemu-next", cache)
+    (entry / "bin").mkdir(parents=True)
+    qemu = entry / "bin" / "qemu-system-x86_64"
+    qemu.write_text("#!/bin/sh\n")
+    (entry / "manifest.json").write_text(json.dumps({"name": "qemu-next", "files": images.file_hashes(entry)}))
+    assert VhostConfig.from_cache(tmp_path / "art", cache_dir=cache).qemu == str(qemu)
+    qemu.write_text("#!/bin/sh\nexec /bin/sh\n")
+    with pytest.raises(CprSettingError, match=r"qemu-next-[0-9a-f]{16}: bin/qemu-system-x86_64 does not match"):
+        VhostConfig.from_cache(tmp_path / "art", cache_dir=cache)
