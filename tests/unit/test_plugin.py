@@ -87,9 +87,11 @@ import pytest
 def test_x(cpr_vm_factory):
     pass
 """)
-    result = pytester.runpytest("--cpr-accel=tcg")
+    result = pytester.runpytest("-rs", "--cpr-accel=tcg")
     if "probing" in result.stdout.str():
         pytest.skip("no usable QEMU on this machine")
+    if "guest image not built" in result.stdout.str():  # the image fixture comes first
+        pytest.skip("guest image not built on this machine")
     result.stdout.fnmatch_lines(["*unknown mode 'cpr-teleport'; use one of cpr-transfer, cpr-exec*"])
 
 
