@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,24 +200,30 @@ def verify(directory: Path, name: str) -> None:
     if not isinstance(files, dict):
         raise CprSettingError(f"image cache entry {directory} has no file hashes in its manifest (built by an "
                               f"older pytest-cpr, or not by cpr-image): {fix}")
-    stamp_path = directory / STAMP
-    stamp = _read_json(stamp_path) if not leftovers.private_dir_problem(directory) else {}
+    stamp = _read_json(directory / STAMP) if not leftovers.private_dir_problem(directory) else {}
     tree = _tree(directory)
     for rel in sorted(set(files) ^ set(tree)):
         what = "is missing" if rel in files else "is not in its manifest"
         raise CprSettingError(f"image cache entry {directory}: {rel} {what} (changed after the build): {fix}")
-    fresh: dict[str, object] = {}
     for rel, path in tree.items():
         if (found := _describe(path, stamp, rel)) != files[rel]:
             raise CprSettingError(f"image cache entry {directory}: {rel} does not match its manifest ({found[:23]}, "
                                   f"manifest {str(files[rel])[:23]}): {fix}")
+    _write_stamp(directory, files, stamp)
+
+
+def _write_stamp(directory: Path, files: Mapping[str, object], old: Mapping[str, object]) -> None:
+    """Record the size, mtime, ctime and inode of each regular file whose hash was just found right, so
+    the next check hashes only what changed since (written only by the entry's owner)."""
+    fresh: dict[str, object] = {}
+    for rel, path in _tree(directory).items():
         if path.is_file() and not path.is_symlink():
             st = path.stat()
-            fresh[rel] = [found, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    if fresh != stamp and directory.stat().st_uid == os.geteuid():
-        tmp = stamp_path.with_name(f"{STAMP}.{os.getpid()}")
+            fresh[rel] = [files[rel], st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    if fresh != old and directory.stat().st_uid == os.geteuid():
+        tmp = directory / f"{STAMP}.{os.getpid()}"
         tmp.write_text(json.dumps(fresh))
-        tmp.replace(stamp_path)
+        tmp.replace(directory / STAMP)
 
 
 def verify_existing(entry: Path) -> None:
@@ -312,10 +319,12 @@ def _build_locked(name: str, recipe: Path, final: Path) -> Path:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    files = file_hashes(stage)
     manifest = {"name": name, "recipe_hash": recipe_hash(recipe), "inputs": recipe_inputs(recipe),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "build_seconds": round(time.monotonic() - t0, 1), "files": file_hashes(stage)}
+                "build_seconds": round(time.monotonic() - t0, 1), "files": files}
     (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_stamp(stage, files, {})  # just hashed: the first use need not hash again
     if final.exists():
         shutil.rmtree(final)
     stage.rename(final)
@@ -325,7 +334,8 @@ def _build_locked(name: str, recipe: Path, final: Path) -> Path:
 
 def prune(cache_dir: Path, keep: int = KEEP, images_dir: Path = REPO_IMAGES) -> list[str]:
     """Keep the `keep` newest entries of each image (and always the current recipe's), remove the rest
-    and half-built trees; an image being built is skipped (its lock is held)."""
+    and half-built trees; an image being built is skipped (its lock is held). A test running from an
+    old entry is not seen: prune when no test runs (between jobs)."""
     if keep < 1:
         raise CprSettingError(f"--keep {keep}: keep at least 1 entry per image")
     images = cache_dir / "images"

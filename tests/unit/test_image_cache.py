@@ -66,6 +66,8 @@ def signed_debootstrap(tmp_path: Path, rc: int, **env: str) -> subprocess.Comple
     fake.write_text(f"""#!/bin/sh
 printf '%s\\n' "$@" > {tmp_path}/args
 echo 'I: Retrieving InRelease'
+echo 'I: Checking Release signature'
+echo 'I: Valid Release signature (key id 4CB50190207B4758A3F73A796ED0E7B82643E131)'
 echo 'W: Cannot check Release signature; keyring file not available'
 echo 'I: Retrieving Packages'
 [ {rc} -eq 0 ] || echo 'E: Release signed by unknown key'
@@ -86,6 +88,8 @@ def test_debootstrap_checks_signatures_with_the_archive_keyring(tmp_path: Path) 
     assert args[:3] == ["--keyring=/usr/share/keyrings/debian-archive-keyring.gpg", "--force-check-gpg",
                         "--variant=minbase"]
     assert "  W: Cannot check Release signature; keyring file not available" in result.stdout
+    assert "  I: Valid Release signature (key id 4CB50190207B4758A3F73A796ED0E7B82643E131)" in result.stdout
+    assert "Checking Release signature" not in result.stdout  # progress is thinned out
 
 
 def test_debootstrap_failure_is_not_hidden_by_the_filter(tmp_path: Path) -> None:
@@ -173,10 +177,10 @@ def test_manifest_poison_with_the_old_mtime_is_still_refused(recipes: Path, cach
 def test_manifest_stamp_spares_hashing_unchanged_files(recipes: Path, cache: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     entry = images.build("fake", cache, images_dir=recipes)
-    images.verified("fake", cache, recipes)
     hashed: list[Path] = []
     real = images._sha256
     monkeypatch.setattr(images, "_sha256", lambda p: hashed.append(p) or real(p))
+    images.verified("fake", cache, recipes)  # the build left a stamp: nothing is hashed again
     images.verified("fake", cache, recipes)
     assert hashed == []
     (entry / "rootfs.img").touch()  # control: a changed stamp key means hashing again
