@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
+from pytest_cpr.host import netns
 from pytest_cpr.observers import Callbacks, ProcessHook
 from pytest_cpr.qemu.process import QemuProcess
 
@@ -388,14 +389,9 @@ def cancel_at_switchover() -> Fault:
 
 def qemu_pids_of(vm: CprVM) -> list[int]:
     """Live processes whose command line references this VM's private run directory."""
-    marker = str(vm.rundir).encode()
-    return sorted(p.pid for p in leftovers.processes() if marker in p.cmdline and p.state != "Z")
+    return sorted(p.pid for p in leftovers.processes_naming(vm.rundir))
 
 
 def namespaces_of_this_process() -> list[str]:
     """cprt-* network namespaces created by this process (name cprt-<pid>-...)."""
-    netns_dir = Path("/var/run/netns")
-    prefix = f"cprt-{os.getpid()}-"
-    if not netns_dir.is_dir():
-        return []
-    return sorted(p.name for p in netns_dir.iterdir() if p.name.startswith(prefix))
+    return netns.namespaces_of(os.getpid())

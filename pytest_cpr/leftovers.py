@@ -294,14 +294,15 @@ def rundir_problem(rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _scan(set_aside: bool) -> tuple[list[dict[str, Any]], list[str]]:
+def _scan(set_aside: bool, state_dir: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """The records that may be acted on, and one line per record refused; `set_aside`: rename those
     to *.json.rejected (never read again, kept for whoever looks into who wrote them)."""
-    check_state_dir()
-    if not STATE_DIR.is_dir():
+    state_dir = state_dir or STATE_DIR
+    check_state_dir(state_dir)
+    if not state_dir.is_dir():
         return [], []
     out, refused = [], []
-    for path in sorted(STATE_DIR.glob("*.json")):
+    for path in sorted(state_dir.glob("*.json")):
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -320,9 +321,10 @@ def _scan(set_aside: bool) -> tuple[list[dict[str, Any]], list[str]]:
     return out, refused
 
 
-def records() -> list[dict[str, Any]]:
-    """The valid records; a refused one is logged (and left where it is: cleaning sets it aside)."""
-    out, refused = _scan(set_aside=False)
+def records(state_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The valid records (of `state_dir`, default: this process's STATE_DIR); a refused one is logged
+    (and left where it is: cleaning sets it aside)."""
+    out, refused = _scan(set_aside=False, state_dir=state_dir)
     for line in refused:
         log.warning("%s", line)
     return out
@@ -378,3 +380,10 @@ def processes() -> Iterator[ProcInfo]:
         comm, rest = stat.split("(", 1)[1].rsplit(")", 1)
         fields = rest.split()
         yield ProcInfo(int(entry.name), int(fields[1]), comm, fields[0], cmdline)
+
+
+def processes_naming(path: Path) -> list[ProcInfo]:
+    """Live processes (zombies left out) whose command line names `path` or something under it (a run's
+    private directory: every QEMU of a run has its sockets and console log there)."""
+    marker = str(path).encode()
+    return [p for p in processes() if marker in p.cmdline and p.state != "Z"]

@@ -223,13 +223,27 @@ class Machine:
         self.drop_generation(0)
         self.boot_retries.append(f"{hung}: {str(exc).splitlines()[0]}")
 
-    def _boot_once(self) -> float:
-        t0 = time.monotonic()
+    def launch(self) -> QemuProcess:
+        """Start generation 0 and let the guest run, without waiting for it to boot (QMP and console
+        connected, no SSH): for tests where only the QEMU processes matter (stopping a run mid-transfer,
+        pytest_cpr.stopstress), where a booted guest only costs time. The machine stays booting:
+        transfers work, guest commands over SSH are refused."""
+        self._transition(MachineState.BOOTING, MachineState.CREATED)
+        self.spec = self._build_spec()
+        return self._start_guest(self.config.boot_timeout)[0]
+
+    def _start_guest(self, timeout: float) -> tuple[QemuProcess, Console]:
+        """Generation 0 started paused, QMP and console connected, then told to run."""
         proc = self.start_generation(0, self.config.source, None)
-        timeout = self.config.boot_timeout
         proc.connect_qmp(timeout)
         console = proc.connect_console(timeout)
         proc.qmp.execute("cont")
+        return proc, console
+
+    def _boot_once(self) -> float:
+        t0 = time.monotonic()
+        timeout = self.config.boot_timeout
+        proc, console = self._start_guest(timeout)
         host_key = self.host_key if self.config.user_image is not None else self._await_host_key(proc, console)
         assert host_key is not None  # the cloud-image spec made it
         self.boot_seconds = time.monotonic() - t0

@@ -69,7 +69,8 @@ class TransferRunner:
             said += stderr.lines_since(m.current.stderr_path)
         result.qemu_messages = stderr.news(said, m.known_stderr)
         self.observers.on_result(result)
-        if Phase.TARGET_RUNNING in result.timeline:  # else the source was paused: so is the target
+        # a paused source leaves the target paused; a guest only launched (not booted) has no SSH session
+        if Phase.TARGET_RUNNING in result.timeline and m.ssh is not None:
             self._check_ssh(result)
         self.record(result)
         return result

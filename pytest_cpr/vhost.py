@@ -672,9 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_as_cli("cpr-vhost", lambda: _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args))
 
 
-def run_as_cli(name: str, command: Callable[[], int]) -> int:
-    """Run a command-line tool's `command`: SIGTERM (`kill`, a job timeout) counts as Ctrl-C, so L1 is
-    shut down, not orphaned; an error is one line; exit 2 on an error, 130 when interrupted."""
+def run_as_cli(name: str, command: Callable[[], int], stopped: str = "L1 was shut down") -> int:
+    """Run a command-line tool's `command`: SIGTERM (`kill`, a job timeout) counts as Ctrl-C, so what it
+    started (L1) is shut down, not orphaned (`stopped` says so); an error is one line; exit 2 on an
+    error, 130 when interrupted."""
     signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     try:
         return command()
@@ -682,7 +683,7 @@ def run_as_cli(name: str, command: Callable[[], int]) -> int:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"{name}: interrupted ({exc or 'Ctrl-C'}); L1 was shut down", file=sys.stderr)
+        print(f"{name}: interrupted ({exc or 'Ctrl-C'}); {stopped}", file=sys.stderr)
         return 130
 
 

@@ -96,6 +96,10 @@ class CprVM:
         """Boot generation 0 and wait for SSH; returns boot-to-SSH seconds (see Machine.boot)."""
         return self.machine.boot()
 
+    def launch(self) -> QemuProcess:
+        """Start generation 0 without waiting for the guest to boot (see Machine.launch)."""
+        return self.machine.launch()
+
     def close(self) -> None:
         self.machine.close()
 

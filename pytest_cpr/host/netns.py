@@ -202,6 +202,13 @@ def remove_netns(name: str) -> None:
         netns.remove(name)
 
 
+def namespaces_of(owner: int) -> list[str]:
+    """The network namespaces harness process `owner` created (GuestNetwork names them cprt-<pid>-...)."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{PREFIX}-{owner}-"))
+
+
 def clean_netns(rec: dict[str, Any]) -> str:
     remove_netns(str(rec["name"]))
     return f"deleted stale network namespace {rec['name']}"

@@ -210,7 +210,10 @@ class QemuProcess:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """quit over QMP, then SIGTERM, then SIGKILL; always reaps and closes everything. A process
-        that exec'd its successor (cpr-exec) is the successor's to end: only closed here."""
+        that never took `quit` (no QMP yet: a target stopped before it read the cpr state) gets SIGTERM
+        at once: waiting for it to exit by itself only delays teardown (a CI job's timeout sends
+        SIGKILL soon after its SIGTERM). A process that exec'd its successor (cpr-exec) is the
+        successor's to end: only closed here."""
         try:
             if self.popen is not None and self.replaced_by is None and self.popen.poll() is None:
                 self._signal(signal.SIGCONT)  # a stopped process (fault injection) cannot quit
@@ -220,7 +223,7 @@ class QemuProcess:
                         self.quit_sent = True
                     except Exception:
                         pass
-                if self.wait_exit(timeout) is None:
+                if not self.quit_sent or self.wait_exit(timeout) is None:
                     self._signal(signal.SIGTERM)
                     if self.wait_exit(timeout) is None:
                         self._signal(signal.SIGKILL)
