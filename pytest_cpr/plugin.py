@@ -105,9 +105,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _second_interrupt_kills_leftovers() -> None:
     """Ctrl-C once: KeyboardInterrupt as usual, teardown shuts every QEMU down. Ctrl-C again (the
     teardown would be cut short): first SIGKILL this run's QEMU processes and delete its namespaces.
-    SIGTERM (a CI job's timeout, `kill`) counts as a Ctrl-C, unless someone else handles it."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    SIGTERM (a CI job's timeout, `kill`) counts as a Ctrl-C, unless someone else handles it: also when
+    Ctrl-C is ignored (a shell starts `pytest &` with SIGINT ignored), else SIGTERM would end such a
+    run with no teardown at all. Either signal is left alone when someone else handles it."""
+    if threading.current_thread() is not threading.main_thread():
         return
     interrupts = 0
     session_pid = os.getpid()
@@ -125,8 +126,9 @@ def _second_interrupt_kills_leftovers() -> None:
                              + "\n")
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
-    _restore.append(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+        _restore.append(lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, on_sigint)
         _restore.append(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))

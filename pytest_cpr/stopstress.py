@@ -71,7 +71,8 @@ from pytest_cpr import stopstress
 
 
 def test_transfers_until_stopped(cpr_vm_factory, cpr_session_key):
-    stopstress.transfers_until_stopped(cpr_vm_factory(), cpr_session_key.path.parent)
+    # the session key's private directory: /tmp/cpr-key-*/ssh/id_ed25519
+    stopstress.transfers_until_stopped(cpr_vm_factory(), cpr_session_key.path.parents[1])
 '''
 
 
@@ -276,20 +277,20 @@ def run_stop(work: Path, index: int, point: str, sig: str, seed: int, timeout: f
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
         outcome.problem = f"pytest did not end within {timeout:.0f}s (killed)"
-    finally:
-        if proc.poll() is None:  # interrupted ourselves: pytest must not outlive this tool
+    finally:  # also when this tool is stopped: the run is killed, and what it left still removed
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        dirs = [Path(d) for d in json.loads(_read(marks / "dirs") or "[]")]
+        outcome.left = leftovers_of(run, proc.pid, dirs)
+        if outcome.left:
+            remove_leftovers(run, proc.pid, dirs)
     outcome.seconds = time.monotonic() - t0
     outcome.exit_code = proc.returncode
     (run / "pytest.log").write_text(out)
     outcome.landed = _read(marks / "landed")
     if not outcome.problem:
         outcome.problem = _stop_problem(proc.returncode, out, marks)
-    dirs = [Path(d) for d in json.loads(_read(marks / "dirs") or "[]")]
-    outcome.left = leftovers_of(run, proc.pid, dirs)
-    if outcome.left:
-        remove_leftovers(run, proc.pid, dirs)
     return outcome
 
 
@@ -413,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
+        # Ctrl-C reaches this tool and its runs also when started in the background: a shell starts
+        # `cmd &` with SIGINT ignored, which the runs would inherit (a SIGINT stop would never land)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         points = _names(args.at, POINTS, "--at: unknown stop point")
         signals = _names(args.signal, SIGNALS, "--signal: unknown signal")
         if args.stops < 1:
