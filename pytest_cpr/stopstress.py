@@ -141,8 +141,8 @@ class StopAt(Observer):
         if not self._in_transfer:
             return
         if self.stop.point == "spawn":  # the next child of this thread is the target QEMU
-            before = _children()
-            self._watch(lambda: bool(_children() - before))
+            before = children_of_main_thread()
+            self._watch(lambda: bool(children_of_main_thread() - before))
         elif self.stop.point == "random":
             delay = random.Random(self.stop.seed).uniform(0, period)  # noqa: S311 - a test offset, no secret
             self._note("offset", f"{delay:.4f}")
@@ -180,7 +180,7 @@ class StopAt(Observer):
         (self.marks / name).write_text(text)
 
 
-def _children() -> set[str]:
+def children_of_main_thread() -> set[str]:
     """The children of this process's main thread (new ones appear at the fork, before the exec)."""
     return set(Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split())
 

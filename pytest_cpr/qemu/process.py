@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +137,13 @@ class QemuProcess:
         (self.artifacts / f"qemu-{self.label}.cmdline").write_text(
             " ".join(_quote(a) for a in self.argv) + "\n")
         try:
-            with self.stderr_path.open("wb") as err, _ctrl_c_deferred():
+            with self.stderr_path.open("wb") as err, stops_deferred():
                 self.t_spawn = time.time()
                 self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                               pass_fds=self.pass_fds, start_new_session=True)
                 leftovers.record_process(self.popen.pid, self.argv)
         except BaseException:
-            if self.popen is not None:  # Ctrl-C held during the spawn: the caller never gets this process
+            if self.popen is not None:  # a stop held during the spawn: the caller never gets this process
                 self.shutdown(5)
             raise
 
@@ -250,21 +250,44 @@ class QemuProcess:
                 pass
 
 
+# The signals that stop a run: Ctrl-C, and SIGTERM (a CI job's timeout, `kill`), which the plugin
+# handles like Ctrl-C.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold Ctrl-C while a QEMU is spawned and recorded: a KeyboardInterrupt between fork and the
-    record would leave a process (in its own session, so Ctrl-C does not reach it) nobody knows."""
+def stops_deferred() -> Iterator[None]:
+    """Hold the stop signals (STOP_SIGNALS) while a QEMU is spawned and recorded, and replay them after.
+
+    A KeyboardInterrupt raised inside subprocess.Popen after the fork loses the child: Popen never
+    returns it, so nobody records its pid, and teardown never ends it (it runs in its own session, so
+    no Ctrl-C reaches it either). Each stop signal whose handler is Python code (the plugin's, Python's
+    default Ctrl-C handler) gets a handler that only holds it; the held signals are handed to the
+    previous handlers in order on the way out, so the interrupt is raised once the process is known.
+    Signals with no Python handler (SIG_DFL, SIG_IGN) act as always."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    held: list[tuple[int, Any]] = []
+    previous: dict[int, Callable[[int, Any], Any]] = {}
+    for stop in STOP_SIGNALS:
+        handler = signal.getsignal(stop)
+        if callable(handler):
+            signal.signal(stop, lambda signum, frame: held.append((signum, frame)))
+            previous[stop] = handler
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, held[0])
+        for held_signal, held_handler in previous.items():
+            signal.signal(held_signal, held_handler)
+        raised: BaseException | None = None
+        for signum, frame in held:
+            try:
+                previous[signum](signum, frame)
+            except BaseException as exc:  # the first one raised wins; the others were still told
+                raised = raised or exc
+        if raised is not None:
+            raise raised
 
 
 def _quote(arg: str) -> str:
