@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -140,6 +141,25 @@ _restore: list[Any] = []
 def pytest_unconfigure(config: pytest.Config) -> None:
     while _restore:
         _restore.pop()()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Generator[None, None, None]:
+    """A stop (Ctrl-C, SIGTERM) that lands in a teardown cuts it short: pytest skips the rest of that
+    fixture and the fixtures torn down after it. Once the session's teardown is over (or was cut short
+    itself), what this process still has on record (QEMUs, namespaces, run directories, device
+    bindings) is cleaned, so a stopped run leaves nothing for the next one."""
+    cut_short = False
+    try:
+        return (yield)
+    except KeyboardInterrupt:
+        cut_short = True
+        raise
+    finally:
+        if cut_short or session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            with contextlib.suppress(leftovers.StateDirError, PermissionError):
+                if done := leftovers.clean_own():
+                    sys.stderr.write("\npytest-cpr: after the stop: " + "; ".join(done) + "\n")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -17,6 +17,7 @@ triggered by the transfer's own events rather than by a clock:
   retire     the old QEMU in postmigrate, before it is told to quit (on_before_retire)
   quitting   the old QEMU took `quit`; the harness waits for it to exit
   random     a random offset (seeded) after transfer 1, up to the length of transfer 1
+  teardown   the test passed after 2 transfers; its teardown waits for the guest's QEMU to quit
 
 SIGTERM goes to pytest alone (a CI job's timeout, `kill`), SIGINT to its process group (Ctrl-C at a
 terminal). Once pytest exited, the run's leftovers are counted: its QEMU processes, its network
@@ -59,12 +60,13 @@ if TYPE_CHECKING:
     from pytest_cpr.qemu.process import QemuProcess
     from pytest_cpr.vm import CprVM
 
-POINTS = ("spawn", "spawned", "listening", "migrate", "retire", "quitting", "random")
+POINTS = ("spawn", "spawned", "listening", "migrate", "retire", "quitting", "random", "teardown")
 SIGNALS = ("SIGTERM", "SIGINT")
 ENV = "CPR_STOPSTRESS"  # the inner run's Stop, as JSON
 WATCH_S = 60.0  # a watcher armed for a point gives up after this long (the stop then never lands)
 RUN_TIMEOUT_S = 180.0  # one inner pytest run, from its start to its exit after the stop
 NOT_OURS = "not ours:"  # a KeyboardInterrupt the stop did not send
+TEARDOWN = "teardown"
 
 INNER_TEST = '''\
 from pytest_cpr import stopstress
@@ -154,9 +156,10 @@ class StopAt(Observer):
         if self._in_transfer and self.stop.point == point:
             self._send()
 
-    def _watch(self, reached: Callable[[], bool]) -> None:
+    def _watch(self, reached: Callable[[], bool], landed: str = "") -> None:
         """Send the signal from a thread once `reached()` (polled without pause: the spawn window is
-        a millisecond); give up after WATCH_S."""
+        a millisecond); give up after WATCH_S. `landed`: where the stop lands, noted for a stop the
+        test body cannot see (teardown)."""
         def run() -> None:
             deadline = time.monotonic() + WATCH_S
             while not reached():
@@ -164,6 +167,8 @@ class StopAt(Observer):
                     self._note("missed", f"{self.stop.point} not reached within {WATCH_S:.0f}s")
                     return
             self._send()
+            if landed:
+                self._note("landed", landed)
 
         threading.Thread(target=run, name=f"stop-at-{self.stop.point}", daemon=True).start()
 
@@ -193,6 +198,11 @@ def transfers_until_stopped(vm: CprVM, key_dir: Path) -> None:
     at._note("dirs", json.dumps([str(vm.rundir), str(key_dir)]))
     vm.launch()
     at.t_last = time.monotonic()
+    if stop.point == "teardown":  # the transfers done, the test passes: the stop comes while its
+        for _ in range(stop.transfer):  # teardown waits for the QEMU running the guest to quit
+            vm.transfer()
+        at._watch(lambda: vm.current.quit_sent, landed=f"{TEARDOWN}: while the QEMU running the guest quits")
+        return
     try:
         with vm.observing(at):
             for _ in range(stop.transfer + 2):
@@ -310,6 +320,8 @@ def _stop_problem(code: int, out: str, marks: Path) -> str:
         return f"the stop did not land in the transfers ({landed or 'no KeyboardInterrupt'}; exit {code})"
     if code != 2 or "KeyboardInterrupt" not in out:
         return f"pytest ended with exit {code}, not as interrupted (2); see pytest.log"
+    if landed.startswith(TEARDOWN) and "1 passed" not in out:
+        return "the test did not pass before its teardown was stopped; see pytest.log"
     return ""
 
 
@@ -414,13 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def command() -> int:
-        # Ctrl-C reaches this tool and its runs also when started in the background: a shell starts
-        # `cmd &` with SIGINT ignored, which the runs would inherit (a SIGINT stop would never land)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         points = _names(args.at, POINTS, "--at: unknown stop point")
         signals = _names(args.signal, SIGNALS, "--signal: unknown signal")
         if args.stops < 1:
             raise CprSettingError(f"--stops {args.stops}: give a whole number >= 1")
+        # Ctrl-C reaches this tool and its runs also when started in the background: a shell starts
+        # `cmd &` with SIGINT ignored, which the runs would inherit (a SIGINT stop would never land)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         work = args.work or Path(tempfile.mkdtemp(prefix="stopstress-"))
         work.mkdir(parents=True, exist_ok=True)
         print(f"stopstress: work directory {work}", flush=True)
