@@ -108,8 +108,8 @@ class Stop:
 
 class StopAt(Observer):
     """Sends the stop's signal to this process at its point of its transfer (see the module docstring).
-    The points between two events (spawn, quitting, random) are reached by a watcher thread armed at
-    the event before them; the signal then reaches the main thread wherever it is."""
+    The points between two events (spawn, quitting, random, teardown) are reached by a watcher thread
+    armed at the event before them; the signal then reaches the main thread wherever it is."""
 
     def __init__(self, stop: Stop) -> None:
         self.stop = stop
@@ -147,10 +147,14 @@ class StopAt(Observer):
             self._watch(lambda: bool(children_of_main_thread() - before))
         elif self.stop.point == "random":
             delay = random.Random(self.stop.seed).uniform(0, period)  # noqa: S311 - a test offset, no secret
-            self._note("offset", f"{delay:.4f}")
+            self.note("offset", f"{delay:.4f}")
             timer = threading.Timer(delay, self._send)
             timer.daemon = True
             timer.start()
+
+    def arm_teardown(self, vm: CprVM) -> None:
+        """The test passed: the stop comes once its teardown told the QEMU running the guest to quit."""
+        self._watch(lambda: vm.current.quit_sent, landed=f"{TEARDOWN}: while the QEMU running the guest quits")
 
     def _at(self, point: str) -> None:
         if self._in_transfer and self.stop.point == point:
@@ -164,11 +168,11 @@ class StopAt(Observer):
             deadline = time.monotonic() + WATCH_S
             while not reached():
                 if time.monotonic() > deadline:
-                    self._note("missed", f"{self.stop.point} not reached within {WATCH_S:.0f}s")
+                    self.note("missed", f"{self.stop.point} not reached within {WATCH_S:.0f}s")
                     return
             self._send()
             if landed:
-                self._note("landed", landed)
+                self.note("landed", landed)
 
         threading.Thread(target=run, name=f"stop-at-{self.stop.point}", daemon=True).start()
 
@@ -181,7 +185,7 @@ class StopAt(Observer):
         else:  # a job's timeout, `kill`: pytest alone
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def _note(self, name: str, text: str) -> None:
+    def note(self, name: str, text: str) -> None:
         (self.marks / name).write_text(text)
 
 
@@ -195,20 +199,20 @@ def transfers_until_stopped(vm: CprVM, key_dir: Path) -> None:
     KeyboardInterrupt where it lands; that place is noted), else fail: the stop never came."""
     stop = Stop.from_env()
     at = StopAt(stop)
-    at._note("dirs", json.dumps([str(vm.rundir), str(key_dir)]))
+    at.note("dirs", json.dumps([str(vm.rundir), str(key_dir)]))
     vm.launch()
     at.t_last = time.monotonic()
-    if stop.point == "teardown":  # the transfers done, the test passes: the stop comes while its
-        for _ in range(stop.transfer):  # teardown waits for the QEMU running the guest to quit
+    if stop.point == TEARDOWN:
+        for _ in range(stop.transfer):
             vm.transfer()
-        at._watch(lambda: vm.current.quit_sent, landed=f"{TEARDOWN}: while the QEMU running the guest quits")
+        at.arm_teardown(vm)
         return
     try:
         with vm.observing(at):
             for _ in range(stop.transfer + 2):
                 vm.transfer()
     except KeyboardInterrupt as exc:
-        at._note("landed", landing_site(exc) if at.fired.is_set() else f"{NOT_OURS} {landing_site(exc)}")
+        at.note("landed", landing_site(exc) if at.fired.is_set() else f"{NOT_OURS} {landing_site(exc)}")
         raise
     raise CprError(f"the stop at {stop.point} of transfer {stop.transfer} never came "
                    f"({stop.transfer + 2} transfers made)")

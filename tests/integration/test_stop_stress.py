@@ -26,15 +26,16 @@ pytestmark = [pytest.mark.cpr(mode="cpr-transfer"), pytest.mark.timeout(900)]
 @pytest.mark.parametrize("signal_name", stopstress.SIGNALS)
 def test_stop_at_every_point_of_a_transfer_leaves_nothing(signal_name: str, tmp_path: Path,
                                                           cpr_image: GuestImage | None) -> None:
-    """One stop per point of the transfer: pytest ends as interrupted (exit 2) with the stop raised
-    where it was sent, and no QEMU, namespace, tap, mount, directory or record of the run is left."""
+    """One stop per point of the transfer (and one in its teardown): pytest ends as interrupted (exit 2)
+    with the stop raised in the transfers (or the teardown), and no QEMU, namespace, tap, mount,
+    directory or record of the run is left."""
     runs = stopstress.stress(len(stopstress.POINTS), stopstress.POINTS, [signal_name], tmp_path / "work",
                              seed=len(signal_name), echo=print)
     print(f"[stopstress] {signal_name}: {stopstress.summary(runs)}")
     assert not [r for r in runs if r.problem], "\n".join(r.line() for r in runs if r.problem)
     assert not [r for r in runs if r.left], "\n".join(r.line() for r in runs if r.left)
-    spawn = next(r for r in runs if r.point == "spawn")
-    assert "stops_deferred" in spawn.landed, f"the spawn stop missed the spawn window: {spawn.line()}"
+    # where the spawn stop lands depends on the scheduler: held by stops_deferred (inside the spawn) or
+    # just after it; tests/unit/test_spawn_stops.py makes sure the window itself is hit
 
 
 def test_leftover_check_finds_and_removes_what_a_run_left(tmp_path: Path, cpr_source_build: QemuBuild) -> None:
