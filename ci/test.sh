@@ -14,6 +14,15 @@ rc=0
 env -u CPR_VHOST "${PYTEST[@]}" tests --junitxml=artifacts/junit/suite.xml "${ARGS[@]}" || rc=$?
 [ "$rc" = 5 ] && rc=0   # no test selected (e.g. a -k filter) is not a failure of the suite
 
+# pytest-xdist: guests and transfers on two workers at once (per-worker run dirs and namespaces, the
+# accelerator probe once per run); its own JUnit file and artifacts folder
+echo "== pytest-xdist (-n 2): transfers, timelines and faults on two workers"
+drc=0
+CPR_ARTIFACTS=artifacts/xdist "${PYTEST[@]}" -n 2 tests/integration/test_transfer.py tests/integration/test_measure.py \
+  tests/integration/test_faults.py tests/integration/test_old_qemu.py --junitxml=artifacts/junit/xdist.xml "${ARGS[@]}" || drc=$?
+[ "$drc" = 5 ] && drc=0
+[ "$rc" = 0 ] && rc=$drc
+
 next=$(.venv/bin/cpr-image path qemu-next 2>/dev/null)/bin/qemu-system-x86_64
 if [ -x "$next" ]; then
   echo "== cross-version: source $(command -v qemu-system-x86_64) -> target $next"

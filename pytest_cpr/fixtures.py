@@ -211,7 +211,8 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
         summary = [r.as_dict() for r in vm.transfers]
         request.node.user_properties.append(("cpr_transfers_json", json.dumps(
             [{"test": request.node.nodeid, "vm": vm.config.name, **s["numbers"], "index": s["index"],
-              "source": s["source"], "target": s["target"]} for s in summary])))
+              "source": s["source"], "target": s["target"], "plot_png": s["files"].get("plot_png")}
+             for s in summary])))
         if vm.ssh_ready_seconds is not None:
             request.node.user_properties.append(("cpr_boot_to_ssh_s", round(vm.ssh_ready_seconds, 3)))
         try:
