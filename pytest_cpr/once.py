@@ -4,15 +4,14 @@ wait for the lock (bounded) and read it."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pytest_cpr.errors import CprError
+from pytest_cpr.leftovers import ClaimLock, LockTimeout
 from pytest_cpr.waits import ONCE_LOCK_TIMEOUT_S
 
 
@@ -25,18 +24,13 @@ def worker_tag() -> str:
 def computed_once(path: Path, compute: Callable[[], Any], timeout: float = ONCE_LOCK_TIMEOUT_S) -> Any:
     """compute()'s JSON value, computed by the first caller across processes sharing `path`. A
     compute() that raises stores nothing: the next caller tries again (and meets its own error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise CprError(f"{path}: another process held its lock for more than {timeout:g}s while "
-                                   "computing it (a hung pytest-xdist worker?)") from None
-                time.sleep(0.05)
+    lock = ClaimLock(path.name, path.parent)  # <path>.lock
+    try:
+        lock.acquire(timeout)
+    except LockTimeout as exc:
+        raise CprError(f"{path}: the lock was {exc} while its value was computed (a hung pytest-xdist "
+                       "worker?)") from None
+    try:
         if path.exists():
             return json.loads(path.read_text())
         value = compute()
@@ -44,3 +38,5 @@ def computed_once(path: Path, compute: Callable[[], Any], timeout: float = ONCE_
         staged.write_text(json.dumps(value))
         staged.rename(path)
         return value
+    finally:
+        lock.release()
