@@ -71,14 +71,16 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     return [c for c in COLUMNS if c[1] not in OPTIONAL or any(r.get(c[1]) is not None for r in rows)]
 
 
-def table(rows: list[dict[str, Any]], markdown: bool = False, html: bool = False) -> str:
-    """The summary table: aligned plain text for the terminal, GitHub Markdown, or an HTML table."""
-    columns = _columns(rows)
+def table(rows: list[dict[str, Any]], markdown: bool = False, html: bool = False,
+          leave_out: tuple[str, ...] = ()) -> str:
+    """The summary table: aligned plain text for the terminal, GitHub Markdown, or an HTML table;
+    `leave_out`: row keys of columns not shown (one test's table needs no test name nor outcome)."""
+    columns = [c for c in _columns(rows) if c[1] not in leave_out]
     header = [c[0] for c in columns]
     body = [[_test_name(r) if key == "test" else _cell(r.get(key)) for _, key, _ in columns] for r in rows]
     if html:
         def tr(cells: list[str], tag: str) -> str:
-            return "<tr>" + "".join(f"<{tag}>{escape(c)}</{tag}>" for c in cells) + "</tr>"
+            return "<tr>" + "".join(f'<{tag} style="padding:2px 8px">{escape(c)}</{tag}>' for c in cells) + "</tr>"
 
         return ('<table class="cpr-transfers">' + tr(header, "th") + "".join(tr(row, "td") for row in body)
                 + "</table>")
@@ -172,7 +174,8 @@ def html_extras(rep: pytest.TestReport) -> list[dict[str, Any]]:
     rows = report_rows(rep)
     if not rows:
         return []
-    found: list[dict[str, Any]] = [extras.html("<h4>cpr transfers</h4>" + table(rows, html=True))]
+    found: list[dict[str, Any]] = [extras.html("<h4>cpr transfers</h4>"
+                                               + table(rows, html=True, leave_out=("test", "outcome")))]
     for row in rows:
         png = Path(str(row.get("plot_png") or ""))
         if png.suffix == ".png" and png.is_file():

@@ -137,7 +137,7 @@ def test_html_report_carries_each_transfers_plot_and_numbers(ci_run: CiRun) -> N
     assert tables >= 2, "the test's transfer table and the run's summary table"
     for row in rows:  # the numbers of the job page's table are in the HTML report too
         for words in (("downtime",), ("blackout",)):
-            assert f"&lt;td&gt;{_column(row, *words)}&lt;/td&gt;" in html or \
-                f"<td>{_column(row, *words)}</td>" in html, f"{words} {_column(row, *words)} not in report.html"
+            cell = _column(row, *words)
+            assert f"&gt;{cell}&lt;/td&gt;" in html or f">{cell}</td>" in html, f"{words} {cell} not in report.html"
     assert "cpr-transfer summary" in html
     assert "`report.html`, the pytest-html report" in ci_run.step_summary

@@ -114,9 +114,9 @@ def test_html_table_escapes_and_holds_the_same_cells_as_the_terminal_table() -> 
     rows = report.collect_rows(terminal([recorded(1, 4, 99.6, 0)]))
     rows[0]["test"] = "tests/x.py::test_a[<b>]"
     html = report.table(rows, html=True)
-    assert html.startswith('<table class="cpr-transfers"><tr><th>test</th>')
-    assert "<td>test_a[&lt;b&gt;]</td>" in html and "<b>" not in html
-    assert "<td>99.6</td>" in html and "<td>4</td>" in html
+    assert html.startswith('<table class="cpr-transfers"><tr><th style="padding:2px 8px">test</th>')
+    assert '>test_a[&lt;b&gt;]</td>' in html and "<b>" not in html
+    assert '>99.6</td>' in html and '>4</td>' in html
 
 
 def test_job_page_names_the_html_report_and_the_run_page(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,8 @@ def test_html_extras_embed_each_plot_and_a_numbers_table(tmp_path: Path) -> None
                                  user_properties=[("cpr_transfers_json", json.dumps(rows))])
     extras = report.html_extras(teardown)
     assert [e["format_type"] for e in extras] == ["html", "image"]
-    assert "<td>99.6</td>" in extras[0]["content"] and "<td>35.6</td>" in extras[0]["content"]
+    assert ">99.6</td>" in extras[0]["content"] and ">35.6</td>" in extras[0]["content"]
+    assert ">test</th>" not in extras[0]["content"] and ">result</th>" not in extras[0]["content"]
     assert extras[1]["name"] == "vm0 transfer 1: timeline"
     assert extras[1]["content"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
     empty = pytest.TestReport(NODE, ("x", 1, "t"), {}, "passed", None, "teardown")
