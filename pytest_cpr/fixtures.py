@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ from pytest_cpr.errors import CprError, CprSettingError
 from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path, verify, verify_binary
 from pytest_cpr.kinds import Accel, Mode, values
+from pytest_cpr.once import computed_once, worker_tag
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM, VmConfig, record_private_dir
@@ -94,11 +96,21 @@ def cpr_image(cpr_settings: CprSettings) -> GuestImage | None:
 
 
 @pytest.fixture(scope="session")
-def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-              cpr_image: GuestImage | None) -> Accel:
-    """The accelerator in use: --cpr-accel, or auto: KVM if it boots a guest kernel here, else TCG."""
-    return choose_accel(cpr_settings.accel, cpr_source_build,
-                        cpr_image.kernel if cpr_image is not None else None)
+def cpr_accel(cpr_settings: CprSettings, cpr_source_build: QemuBuild, cpr_image: GuestImage | None,
+              tmp_path_factory: pytest.TempPathFactory) -> Accel:
+    """The accelerator in use: --cpr-accel, or auto: KVM if it boots the image's kernel here, else TCG.
+    Decided once per run: pytest-xdist workers take the first worker's answer (file lock)."""
+    kernel = cpr_image.kernel if cpr_image is not None else None
+
+    def decide() -> str:
+        return str(choose_accel(cpr_settings.accel, cpr_source_build, kernel))
+
+    if not worker_tag():
+        return Accel(decide())
+    key = hashlib.sha256(f"{cpr_settings.accel}\0{cpr_source_build.binary}\0{kernel}".encode()).hexdigest()[:16]
+    run_dir = tmp_path_factory.getbasetemp().parent  # the run's folder, shared by its workers
+    with one_line_errors("choosing the accelerator"):
+        return Accel(computed_once(run_dir / f"cpr-accel-{key}.json", decide))
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +214,8 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
         summary = [r.as_dict() for r in vm.transfers]
         request.node.user_properties.append(("cpr_transfers_json", json.dumps(
             [{"test": request.node.nodeid, "vm": vm.config.name, **s["numbers"], "index": s["index"],
-              "source": s["source"], "target": s["target"]} for s in summary])))
+              "source": s["source"], "target": s["target"], "plot_png": s["files"].get("plot_png")}
+             for s in summary])))
         if vm.ssh_ready_seconds is not None:
             request.node.user_properties.append(("cpr_boot_to_ssh_s", round(vm.ssh_ready_seconds, 3)))
         try:

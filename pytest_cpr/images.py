@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprSettingError
+from pytest_cpr.progress import heartbeat
 
 PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"  # an installed wheel
 CHECKOUT_RECIPES = Path(__file__).resolve().parent.parent / "images"  # a checkout (editable install)
@@ -312,7 +313,8 @@ def _build_locked(name: str, recipe: Path, final: Path) -> Path:
     print(f"[cpr-image] building {name} from {recipe} into {final}", flush=True)
     env = dict(os.environ, OUT=str(stage))
     try:
-        subprocess.run(["bash", str(recipe / "build.sh")], env=env, check=True)
+        with heartbeat(lambda line: print(f"[cpr-image] {line}", flush=True), f"{name}: still building"):
+            subprocess.run(["bash", str(recipe / "build.sh")], env=env, check=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise SystemExit(f"[cpr-image] building {name} failed (exit code {exc.returncode})") from None

@@ -28,6 +28,7 @@ from pytest_cpr.guest.ssh import GuestSSH, SessionKey
 from pytest_cpr.host.netns import GuestNetwork
 from pytest_cpr.images import GuestImage
 from pytest_cpr.kinds import Accel, Mode
+from pytest_cpr.once import worker_tag
 from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
@@ -89,7 +90,8 @@ class Machine:
         self.config = config
         self.artifacts = config.artifacts
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self.rundir = Path(tempfile.mkdtemp(prefix="cpr-", dir="/tmp"))  # short: UNIX socket paths
+        # short (UNIX socket paths); an xdist worker's carry its id: /tmp/cpr-gw0_XXXXXXXX, cprt-<pid>-gw0_...
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"cpr-{worker_tag()}_" if worker_tag() else "cpr-", dir="/tmp"))
         record_private_dir(self.rundir)
         os.chmod(self.rundir, 0o700)
         self.network = GuestNetwork(f"{os.getpid()}-{self.rundir.name[4:]}")

@@ -179,6 +179,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Generator[None, Any, Any]:
     rep = yield
     item.stash.setdefault(REPORT_KEY, {})[rep.when] = rep
+    if rep.when == "teardown" and item.config.pluginmanager.hasplugin("html"):
+        rep.extras = [*getattr(rep, "extras", []), *report.html_extras(rep)]
     if rep.failed and call.excinfo is not None and call.excinfo.errisinstance(CprError):
         rep.longrepr = _without_plugin_frames(call.excinfo)
     return rep
@@ -194,6 +196,13 @@ def _without_plugin_frames(excinfo: pytest.ExceptionInfo[BaseException]) -> Any:
         return tb.filter(lambda entry: not str(entry.path).startswith(package))
 
     return excinfo.getrepr(style="short", tbfilter=user_frames, chain=False)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_html_results_summary(prefix: list[str], summary: list[str], postfix: list[str],
+                                session: pytest.Session) -> None:
+    """pytest-html (when installed): the run's cpr-transfer summary table above its results."""
+    prefix.extend(report.html_summary(session.config.pluginmanager.get_plugin("terminalreporter")))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+from html import escape
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,19 +24,25 @@ COLUMNS = (("test", "test", False), ("#", "index", True), ("mode", "mode", False
 OPTIONAL = ("dma_stall_ms", "vm_pause_ms")
 
 
+def report_rows(rep: pytest.TestReport) -> list[dict[str, Any]]:
+    """One row per transfer of a test, from the cpr_transfers_json property of its teardown report."""
+    rows: list[dict[str, Any]] = []
+    for name, value in rep.user_properties:
+        if name != "cpr_transfers_json":
+            continue
+        for row in json.loads(str(value)):
+            row["path"] = f"{row['source']} -> {row['target']}"
+            rows.append(row)
+    return rows
+
+
 def collect_rows(terminalreporter: Any) -> list[dict[str, Any]]:
     """One row per transfer of the run, from the cpr_transfers_json property of each test."""
     rows: list[dict[str, Any]] = []
     for reports in terminalreporter.stats.values():
         for rep in reports:
-            if not isinstance(rep, pytest.TestReport) or rep.when != "teardown":
-                continue
-            for name, value in rep.user_properties:
-                if name != "cpr_transfers_json":
-                    continue
-                for row in json.loads(str(value)):
-                    row["path"] = f"{row['source']} -> {row['target']}"
-                    rows.append(row)
+            if isinstance(rep, pytest.TestReport) and rep.when == "teardown":
+                rows += report_rows(rep)
     outcomes = {}
     for key in ("passed", "failed", "error", "skipped"):
         for rep in terminalreporter.stats.get(key, []):
@@ -62,11 +71,19 @@ def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
     return [c for c in COLUMNS if c[1] not in OPTIONAL or any(r.get(c[1]) is not None for r in rows)]
 
 
-def table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The summary table: aligned plain text for the terminal, or GitHub Markdown."""
-    columns = _columns(rows)
+def table(rows: list[dict[str, Any]], markdown: bool = False, html: bool = False,
+          leave_out: tuple[str, ...] = ()) -> str:
+    """The summary table: aligned plain text for the terminal, GitHub Markdown, or an HTML table;
+    `leave_out`: row keys of columns not shown (one test's table needs no test name nor outcome)."""
+    columns = [c for c in _columns(rows) if c[1] not in leave_out]
     header = [c[0] for c in columns]
     body = [[_test_name(r) if key == "test" else _cell(r.get(key)) for _, key, _ in columns] for r in rows]
+    if html:
+        def tr(cells: list[str], tag: str) -> str:
+            return "<tr>" + "".join(f'<{tag} style="padding:2px 8px">{escape(c)}</{tag}>' for c in cells) + "</tr>"
+
+        return ('<table class="cpr-transfers">' + tr(header, "th") + "".join(tr(row, "td") for row in body)
+                + "</table>")
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join("---:" if numeric else "---" for _, _, numeric in columns) + "|"]
@@ -114,11 +131,54 @@ def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
         with open(summary_file, "a", encoding="utf-8") as fh:
-            fh.write(markdown_summary(rows))
+            fh.write(markdown_summary(rows, html_report_path(config)))
 
 
-def markdown_summary(rows: list[dict[str, Any]]) -> str:
-    """The section appended to $GITHUB_STEP_SUMMARY."""
+NOTE = ("Times in ms; guest blackout = longest interval between two answered probes (host side, ICMP every "
+        "few ms); QEMU downtime/total from query-migrate on the source.")
+
+
+def html_report_path(config: pytest.Config) -> str | None:
+    """The pytest-html report this run writes (--html), or None."""
+    return getattr(getattr(config, "option", None), "htmlpath", None)
+
+
+def markdown_summary(rows: list[dict[str, Any]], html_report: str | None = None) -> str:
+    """The section appended to $GITHUB_STEP_SUMMARY; `html_report`: the pytest-html report of the run
+    (each test's timeline plots and numbers), named with the run's page where it is uploaded."""
+    where = ""
+    if html_report:
+        run = "/".join(os.environ.get(k, "") for k in ("GITHUB_SERVER_URL", "GITHUB_REPOSITORY"))
+        page = f" ([this run's artifacts]({run}/actions/runs/{os.environ['GITHUB_RUN_ID']}))" \
+            if os.environ.get("GITHUB_RUN_ID") and os.environ.get("GITHUB_REPOSITORY") else ""
+        where = (f"Each test's transfer timelines (plots) and numbers: `{os.path.basename(html_report)}`, "
+                 f"the pytest-html report, in the uploaded artifact{page}.\n\n")
     return ("## cpr-transfer summary\n\n" + overview(rows) + "\n\n" + table(rows, markdown=True) + "\n\n"
-            "Times in ms; guest blackout = longest interval between two answered probes (host side, "
-            "ICMP every few ms); QEMU downtime/total from query-migrate on the source.\n\n")
+            + NOTE + "\n\n" + where)
+
+
+def html_summary(terminalreporter: Any) -> list[str]:
+    """The run's summary table for the pytest-html report's summary section (empty: no transfer)."""
+    rows = collect_rows(terminalreporter)
+    if not rows:
+        return []
+    return [f"<h2>cpr-transfer summary</h2><p>{escape(overview(rows))}</p>", table(rows, html=True),
+            f"<p>{escape(NOTE)}</p>"]
+
+
+def html_extras(rep: pytest.TestReport) -> list[dict[str, Any]]:
+    """pytest-html extras of a test's teardown report: its transfers' numbers (a table) and each
+    transfer's timeline plot (PNG, embedded). Empty for a test without transfers."""
+    from pytest_html import extras  # only called when pytest-html is loaded
+
+    rows = report_rows(rep)
+    if not rows:
+        return []
+    found: list[dict[str, Any]] = [extras.html("<h4>cpr transfers</h4>"
+                                               + table(rows, html=True, leave_out=("test", "outcome")))]
+    for row in rows:
+        png = Path(str(row.get("plot_png") or ""))
+        if png.suffix == ".png" and png.is_file():
+            label = f"{row.get('vm', 'vm0')} transfer {row['index']}: timeline"
+            found.append(extras.png(base64.b64encode(png.read_bytes()).decode(), name=label))
+    return found

@@ -43,6 +43,7 @@ from types import TracebackType
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
 from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir, verify_existing
+from pytest_cpr.progress import heartbeat
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
 
@@ -479,7 +480,9 @@ class VirtualHost:
         side.connect(str(self._rundir / "side.sock"))
         self.side = AgentChannel(side, cfg.artifacts / "l1-side.log", self.process.exit_reason)
         try:
-            self.agent.expect(r"@@CPR-AGENT-READY@@\n?", cfg.boot_timeout, "the L1 agent (boot)")
+            console = cfg.artifacts / "l1-console.log"
+            with heartbeat(self.say, "L1 booting", 30, lambda: f"console: {tail(console, 1)[:160] or '(empty)'}"):
+                self.agent.expect(r"@@CPR-AGENT-READY@@\n?", cfg.boot_timeout, "the L1 agent (boot)")
         except CprTimeout as exc:
             raise CprTimeout(f"{exc}\nL1 console {cfg.artifacts / 'l1-console.log'}:\n"
                              f"{tail(cfg.artifacts / 'l1-console.log')}") from None

@@ -47,3 +47,7 @@ DMA_VERIFY_TIMEOUT_S = 120.0
 # Shutting QEMU down: a failed generation, and every generation at close.
 FAILED_GENERATION_SHUTDOWN_S = 5.0
 CLOSE_SHUTDOWN_S = 10.0
+
+# Work done once per run across pytest-xdist workers (once.py): how long a worker waits for the one
+# doing it (the accelerator probe boots a guest kernel, bounded at 20 s itself).
+ONCE_LOCK_TIMEOUT_S = 120.0

@@ -5,6 +5,7 @@ are checked. One run (a real guest, three transfers, ~15-30 s) serves every test
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -118,3 +119,25 @@ def test_job_page_summary_from_junit(ci_run: CiRun) -> None:
     assert worst is not None, summary
     rows = _markdown_rows(ci_run.step_summary)
     assert float(worst.group(1)) == pytest.approx(max(float(_column(r, "blackout")) for r in rows), abs=0.1)
+
+
+def test_html_report_carries_each_transfers_plot_and_numbers(ci_run: CiRun) -> None:
+    """With pytest-html installed, the action's run writes report.html: the test's entry embeds each
+    transfer's timeline plot (PNG) and a table of its numbers, and the summary section holds the run's
+    cpr-transfer table; the job page names the report."""
+    pytest.importorskip("pytest_html")
+    html = (ci_run.out / "report.html").read_text()
+    rows = _markdown_rows(ci_run.step_summary)
+    plots = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]{1000,})", html)
+    assert len(plots) == 3, f"{len(plots)} embedded PNG plots in report.html, expected one per transfer"
+    assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    for n in (1, 2, 3):
+        assert f"vm0 transfer {n}: timeline" in html
+    tables = html.count("cpr-transfers")
+    assert tables >= 2, "the test's transfer table and the run's summary table"
+    for row in rows:  # the numbers of the job page's table are in the HTML report too
+        for words in (("downtime",), ("blackout",)):
+            cell = _column(row, *words)
+            assert f"&gt;{cell}&lt;/td&gt;" in html or f">{cell}</td>" in html, f"{words} {cell} not in report.html"
+    assert "cpr-transfer summary" in html
+    assert "`report.html`, the pytest-html report" in ci_run.step_summary

@@ -108,3 +108,42 @@ def test_no_transfers_no_summary(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     term = FakeTerminal({})
     report.terminal_summary(term, config)
     assert term.lines == [] and not (tmp_path / "s.md").exists()
+
+
+def test_html_table_escapes_and_holds_the_same_cells_as_the_terminal_table() -> None:
+    rows = report.collect_rows(terminal([recorded(1, 4, 99.6, 0)]))
+    rows[0]["test"] = "tests/x.py::test_a[<b>]"
+    html = report.table(rows, html=True)
+    assert html.startswith('<table class="cpr-transfers"><tr><th style="padding:2px 8px">test</th>')
+    assert '>test_a[&lt;b&gt;]</td>' in html and "<b>" not in html
+    assert '>99.6</td>' in html and '>4</td>' in html
+
+
+def test_job_page_names_the_html_report_and_the_run_page(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = report.collect_rows(terminal([recorded(1, 4, 99.6, 0)]))
+    assert "report.html" not in report.markdown_summary(rows)
+    monkeypatch.setenv("GITHUB_SERVER_URL", "https://github.com")
+    monkeypatch.setenv("GITHUB_REPOSITORY", "org/repo")
+    monkeypatch.setenv("GITHUB_RUN_ID", "42")
+    text = report.markdown_summary(rows, "/out/report.html")
+    assert "`report.html`, the pytest-html report" in text
+    assert "(https://github.com/org/repo/actions/runs/42)" in text
+
+
+def test_html_extras_embed_each_plot_and_a_numbers_table(tmp_path: Path) -> None:
+    pytest.importorskip("pytest_html")
+    png = tmp_path / "timeline-t1.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    rows = json.loads(property_value([recorded(1, 4, 99.6, 0), recorded(2, 2, 35.6, 3)]))
+    rows[0]["plot_png"] = str(png)
+    rows[1]["plot_png"] = str(tmp_path / "missing.png")  # a plot that was not drawn: no image, no error
+    teardown = pytest.TestReport(NODE, ("x", 1, "t"), {}, "passed", None, "teardown",
+                                 user_properties=[("cpr_transfers_json", json.dumps(rows))])
+    extras = report.html_extras(teardown)
+    assert [e["format_type"] for e in extras] == ["html", "image"]
+    assert ">99.6</td>" in extras[0]["content"] and ">35.6</td>" in extras[0]["content"]
+    assert ">test</th>" not in extras[0]["content"] and ">result</th>" not in extras[0]["content"]
+    assert extras[1]["name"] == "vm0 transfer 1: timeline"
+    assert extras[1]["content"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
+    empty = pytest.TestReport(NODE, ("x", 1, "t"), {}, "passed", None, "teardown")
+    assert report.html_extras(empty) == []

@@ -4,7 +4,7 @@
 # Inputs come from the environment (the action maps its inputs to CPR_CI_*; never `${{ }}` in scripts):
 #   CPR_CI_PYTHON    interpreter that makes the virtualenv (default python3); or CPR_CI_VENV_PYTHON
 #                    to use an existing environment that already has pytest-cpr (no install)
-#   CPR_CI_INSTALL   pip requirements for the plugin, space separated (default "pytest-cpr[plot]")
+#   CPR_CI_INSTALL   pip requirements for the plugin, space separated (default "pytest-cpr[plot,html]")
 #   CPR_CI_TESTS     test paths / node ids, space separated (default "tests")
 #   CPR_CI_PYTEST_ARGS  more pytest arguments, space separated
 #   CPR_CI_QEMU, CPR_CI_TARGET_QEMU, CPR_CI_HOST_CONFIG, CPR_CI_ACCEL, CPR_CI_STRICT: pytest-cpr
@@ -63,7 +63,7 @@ cmd_install() {
     log "using the existing environment of $CPR_CI_VENV_PYTHON"
   else
     local reqs
-    read -r -a reqs <<< "${CPR_CI_INSTALL:-pytest-cpr[plot]}"
+    read -r -a reqs <<< "${CPR_CI_INSTALL:-pytest-cpr[plot,html]}"
     log "virtualenv $VENV; pip install ${reqs[*]}"
     "${CPR_CI_PYTHON:-python3}" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
@@ -85,9 +85,12 @@ cmd_test() {
   mkdir -p "$OUT/artifacts"
   output out "$OUT"
   output junit-xml "$OUT/junit.xml"
+  # with pytest-html (pytest-cpr[html]): report.html, each test's transfer timelines and numbers
+  local html=()
+  "$PY" -c 'import pytest_html' 2>/dev/null && html=(--html="$OUT/report.html" --self-contained-html)
   log "pytest ${tests[*]} ${extra[*]} (outputs in $OUT)"
   # the plugin appends its CPR summary table to $GITHUB_STEP_SUMMARY itself
-  as_root "$PY" -m pytest -p no:cacheprovider -rfEs --junitxml="$OUT/junit.xml" \
+  as_root "$PY" -m pytest -p no:cacheprovider -rfEs --junitxml="$OUT/junit.xml" "${html[@]}" \
     --cpr-artifacts="$OUT/artifacts" "${tests[@]}" "${extra[@]}" 2>&1 | tee "$OUT/pytest.log" || rc=$?
   give_back "$OUT"
   log "pytest exit status $rc"
