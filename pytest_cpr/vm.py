@@ -115,7 +115,7 @@ class CprVM:
         if via == "console":
             host_t = time.time()
             _, out = self.console().run(SNAPSHOT_COMMAND, timeout=SNAPSHOT_CONSOLE_TIMEOUT_S)
-            return parse_snapshot(host_t, out)
+            return parse_snapshot(host_t, out, time.time())
         try:
             return snapshot(self._ssh())
         except CprTimeout as exc:

@@ -28,12 +28,18 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 
 @dataclass
 class GuestSnapshot:
-    """What the guest reported at one host time."""
+    """What the guest reported, read between host times host_t (command sent) and host_end (answer
+    back; None: at host_t)."""
 
     host_t: float
     boot_id: str
     uptime_s: float
     interrupts: dict[str, IrqLine] = field(default_factory=dict)
+    host_end: float | None = None
+
+    @property
+    def answered_t(self) -> float:
+        return self.host_t if self.host_end is None else self.host_end
 
     def irq_totals(self, pattern: str) -> dict[str, int]:
         rx = re.compile(pattern)
@@ -44,20 +50,21 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 SNAPSHOT_COMMAND = "cat /proc/sys/kernel/random/boot_id; cut -d' ' -f1 /proc/uptime; cat /proc/interrupts"
 
 
-def parse_snapshot(host_t: float, text: str) -> GuestSnapshot:
+def parse_snapshot(host_t: float, text: str, host_end: float | None = None) -> GuestSnapshot:
     lines = [ln.strip() for ln in text.strip().splitlines()]
     start = next((i for i, ln in enumerate(lines) if _UUID.match(ln)), None)
     if start is None or start + 1 >= len(lines):
         raise ValueError(f"no boot id and uptime in guest output: {text[:200]!r}")
     boot_id, uptime = lines[start], lines[start + 1]
     lines = lines[start:]
-    return GuestSnapshot(host_t, boot_id, float(uptime), parse_interrupts("\n".join(lines[2:])))
+    return GuestSnapshot(host_t, boot_id, float(uptime), parse_interrupts("\n".join(lines[2:])), host_end)
 
 
 def snapshot(ssh: GuestSSH) -> GuestSnapshot:
     """One SSH round trip: boot id, uptime and /proc/interrupts."""
     host_t = time.time()
-    return parse_snapshot(host_t, ssh.run(SNAPSHOT_COMMAND).stdout)
+    out = ssh.run(SNAPSHOT_COMMAND).stdout
+    return parse_snapshot(host_t, out, time.time())
 
 
 def dmesg_failures(text: str, link_settled_s: float | None = None) -> list[str]:

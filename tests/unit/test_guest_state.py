@@ -89,6 +89,18 @@ def test_same_boot_detects_reboot_and_discontinuity() -> None:
         assert_same_boot(snap(100, 50, {}), snap(110, 40, {}))
 
 
+def test_same_boot_bounds_uptime_by_when_each_answer_came() -> None:
+    """Seen under load: the answer after the transfer took 2.6 s longer than the one before it, so
+    the guest's uptime advanced more than the gap between the commands being sent; bounded by the
+    answers' times it is consistent. A real jump beyond them (control) still fails."""
+    before = GuestSnapshot(100.0, "b1", 50.0, {}, host_end=100.2)
+    after = GuestSnapshot(117.07, "b1", 69.64, {}, host_end=120.0)
+    assert_same_boot(before, after)
+    with pytest.raises(CheckFailed, match=r"advanced 19\.64s while 16\.87-17\.50s"):
+        assert_same_boot(GuestSnapshot(100.0, "b1", 50.0, {}, host_end=100.2),
+                         GuestSnapshot(117.07, "b1", 69.64, {}, host_end=117.5))
+
+
 def test_parse_snapshot_skips_console_noise() -> None:
     text = "junk\r\n1b4e28ba-2fa1-11d2-883f-0016d3cca427\r\n12.34\r\n" + INTERRUPTS
     s = parse_snapshot(5.0, text)
