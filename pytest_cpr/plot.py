@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,19 +68,28 @@ class ProbeSeries:
         return [(a, b) for a, b in itertools.pairwise(sends) if (b - a) * 1000 >= min_ms]
 
     def send_stall(self, gap_start: float | None, gap_end: float | None) -> dict[str, Any]:
-        """Probe-stat extras: the harness's longest send stall and whether it overlaps the blackout."""
+        """Probe-stat extras: the sender's longest send gap, its send jitter (99th percentile of
+        |send interval - probe interval|) and whether a stall overlaps the blackout."""
         sends = sorted(t for _, t, _ in self.rows)
-        longest = max(((b - a) * 1000 for a, b in itertools.pairwise(sends)), default=0.0)
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(sends)]
+        jitter = sorted(abs(g - self.interval_ms) for g in gaps)
         stalls = self.send_gaps(STALL_FACTOR * self.interval_ms)
         overlapping = gap_start is not None and any(
             _overlaps(s, (gap_start, gap_end if gap_end is not None else s[1])) for s in stalls)
-        return {"max_send_gap_ms": round(longest, 3), "blackout_overlaps_send_stall": overlapping}
+        return {"max_send_gap_ms": round(max(gaps, default=0.0), 3),
+                "send_jitter_p99_ms": round(percentile(jitter, 99), 3) if jitter else None,
+                "blackout_overlaps_send_stall": overlapping}
 
     @classmethod
     def load(cls, path: Path) -> ProbeSeries:
         data = json.loads(path.read_text())
         return cls(float(data["interval_ms"]), [(int(s), float(a), None if b is None else float(b))
                                                 for s, a, b in data["rows"]])
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """The nearest-rank percentile of an ascending, non-empty sequence."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(len(ordered) * pct / 100) - 1))]
 
 
 def ordered_phases(timeline: dict[str, float]) -> list[tuple[str, float]]:
@@ -180,7 +190,7 @@ class _Figure:
         return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}){warning}\n"
                 f"guest blackout {fmt(numbers.get('blackout_ms'))}   QEMU downtime "
                 f"{fmt(numbers.get('qemu_downtime_ms'))}   QEMU total {fmt(numbers.get('qemu_total_ms'))}   "
-                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}   "
+                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}{_lost_phases(probe)}   "
                 f"probe every {self.series.interval_ms:g} ms")
 
     def _rtt(self, ax: Any) -> None:
@@ -245,6 +255,14 @@ class _Figure:
         right = self.view[1]
         later = [_label(n, self.ms(t)) for n, t in ordered_phases(self.timeline) if self.ms(t) > right]
         return ("      later: " + ", ".join(later) + " ms") if later else ""
+
+
+def _lost_phases(probe: dict[str, Any]) -> str:
+    """' (before stop 1, downtime 2, after resume 0)' when the probe stats attribute the losses."""
+    if "lost_in_downtime" not in probe:
+        return ""
+    return (f" (before stop {probe['lost_before_stop']}, downtime {probe['lost_in_downtime']}, "
+            f"after resume {probe['lost_after_resume']})")
 
 
 def _overlaps(span: tuple[float, float], other: tuple[float | None, float | None]) -> bool:
