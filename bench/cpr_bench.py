@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -83,6 +84,7 @@ class Bench:
     accel: str
     out: Path
     notes: list[str] = field(default_factory=list)
+    load_start: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-minute load average
 
     def config(self, name: str, plots: bool, memory_mib: int = 512) -> VmConfig:
         return VmConfig(name=name, image=self.image, source=self.source, target=self.target, accel=self.accel,
@@ -123,13 +125,43 @@ def progress(text: str) -> None:
 
 # ---- phases
 
-def bench_boots(bench: Bench) -> list[float]:
-    times = []
+BOOT_PHASES = ("firmware_s", "kernel_s", "initrd_s", "setup_s", "sshd_s")
+_DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
+_SETUP_DONE = re.compile(r"CPR-SETUP-DONE uptime=(\d+\.\d+)")
+
+
+def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, ssh_ready_s: float) -> dict[str, float]:
+    """Where the seconds from QEMU's start to the first SSH answer went, from the guest's own clock:
+    firmware (QEMU start, SeaBIOS, loading and unpacking the kernel: up to the kernel's t=0), kernel
+    (to 'Run /init'), initrd (to the root file system mounted), setup (busybox init and
+    cpr-guest-setup: addresses, host key; to CPR-SETUP-DONE on the console), sshd (sshd starting and the
+    harness's SSH connect, authentication and first command). `uptime_s` was read `uptime_at_s` seconds
+    after QEMU started; `ssh_ready_s` is boot-to-SSH on the same clock."""
+    lines = [(float(m.group(1)), m.group(2)) for line in dmesg.splitlines() if (m := _DMESG.match(line))]
+    init = next((t for t, text in lines if text.startswith("Run /init")), None)
+    root = next((t for t, text in lines if text.startswith("EXT4-fs (vda): mounted")), None)
+    done = _SETUP_DONE.search(console)
+    if init is None or root is None or done is None:
+        return {}
+    kernel_zero = uptime_at_s - uptime_s  # seconds after QEMU's start
+    setup_done = float(done.group(1))
+    return {"firmware_s": round(kernel_zero, 3), "kernel_s": round(init, 3), "initrd_s": round(root - init, 3),
+            "setup_s": round(setup_done - root, 3), "sshd_s": round(ssh_ready_s - kernel_zero - setup_done, 3)}
+
+
+def bench_boots(bench: Bench) -> tuple[list[float], list[dict[str, float]]]:
+    times, phases = [], []
     for i in range(bench.args.boots):
         with CprVM(bench.config(f"boot{i}", plots=False)) as vm:
             times.append(round(vm.boot(), 3))
-        progress(f"boot {i + 1}/{bench.args.boots}: {times[-1]:.2f} s to SSH")
-    return times
+            t_spawn = vm.current.t_spawn
+            out = vm.run("cat /proc/uptime; dmesg").stdout
+            uptime_at = time.time() - t_spawn
+            phases.append(boot_phases(out, vm.current.console_log.read_text(errors="replace"),
+                                      float(out.split()[0]), uptime_at, times[-1]))
+        progress(f"boot {i + 1}/{bench.args.boots}: {times[-1]:.2f} s to SSH "
+                 f"({', '.join(f'{k[:-2]} {v:.2f}' for k, v in phases[-1].items())})")
+    return times, phases
 
 
 def checked_transfer(vm: CprVM, mode: Mode | None = None) -> TransferResult:
@@ -326,7 +358,7 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # ---- output
 
-def summary(bench: Bench, boots: list[float], results: list[TransferResult], soak: Soak,
+def summary(bench: Bench, boots: list[float], phases: list[dict[str, float]], results: list[TransferResult], soak: Soak,
             ram_scaling: list[dict[str, Any]]) -> dict[str, Any]:
     done = [r for r in results if r.status == "completed"]
     probed = [r.probe for r in done + soak.results if r.probe]
@@ -336,6 +368,8 @@ def summary(bench: Bench, boots: list[float], results: list[TransferResult], soa
     soak_blackouts = [r.blackout_ms for r in soak.results if r.blackout_ms is not None]
     return {
         "boot_to_ssh_s": median(boots), "boot_to_ssh_max_s": max(boots, default=None), "boots": len(boots),
+        "boot_phases_s": {k: median([p[k] for p in phases if k in p]) for k in BOOT_PHASES},
+        "load_average_start": bench.load_start, "load_average_end": round(os.getloadavg()[0], 2),
         "overhead_ratio": median(ratios), "overhead_ratio_max": max(ratios, default=None),
         "blackout_ms": median(blackouts), "blackout_max_ms": max(blackouts, default=None),
         "qemu_downtime_ms": median(downtimes), "qemu_downtime_max_ms": max(downtimes, default=None),
@@ -379,7 +413,8 @@ def table(s: dict[str, Any], results: list[TransferResult]) -> str:
     lines = [f"pytest-cpr benchmark: QEMU {s['qemu']}, {s['accel']}, "
              f"probe every {s['probe_interval_ms']:g} ms",
              f"boot-to-SSH       median {_f(s['boot_to_ssh_s'], 2)} s, max {_f(s['boot_to_ssh_max_s'], 2)} s "
-             f"({s['boots']} boots)", "",
+             f"({s['boots']} boots, load average {s['load_average_start']:.1f}); medians: "
+             + ", ".join(f"{k[:-2]} {_f(v, 2)} s" for k, v in s["boot_phases_s"].items()), "",
              f"{'#':>3}  {'QEMU downtime ms':>16}  {'QEMU total ms':>13}  {'guest blackout ms':>17}  "
              f"{'lost':>4}  {'spawn->listen ms':>16}  {'step ms':>7}  {'overhead':>8}"]
     for r in results:
@@ -422,11 +457,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     bench = setup(args)
     progress(f"cpr_bench: artifacts in {bench.out}")
-    boots = bench_boots(bench)
+    boots, phases = bench_boots(bench)
     results = bench_transfers(bench) if args.transfers > 0 else []
     soak = bench_soak(bench)
     ram_scaling = with_ratios(bench_memory(bench))
-    s = summary(bench, boots, results, soak, ram_scaling)
+    s = summary(bench, boots, phases, results, soak, ram_scaling)
     (bench.out / "bench.json").write_text(json.dumps({**s, "soak_failure_details": soak.failures}, indent=1))
     print(table(s, results))
     for failure in soak.failures[:10]:

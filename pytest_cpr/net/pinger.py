@@ -8,10 +8,18 @@ the kernel allows it; it is not timed here: the probe reads each request's kerne
 the wire. iputils ping does not fit: below 10 ms (one tick of its HZ) it sleeps a whole tick while a
 reply is outstanding, so during a blackout it sends every 10 ms, not every 1 ms. A sender that falls
 behind (not scheduled) does not burst: it sends one probe and takes up the schedule from there.
+
+While the guest's QEMU is stopped its tap queues the requests, and each queued packet is charged to
+the sending socket: with the default send buffer the sender would block inside the blackout it is
+measuring. Its buffer is raised past any tap queue, sends never block (a request that cannot be
+queued is dropped: a lost probe, as it should be), and its memory is locked and its garbage
+collector off so that nothing but the scheduler delays a send.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import socket
 import struct
@@ -20,6 +28,9 @@ import time
 
 ICMP_ECHO = 8
 MARKER = b"pytest-cpr-probe"
+SEND_BUFFER = 16 << 20  # bytes: more than a full tap queue (1000 packets) of these requests
+SO_SNDBUFFORCE = 32
+MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
 def checksum(data: bytes) -> int:
@@ -41,6 +52,13 @@ def echo_request(ident: int, seq: int) -> bytes:
 def send_forever(target: str, interval_ms: float) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # replies are read off the wire, not here
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+    except PermissionError:  # without CAP_NET_ADMIN: up to wmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    sock.setblocking(False)
+    gc.disable()
+    ctypes.CDLL(None).mlockall(MCL_CURRENT | MCL_FUTURE)  # best effort: fails quietly without the right
     ident = os.getpid() & 0xFFFF
     interval_ns = round(interval_ms * 1e6)
     next_ns = time.monotonic_ns()
@@ -49,7 +67,7 @@ def send_forever(target: str, interval_ms: float) -> None:
         try:
             sock.sendto(echo_request(ident, seq), (target, 0))
         except OSError:
-            pass  # no route or a full queue while the link is down: a lost probe, seen as such
+            pass  # no route, or no buffer left: a lost probe (its sequence number is missing on the wire)
         seq += 1
         next_ns += interval_ns
         delay = next_ns - time.monotonic_ns()

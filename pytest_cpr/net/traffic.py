@@ -118,7 +118,7 @@ class ProbeLog:
     def __init__(self) -> None:
         self.probes: list[Probe] = []
         self.arrivals = 0
-        self.uncaptured = 0  # requests inferred from a sequence gap (capture dropped them)
+        self.uncaptured = 0  # requests inferred from a sequence gap (not sent, or the capture dropped them)
         self._first: int | None = None  # full sequence number of probes[0]
         self._last = 0  # full sequence number of the newest request
 
