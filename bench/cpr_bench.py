@@ -439,7 +439,7 @@ def table(s: dict[str, Any], results: list[TransferResult]) -> str:
               f"{_f(s['soak_blackout_max_ms'])} ms, reachable throughout: {s['soak_reachable']}",
               f"harness           fds {s['fd_start']} -> {s['fd_end']}, RSS {s['rss_start_kib']} -> "
               f"{s['rss_end_kib']} KiB ({s['probe_records']} probe records held)",
-              f"probe sender      ping every {s['probe_interval_ms']:g} ms "
+              f"probe sender      every {s['probe_interval_ms']:g} ms "
               f"({'SCHED_FIFO' if s['probe_realtime'] else 'normal priority'}), send jitter p99 "
               f"{_f(s['probe_send_jitter_p99_ms'], 3)} ms (worst transfer), longest send gap "
               f"{_f(s['probe_send_stall_max_ms'])} ms; {s['blackouts_overlapping_send_stall']} blackout(s) "

@@ -187,11 +187,11 @@ class _Figure:
         warning = "   [blackout overlaps a harness send stall: overstated]" \
             if probe.get("blackout_overlaps_send_stall") else ""
         mode = r.get("mode", "cpr-transfer")
-        return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}){warning}\n"
+        return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}), "
+                f"probe every {self.series.interval_ms:g} ms{warning}\n"
                 f"guest blackout {fmt(numbers.get('blackout_ms'))}   QEMU downtime "
                 f"{fmt(numbers.get('qemu_downtime_ms'))}   QEMU total {fmt(numbers.get('qemu_total_ms'))}   "
-                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}{_lost_phases(probe)}   "
-                f"probe every {self.series.interval_ms:g} ms")
+                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}{_lost_phases(probe)}")
 
     def _rtt(self, ax: Any) -> None:
         left, right = self.view
@@ -258,11 +258,11 @@ class _Figure:
 
 
 def _lost_phases(probe: dict[str, Any]) -> str:
-    """' (before stop 1, downtime 2, after resume 0)' when the probe stats attribute the losses."""
+    """' (1 before stop, 2 in downtime, 0 after resume)' when the probe stats attribute the losses."""
     if "lost_in_downtime" not in probe:
         return ""
-    return (f" (before stop {probe['lost_before_stop']}, downtime {probe['lost_in_downtime']}, "
-            f"after resume {probe['lost_after_resume']})")
+    return (f" ({probe['lost_before_stop']} before stop, {probe['lost_in_downtime']} in downtime, "
+            f"{probe['lost_after_resume']} after resume)")
 
 
 def _overlaps(span: tuple[float, float], other: tuple[float | None, float | None]) -> bool:
