@@ -250,7 +250,6 @@ class IcmpProbe:
     def stop(self) -> None:
         if not self._stop.is_set():
             self._stop_sender()
-            time.sleep(0.05)  # replies to the last requests
             self._stop.set()
             if self._thread.is_alive():
                 self._thread.join(2)
