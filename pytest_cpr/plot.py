@@ -62,8 +62,8 @@ class ProbeSeries:
         return path
 
     def send_gaps(self, min_ms: float) -> list[tuple[float, float]]:
-        """Intervals of at least `min_ms` in which the harness sent no probe (its sender thread was
-        not scheduled): the guest cannot be seen there, so a blackout overlapping one is overstated."""
+        """Intervals of at least `min_ms` in which no probe left (the sender was not scheduled, or could
+        not send): the guest cannot be seen there, so a blackout overlapping one is overstated."""
         sends = sorted(t for _, t, _ in self.rows)
         return [(a, b) for a, b in itertools.pairwise(sends) if (b - a) * 1000 >= min_ms]
 
@@ -169,7 +169,7 @@ class _Figure:
         self._phase_lines(top, labels=False)
         self._phase_lines(strip, labels=True)
         top.set_xlim(*self.view)
-        top.set_title(self._title(), fontsize=11, loc="left", pad=34)
+        top.set_title(self._title(), fontsize=10, loc="left", pad=34)
         strip.set_xlabel("ms since the transfer step started (host wall clock)" + self._later())
         fig.subplots_adjust(left=0.07, right=0.985, top=0.84, bottom=0.1)
         return fig
@@ -184,7 +184,7 @@ class _Figure:
                 return "-"
             return f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
-        warning = "   [blackout overlaps a harness send stall: overstated]" \
+        warning = "   [blackout overlaps a probe send stall: overstated]" \
             if probe.get("blackout_overlaps_send_stall") else ""
         mode = r.get("mode", "cpr-transfer")
         return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}), "
@@ -228,7 +228,7 @@ class _Figure:
         for n, (a, b) in enumerate(self.series.send_gaps(stall_ms)):
             ax.axvspan(self.ms(a), self.ms(b), ymin=0, ymax=0.06, facecolor="none", edgecolor="#566573",
                        hatch="////", linewidth=0, zorder=1,
-                       label=f"harness sent no probe (>= {stall_ms:g} ms)" if n == 0 else None)
+                       label=f"no probe sent (>= {stall_ms:g} ms)" if n == 0 else None)
         if largest[0] is not None and largest[1] is not None:
             a, b = self.ms(largest[0]), self.ms(largest[1])
             ax.axvspan(a, b, color="#e74c3c", alpha=0.16, zorder=0, label="blackout: longest silence")
@@ -258,11 +258,11 @@ class _Figure:
 
 
 def _lost_phases(probe: dict[str, Any]) -> str:
-    """' (1 before stop, 2 in downtime, 0 after resume)' when the probe stats attribute the losses."""
+    """' (1 before stop, 2 in downtime, 0 after)' (the resume) when the probe stats attribute the losses."""
     if "lost_in_downtime" not in probe:
         return ""
     return (f" ({probe['lost_before_stop']} before stop, {probe['lost_in_downtime']} in downtime, "
-            f"{probe['lost_after_resume']} after resume)")
+            f"{probe['lost_after_resume']} after)")
 
 
 def _overlaps(span: tuple[float, float], other: tuple[float | None, float | None]) -> bool:
