@@ -126,14 +126,16 @@ def progress(text: str) -> None:
 
 # ---- phases
 
-BOOT_PHASES = ("firmware_s", "kernel_s", "initrd_s", "setup_s", "sshd_s")
+BOOT_PHASES = ("qemu_s", "firmware_s", "kernel_s", "initrd_s", "setup_s", "sshd_s")
 _DMESG = re.compile(r"^\[\s*(\d+\.\d+)\]\s?(.*)$")
 _SETUP_DONE = re.compile(r"CPR-SETUP-DONE uptime=(\d+\.\d+)")
 
 
-def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, ssh_ready_s: float) -> dict[str, float]:
+def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, ssh_ready_s: float,
+                resumed_s: float) -> dict[str, float]:
     """Where the seconds from QEMU's start to the first SSH answer went, from the guest's own clock:
-    firmware (QEMU start, SeaBIOS, loading and unpacking the kernel: up to the kernel's t=0), kernel
+    qemu (QEMU starting paused, the harness connecting QMP and console, to the RESUME of its `cont`,
+    `resumed_s`), firmware (SeaBIOS, loading and unpacking the kernel: up to the kernel's t=0), kernel
     (to 'Run /init'), initrd (to the root file system mounted), setup (busybox init and
     cpr-guest-setup: addresses, host key; to CPR-SETUP-DONE on the console), sshd (sshd starting and the
     harness's SSH connect, authentication and first command). `uptime_s` was read `uptime_at_s` seconds
@@ -146,7 +148,8 @@ def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, s
         return {}
     kernel_zero = uptime_at_s - uptime_s  # seconds after QEMU's start
     setup_done = float(done.group(1))
-    return {"firmware_s": round(kernel_zero, 3), "kernel_s": round(init, 3), "initrd_s": round(root - init, 3),
+    return {"qemu_s": round(resumed_s, 3), "firmware_s": round(kernel_zero - resumed_s, 3),
+            "kernel_s": round(init, 3), "initrd_s": round(root - init, 3),
             "setup_s": round(setup_done - root, 3), "sshd_s": round(ssh_ready_s - kernel_zero - setup_done, 3)}
 
 
@@ -159,8 +162,10 @@ def bench_boots(bench: Bench) -> tuple[list[float], list[dict[str, float]]]:
             out = vm.run("cat /proc/uptime; dmesg").stdout
             uptime_at = time.time() - t_spawn
             (vm.artifacts / "uptime-dmesg.txt").write_text(out)
+            resume = next(e for e in vm.current.qmp.events if e.get("event") == "RESUME")
+            resumed = resume["timestamp"]["seconds"] + resume["timestamp"]["microseconds"] / 1e6 - t_spawn
             phases.append(boot_phases(out, vm.current.console_log.read_text(errors="replace"),
-                                      float(out.split()[0]), uptime_at, times[-1]))
+                                      float(out.split()[0]), uptime_at, times[-1], resumed))
         progress(f"boot {i + 1}/{bench.args.boots}: {times[-1]:.2f} s to SSH "
                  f"({', '.join(f'{k[:-2]} {v:.2f}' for k, v in phases[-1].items())})")
     return times, phases
