@@ -46,6 +46,7 @@ from pytest_cpr.vm import CprVM, Traffic, VmConfig
 
 QEMU_OVERHEAD_MIB = 512  # a QEMU process beside its guest RAM (TCG translation cache, devices)
 FILL_FRACTION = 0.75  # of guest RAM dirtied before the transfers of the memory phase
+GUEST_OWN_MIB = 256  # what the guest's kernel and processes hold beside the fill
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -331,8 +332,10 @@ def bench_memory_size(bench: Bench, memory_mib: int) -> dict[str, Any]:
             row["total_ms"] = median([float(r.qemu_total_ms) for r in done if r.qemu_total_ms is not None])
             progress(f"memory {memory_mib} MiB: cpr-transfer blackout {row['blackout_ms']} ms, QEMU downtime "
                      f"{row['qemu_downtime_ms']} ms, total {row['total_ms']} ms")
-            # a normal migration holds a second copy of guest RAM until the old QEMU quits
-            if (why := fits(memory_mib + QEMU_OVERHEAD_MIB, bench.args.reserve_mib, "normal migration")):
+            # a normal migration holds a second copy of what the guest wrote (zero pages are not
+            # allocated on the target) until the old QEMU quits
+            second_copy = row["filled_mib"] + GUEST_OWN_MIB + QEMU_OVERHEAD_MIB
+            if (why := fits(second_copy, bench.args.reserve_mib, "normal migration")):
                 row["normal_reason"] = why
                 progress(f"memory {memory_mib} MiB: normal migration skipped: {why}")
             else:
@@ -346,14 +349,22 @@ def bench_memory_size(bench: Bench, memory_mib: int) -> dict[str, Any]:
 
 
 def bench_memory(bench: Bench) -> list[dict[str, Any]]:
-    rows = []
+    """One row per size; Ctrl-C ends the phase (the rest: null, 'interrupted') and the run still reports."""
+    rows: list[dict[str, Any]] = []
     for size in memory_sizes(bench.args.memory):
+        empty = {"memory_mib": size, "blackout_ms": None, "qemu_downtime_ms": None, "total_ms": None,
+                 "normal_total_ms": None}
+        if rows and rows[-1].get("reason") == "interrupted":
+            rows.append({**empty, "reason": "interrupted"})
+            continue
         try:
             rows.append(bench_memory_size(bench, size))
         except (CprError, checks.CheckFailed) as exc:
             progress(f"memory {size} MiB FAILED: {exc}")
-            rows.append({"memory_mib": size, "blackout_ms": None, "qemu_downtime_ms": None, "total_ms": None,
-                         "normal_total_ms": None, "reason": f"failed: {exc}"})
+            rows.append({**empty, "reason": f"failed: {exc}"})
+        except KeyboardInterrupt:
+            progress(f"memory {size} MiB: interrupted; reporting what was measured")
+            rows.append({**empty, "reason": "interrupted"})
     return rows
 
 
