@@ -30,6 +30,7 @@ from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.qemu.spec import ExecIncoming, Incoming
 
 FINAL_STATES = ("completed", "failed", "cancelled")
+NORMAL_MAX_BANDWIDTH = 64 << 30  # bytes/s: no throttle worth the name on one host
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class TransferResult:
             "vfio_containers": self.vfio_containers,
             "carrier_changes": self.carrier_changes,
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
+            "probe_send_jitter_p99_ms": probe.get("send_jitter_p99_ms"),
+            "lost_before_stop": probe.get("lost_before_stop"),
+            "lost_in_downtime": probe.get("lost_in_downtime"),
+            "lost_after_resume": probe.get("lost_after_resume"),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -222,8 +227,10 @@ class TransferSteps(ModeSteps):
         target = self.make_target()
         timeline[Phase.TARGET_SPAWNED] = target.t_spawn
         observer.on_spawned(target)
+        first, what = ((self.incoming.cpr_socket, "cpr channel") if self.incoming.cpr_socket is not None
+                       else (self.incoming.main_socket, "migration channel"))
         timeline[Phase.TARGET_LISTENING] = target.wait_for_path(
-            self.incoming.cpr_socket, self.timeout, f"cpr channel of target {target.label}", listening=True)
+            first, self.timeout, f"{what} of target {target.label}", listening=True)
         self._monitor = _TargetMonitor(target, self.timeout)
         observer.on_before_migrate(target)
         return target
@@ -240,6 +247,17 @@ class TransferSteps(ModeSteps):
         status = source.qmp.execute("query-status")["status"]
         if status != "postmigrate":
             result.notes.append(f"source ended in {status}, expected postmigrate")
+
+
+class NormalSteps(TransferSteps):
+    """A normal migration to a new QEMU on the same host, for contrast: the same steps as
+    cpr-transfer without the cpr channel, so guest RAM is copied over the stream (at up to
+    NORMAL_MAX_BANDWIDTH: on one host the copy is bound by memory, not by QEMU's 128 MiB/s default)."""
+
+    mode = Mode.NORMAL
+
+    def parameters(self, target: QemuProcess) -> dict[str, Any]:
+        return {"mode": str(self.mode), "max-bandwidth": NORMAL_MAX_BANDWIDTH}
 
 
 class ExecSteps(ModeSteps):

@@ -56,6 +56,7 @@ class Mode(StrEnum):
 
     CPR_TRANSFER = "cpr-transfer"  # a new QEMU process; fds over the cpr channel (QEMU >= 10.0)
     CPR_EXEC = "cpr-exec"  # the same process exec's the new QEMU; state in a file (QEMU >= 10.2)
+    NORMAL = "normal"  # not CPR: a new QEMU gets RAM and state copied over the stream (for contrast)
 
 
 def values(kind: type[StrEnum]) -> tuple[str, ...]:

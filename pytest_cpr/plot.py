@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,25 +62,34 @@ class ProbeSeries:
         return path
 
     def send_gaps(self, min_ms: float) -> list[tuple[float, float]]:
-        """Intervals of at least `min_ms` in which the harness sent no probe (its sender thread was
-        not scheduled): the guest cannot be seen there, so a blackout overlapping one is overstated."""
+        """Intervals of at least `min_ms` in which no probe left (the sender was not scheduled, or could
+        not send): the guest cannot be seen there, so a blackout overlapping one is overstated."""
         sends = sorted(t for _, t, _ in self.rows)
         return [(a, b) for a, b in itertools.pairwise(sends) if (b - a) * 1000 >= min_ms]
 
     def send_stall(self, gap_start: float | None, gap_end: float | None) -> dict[str, Any]:
-        """Probe-stat extras: the harness's longest send stall and whether it overlaps the blackout."""
+        """Probe-stat extras: the sender's longest send gap, its send jitter (99th percentile of
+        |send interval - probe interval|) and whether a stall overlaps the blackout."""
         sends = sorted(t for _, t, _ in self.rows)
-        longest = max(((b - a) * 1000 for a, b in itertools.pairwise(sends)), default=0.0)
+        gaps = [(b - a) * 1000 for a, b in itertools.pairwise(sends)]
+        jitter = sorted(abs(g - self.interval_ms) for g in gaps)
         stalls = self.send_gaps(STALL_FACTOR * self.interval_ms)
         overlapping = gap_start is not None and any(
             _overlaps(s, (gap_start, gap_end if gap_end is not None else s[1])) for s in stalls)
-        return {"max_send_gap_ms": round(longest, 3), "blackout_overlaps_send_stall": overlapping}
+        return {"max_send_gap_ms": round(max(gaps, default=0.0), 3),
+                "send_jitter_p99_ms": round(percentile(jitter, 99), 3) if jitter else None,
+                "blackout_overlaps_send_stall": overlapping}
 
     @classmethod
     def load(cls, path: Path) -> ProbeSeries:
         data = json.loads(path.read_text())
         return cls(float(data["interval_ms"]), [(int(s), float(a), None if b is None else float(b))
                                                 for s, a, b in data["rows"]])
+
+
+def percentile(ordered: Sequence[float], pct: float) -> float:
+    """The nearest-rank percentile of an ascending, non-empty sequence."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(len(ordered) * pct / 100) - 1))]
 
 
 def ordered_phases(timeline: dict[str, float]) -> list[tuple[str, float]]:
@@ -159,7 +169,7 @@ class _Figure:
         self._phase_lines(top, labels=False)
         self._phase_lines(strip, labels=True)
         top.set_xlim(*self.view)
-        top.set_title(self._title(), fontsize=11, loc="left", pad=34)
+        top.set_title(self._title(), fontsize=10, loc="left", pad=34)
         strip.set_xlabel("ms since the transfer step started (host wall clock)" + self._later())
         fig.subplots_adjust(left=0.07, right=0.985, top=0.84, bottom=0.1)
         return fig
@@ -174,14 +184,14 @@ class _Figure:
                 return "-"
             return f"{value:.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
 
-        warning = "   [blackout overlaps a harness send stall: overstated]" \
+        warning = "   [blackout overlaps a probe send stall: overstated]" \
             if probe.get("blackout_overlaps_send_stall") else ""
         mode = r.get("mode", "cpr-transfer")
-        return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}){warning}\n"
+        return (f"{mode} {r['index']}: {r['source']} -> {r['target']} ({r['status']}), "
+                f"probe every {self.series.interval_ms:g} ms{warning}\n"
                 f"guest blackout {fmt(numbers.get('blackout_ms'))}   QEMU downtime "
                 f"{fmt(numbers.get('qemu_downtime_ms'))}   QEMU total {fmt(numbers.get('qemu_total_ms'))}   "
-                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}   "
-                f"probe every {self.series.interval_ms:g} ms")
+                f"lost probes {fmt(probe.get('lost'), '')}/{fmt(probe.get('sent'), '')}{_lost_phases(probe)}")
 
     def _rtt(self, ax: Any) -> None:
         left, right = self.view
@@ -218,7 +228,7 @@ class _Figure:
         for n, (a, b) in enumerate(self.series.send_gaps(stall_ms)):
             ax.axvspan(self.ms(a), self.ms(b), ymin=0, ymax=0.06, facecolor="none", edgecolor="#566573",
                        hatch="////", linewidth=0, zorder=1,
-                       label=f"harness sent no probe (>= {stall_ms:g} ms)" if n == 0 else None)
+                       label=f"no probe sent (>= {stall_ms:g} ms)" if n == 0 else None)
         if largest[0] is not None and largest[1] is not None:
             a, b = self.ms(largest[0]), self.ms(largest[1])
             ax.axvspan(a, b, color="#e74c3c", alpha=0.16, zorder=0, label="blackout: longest silence")
@@ -245,6 +255,14 @@ class _Figure:
         right = self.view[1]
         later = [_label(n, self.ms(t)) for n, t in ordered_phases(self.timeline) if self.ms(t) > right]
         return ("      later: " + ", ".join(later) + " ms") if later else ""
+
+
+def _lost_phases(probe: dict[str, Any]) -> str:
+    """' (1 before stop, 2 in downtime, 0 after)' (the resume) when the probe stats attribute the losses."""
+    if "lost_in_downtime" not in probe:
+        return ""
+    return (f" ({probe['lost_before_stop']} before stop, {probe['lost_in_downtime']} in downtime, "
+            f"{probe['lost_after_resume']} after)")
 
 
 def _overlaps(span: tuple[float, float], other: tuple[float | None, float | None]) -> bool:

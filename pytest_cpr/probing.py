@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pytest_cpr import plot
 from pytest_cpr.errors import CprTimeout
 from pytest_cpr.kinds import Phase
-from pytest_cpr.net.traffic import IcmpProbe, StreamResult, TcpStream
+from pytest_cpr.net.traffic import IcmpProbe, StreamResult, TcpStream, lost_by_phase
 from pytest_cpr.observers import Observer
 from pytest_cpr.waits import (
     CONFIRM_ANSWERS,
@@ -28,6 +28,8 @@ from pytest_cpr.waits import (
 if TYPE_CHECKING:
     from pytest_cpr.cpr import TransferResult
     from pytest_cpr.vm import CprVM
+
+POLL_S = 0.01
 
 
 class Traffic:
@@ -55,25 +57,31 @@ class Traffic:
 
     def wait_sent(self, count: int, timeout: float = PROBES_SENT_TIMEOUT_S) -> None:
         """Wait until `count` more probes were sent (answered or not)."""
-        start = len(self.probe.snapshot())
+        start = self.probe.sent()
         deadline = time.monotonic() + timeout
-        while len(self.probe.snapshot()) < start + count:
+        while self.probe.sent() < start + count:
             if time.monotonic() > deadline:
                 raise CprTimeout(f"probe sender stalled: fewer than {count} probes sent in {timeout:.0f}s")
-            time.sleep(self.probe.interval_ms / 1000)
+            time.sleep(self._poll_s)
 
     def wait_answers(self, count: int, timeout: float, since: float | None = None) -> int:
         """Wait until `count` probes sent after `since` (default: now) were answered."""
         since = time.time() if since is None else since
         deadline = time.monotonic() + timeout
         while True:
-            got = sum(1 for p in self.probe.snapshot() if p.t_send >= since and p.t_recv is not None)
+            got = self.probe.answered_since(since)
             if got >= count:
                 return got
             if time.monotonic() > deadline:
                 raise CprTimeout(f"only {got} of {count} probes to {self.target} answered within "
                                  f"{timeout:.0f}s (guest network down?); logs: {self.vm.artifacts}")
-            time.sleep(self.probe.interval_ms / 1000)
+            time.sleep(self._poll_s)
+
+    @property
+    def _poll_s(self) -> float:
+        """How often the waits look at the probe log: the probes are timed by the kernel, so reading
+        them every probe interval (1 ms) would only burn the CPU the guest needs."""
+        return max(self.probe.interval_ms / 1000, POLL_S)
 
     def finish_stream(self) -> StreamResult | None:
         if self.stream is not None and self.stream_result is None:
@@ -119,4 +127,7 @@ class ProbeMeasurement(Observer):
             t[Phase.FIRST_PROBE_AFTER] = min(answers)
         stats = probe.stats(t[Phase.STEP_START], window_end, grace_s=0.0)
         series = plot.ProbeSeries.of(probes, t[Phase.STEP_START], window_end, probe.interval_ms)
-        result.probe = {**stats.as_dict(), **series.send_stall(stats.gap_start, stats.gap_end)}
+        result.probe = {**stats.as_dict(), **series.send_stall(stats.gap_start, stats.gap_end),
+                        **lost_by_phase(probes, t[Phase.STEP_START], window_end, t.get(Phase.SOURCE_STOPPED),
+                                        t[Phase.TARGET_RUNNING]),
+                        "probe_realtime": probe.realtime, "probe_uncaptured": probe.uncaptured}

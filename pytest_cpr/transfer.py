@@ -13,6 +13,7 @@ from pytest_cpr.artifacts import ArtifactWriter
 from pytest_cpr.cpr import (
     ExecSteps,
     ModeSteps,
+    NormalSteps,
     ProcessRef,
     TransferResult,
     TransferSteps,
@@ -83,10 +84,13 @@ class TransferRunner:
             state = ExecIncoming(m.rundir / f"state-g{gen}.bin")
             state.state_file.unlink(missing_ok=True)  # left by a failed transfer to this generation
             return ExecSteps(lambda: m.new_generation(gen, build, state), state, timeout)
-        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", m.rundir / f"cpr-g{gen}.sock")
+        cpr_socket = None if mode is Mode.NORMAL else m.rundir / f"cpr-g{gen}.sock"
+        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", cpr_socket)
         for stale in (incoming.main_socket, incoming.cpr_socket):
-            stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
-        return TransferSteps(lambda: m.start_generation(gen, build, incoming), incoming, timeout)
+            if stale is not None:
+                stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
+        kind = NormalSteps if mode is Mode.NORMAL else TransferSteps
+        return kind(lambda: m.start_generation(gen, build, incoming), incoming, timeout)
 
     def _check_ssh(self, result: TransferResult) -> None:
         """The SSH session opened before the transfer runs a command after it (timed)."""

@@ -63,6 +63,7 @@ class QemuBuild:
         checks = {
             "cpr-transfer": (self.has_cpr_transfer, "migration mode cpr-transfer (QEMU >= 10.0)"),
             "cpr-exec": ("cpr-exec" in self.migration_modes, "migration mode cpr-exec (QEMU >= 10.2)"),
+            "normal": (True, "normal migration"),
             "vfio-pci": ("vfio-pci" in self.device_types, "device vfio-pci"),
             "iommufd": ("iommufd" in self.object_types, "object iommufd"),
             "vfio-cpr": (self.has_vfio_cpr, "VFIO support in cpr-transfer (QEMU >= 10.1 with vfio-pci)"),

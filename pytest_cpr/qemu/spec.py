@@ -40,10 +40,11 @@ class Nic:
 
 @dataclass(frozen=True)
 class Incoming:
-    """cpr-transfer channels of a target QEMU: main migration stream and cpr (fd) channel."""
+    """cpr-transfer channels of a target QEMU: main migration stream and cpr (fd) channel (None: a
+    normal migration, the main stream only)."""
 
     main_socket: Path
-    cpr_socket: Path
+    cpr_socket: Path | None
 
     def main_addr(self) -> dict[str, str]:
         return {"transport": "socket", "type": "unix", "path": str(self.main_socket)}
@@ -52,10 +53,12 @@ class Incoming:
         return {"transport": "socket", "type": "unix", "path": str(self.cpr_socket)}
 
     def channels(self) -> list[dict[str, object]]:
-        return [{"channel-type": "main", "addr": self.main_addr()},
-                {"channel-type": "cpr", "addr": self.cpr_addr()}]
+        main: list[dict[str, object]] = [{"channel-type": "main", "addr": self.main_addr()}]
+        return main if self.cpr_socket is None else [*main, {"channel-type": "cpr", "addr": self.cpr_addr()}]
 
     def args(self) -> list[str]:
+        if self.cpr_socket is None:
+            return ["-incoming", f"unix:{self.main_socket}"]
         cpr = json.dumps({"channel-type": "cpr", "addr": self.cpr_addr()}, separators=(",", ":"))
         return ["-incoming", f"unix:{self.main_socket}", "-incoming", cpr]
 

@@ -42,8 +42,8 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
     """Two transfers in `mode` under probe + TCP traffic, each with every live-update check: SSH
     session kept, stream complete and in order, same boot, every NIC vector that fired before fires
     after, guest log clean. cpr-exec keeps the PID (one process, three generations) and its fd count
-    (nothing piles up across exec's); cpr-transfer
-    starts one new process per transfer. The mode is on the result, in transfers.json and in the
+    (nothing piles up across exec's); cpr-transfer and normal (RAM copied, for contrast)
+    start one new process per transfer. The mode is on the result, in transfers.json and in the
     JUnit properties."""
     boot_id = cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     results, fds = [], []
@@ -63,7 +63,7 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
         assert cpr_vm.current.qmp.execute("query-status")["status"] == "running"
         assert len(fds[1]) == len(fds[0]), f"fds pile up across exec's: {fds[0]} -> {fds[1]}"
     else:
-        assert len(set(pids)) == 3, f"cpr-transfer starts one new QEMU per transfer, saw {pids}"
+        assert len(set(pids)) == 3, f"{mode} starts one new QEMU per transfer, saw {pids}"
         assert all(r.source_pid != r.target_pid for r in results)
     for r in results:
         assert r.qemu_downtime_ms is not None and r.blackout_ms is not None

@@ -116,6 +116,17 @@ def test_send_stall_flags_a_blackout_the_harness_caused() -> None:
     series = plot.ProbeSeries(5.0, rows)
     assert series.send_gaps(15.0) == [(rows[19][1], rows[20][1])]
     stall = series.send_stall(rows[19][2], rows[20][2])
-    assert stall == {"max_send_gap_ms": pytest.approx(65.0, abs=0.01), "blackout_overlaps_send_stall": True}
+    assert stall == {"max_send_gap_ms": pytest.approx(65.0, abs=0.01), "blackout_overlaps_send_stall": True,
+                     "send_jitter_p99_ms": pytest.approx(60.0, abs=0.01)}
     steady = plot.ProbeSeries(5.0, rows[:20]).send_stall(rows[5][2], rows[6][2])
     assert steady["blackout_overlaps_send_stall"] is False
+    assert steady["send_jitter_p99_ms"] == pytest.approx(0.0, abs=0.001)
+
+
+def test_send_jitter_p99_is_the_99th_percentile_of_the_interval_error() -> None:
+    """200 sends every 1 ms, two of them 0.4 ms late: p99 of |interval - 1 ms| (nearest rank of 199
+    intervals: the 198th smallest) is the 0.4 ms error, and p50 would be 0."""
+    sends = [T0 + i * 0.001 + (0.0004 if i in (50, 150) else 0.0) for i in range(200)]
+    series = plot.ProbeSeries(1.0, [(i, t, t + 0.0002) for i, t in enumerate(sends)])
+    assert series.send_stall(None, None)["send_jitter_p99_ms"] == pytest.approx(0.4, abs=0.001)
+    assert plot.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and plot.percentile([5.0], 99) == 5.0
