@@ -90,14 +90,17 @@ def test_amd_in_legacy_ga_or_legacy_interrupt_mode_does_not(host: FakeHost) -> N
 
 
 def test_virtual_host_l1_amd_under_tcg_without_avic_does_not(host: FakeHost) -> None:
-    """What L1 of the virtual host has: kvm_amd on TCG's SVM (no AVIC) beside QEMU's emulated VT-d."""
-    host.module("kvm_amd", avic="N", nested="1")
+    """What L1 of the virtual host has (kernel 7.3): kvm_amd on TCG's SVM, which offers no AVIC, so
+    the kernel clears enable_device_posted_irqs; beside it QEMU's emulated VT-d."""
+    host.module("kvm_amd", avic="N", enable_device_posted_irqs="N", nested="1")
     host.iommu("dmar0", cap=hex(0x0C7), ecap=VTD_PI_IR[1])
     probe = posted_interrupts(host.paths)
-    assert probe.text() == "no (kvm_amd avic=N)"
-    assert probe.header_line() == ("  device posted interrupts: no (kvm_amd avic=N): the irq-bypass -16 host-log "
-                                   "check cannot fire here; the old-QEMU-KVM-fds check covers the mechanism "
-                                   "everywhere")
+    assert probe.text() == "no (kvm_amd enable_device_posted_irqs=N)"
+    assert probe.header_line() == ("  device posted interrupts: no (kvm_amd enable_device_posted_irqs=N): the "
+                                   "irq-bypass -16 host-log check cannot fire here; the old-QEMU-KVM-fds check "
+                                   "covers the mechanism everywhere")
+    (host.paths.sysfs / "module" / "kvm_amd" / "parameters" / "enable_device_posted_irqs").unlink()
+    assert posted_interrupts(host.paths).text() == "no (kvm_amd avic=N)"  # a kernel before 6.16
 
 
 def test_the_kernels_own_answer_wins(host: FakeHost) -> None:
