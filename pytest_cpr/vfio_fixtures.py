@@ -70,7 +70,8 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
     """The devices the test's `vfio` markers ask for, with their IOMMU group companions, bound to
     vfio-pci for this test and given back to their drivers afterwards (also on failure or Ctrl-C).
     Skipped (failed with --cpr-strict) with the precise reason where the host or QEMU cannot serve;
-    where QEMU would refuse cpr-transfer (`.blockers`), only `vfio_blocker` tests run."""
+    where QEMU would refuse cpr-transfer (`.blockers`), only `vfio_blocker` tests run. Records whether
+    the host posts device interrupts (`cpr_posted_interrupts`: can the irq-bypass log check fire)."""
     want = wants(request.node)
     if not want:
         raise pytest.UsageError(f"{request.node.nodeid}: cpr_vfio needs a @pytest.mark.vfio(role=...) marker")
@@ -97,6 +98,7 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
             host_unavailable(unserved.reason, cpr_settings, unserved.lacking)
         request.node.user_properties.append(("cpr_vfio",
                                              f"{cpr_vfio_backend}: {', '.join(devices.addresses)}"))
+        request.node.user_properties.append(("cpr_posted_interrupts", probe.posted.text()))
         yield devices
 
 

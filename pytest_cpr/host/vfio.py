@@ -35,6 +35,7 @@ from pytest_cpr.host.hostconfig import (
     read_attr,
     write_attr,
 )
+from pytest_cpr.host.posted import NOT_PROBED, PostedInterrupts, posted_interrupts
 from pytest_cpr.kinds import Backend, values
 from pytest_cpr.procfs import IrqLine, parse_interrupts
 
@@ -372,6 +373,7 @@ class HostProbe:
     vfio_cdev: bool | None  # VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV); None: unknown until a device is bound
     kvm: bool
     hugepages: dict[str, int] = field(default_factory=dict)
+    posted: PostedInterrupts = NOT_PROBED
 
     def missing(self, backend: str) -> str | None:
         """None if the kernel serves `backend`, else the reason."""
@@ -400,7 +402,8 @@ class HostProbe:
                 f"  /dev/iommu: {self.iommufd}; IOMMU_IOAS_CHANGE_PROCESS: "
                 f"{'supported' if self.change_process is True else self.change_process}"
                 f"; VFIO device cdevs: {_cdev_text(self.vfio_cdev)}",
-                f"  KVM: {self.kvm}; hugepages: {self.hugepages or 'none'}"]
+                f"  KVM: {self.kvm}; hugepages: {self.hugepages or 'none'}",
+                self.posted.header_line()]
 
 
 def _cdev_text(cdev: bool | None) -> str:
@@ -442,7 +445,8 @@ def probe_host(paths: HostPaths = HostPaths()) -> HostProbe:  # noqa: B008
     return HostProbe(groups=iommu_groups(paths), container=container_extensions(paths.dev),
                      iommufd=(paths.dev / "iommu").exists(), change_process=iommufd_change_process(paths.dev),
                      vfio_cdev=vfio_cdev_support(paths),
-                     kvm=os.access(paths.dev / "kvm", os.R_OK | os.W_OK), hugepages=hugepages(paths.sysfs))
+                     kvm=os.access(paths.dev / "kvm", os.R_OK | os.W_OK), hugepages=hugepages(paths.sysfs),
+                     posted=posted_interrupts(paths))
 
 
 def cdev_missing(paths: HostPaths, address: str) -> str | None:
