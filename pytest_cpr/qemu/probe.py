@@ -63,6 +63,7 @@ class QemuBuild:
         checks = {
             "cpr-transfer": (self.has_cpr_transfer, "migration mode cpr-transfer (QEMU >= 10.0)"),
             "cpr-exec": ("cpr-exec" in self.migration_modes, "migration mode cpr-exec (QEMU >= 10.2)"),
+            "cpr-reboot": ("cpr-reboot" in self.migration_modes, "migration mode cpr-reboot (QEMU >= 8.2)"),
             "normal": (True, "normal migration"),
             "vfio-pci": ("vfio-pci" in self.device_types, "device vfio-pci"),
             "iommufd": ("iommufd" in self.object_types, "object iommufd"),
