@@ -240,13 +240,16 @@ class TransferSteps(ModeSteps):
     def __init__(self, make_target: Callable[[], QemuProcess], incoming: Incoming, timeout: float,
                  listener: socket.socket | None = None) -> None:
         """`listener`: the harness's own listening cpr socket (its fd is incoming.cpr_fd), closed
-        once the transfer ends either way."""
+        once the target inherited it; its path removed once the transfer ends either way."""
         super().__init__(make_target, timeout)
         self.incoming, self.listener = incoming, listener
         self._monitor: _TargetMonitor | None = None
 
     def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
-        target = self.make_target()
+        try:
+            target = self.make_target()
+        finally:  # the new QEMU holds the listening socket now: the harness lets go of its copy (as
+            self._close_listener(unlink=False)  # management software does), so a dying target refuses the source
         timeline[Phase.TARGET_SPAWNED] = target.t_spawn
         observer.on_spawned(target)
         first, what = ((self.incoming.cpr_socket, "cpr channel") if self.incoming.cpr_socket is not None
@@ -275,11 +278,12 @@ class TransferSteps(ModeSteps):
         self._close_listener()
         super().abandon(target)
 
-    def _close_listener(self) -> None:
+    def _close_listener(self, unlink: bool = True) -> None:
         if self.listener is not None:
             self.listener.close()
-            self.incoming.cpr_socket.unlink(missing_ok=True)
             self.listener = None
+        if unlink and self.incoming.cpr_fd is not None:  # the harness bound the path: it removes it
+            self.incoming.cpr_socket.unlink(missing_ok=True)
 
 
 class NormalSteps(TransferSteps):

@@ -25,6 +25,7 @@ from pytest_cpr.qemu.spec import opt
 
 CPR_TRANSFER_MIN = (10, 0)
 VFIO_CPR_MIN = (10, 1)
+CPR_CHANNEL_FD_MIN = (10, 1)  # 10.0 refuses it: "bad cpr channel socket type; must be unix"
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class QemuBuild:
             "normal": (True, "normal migration"),
             "vfio-pci": ("vfio-pci" in self.device_types, "device vfio-pci"),
             "iommufd": ("iommufd" in self.object_types, "object iommufd"),
+            "cpr-channel-fd": (self.has_cpr_transfer and self.version[:2] >= CPR_CHANNEL_FD_MIN,
+                               "a cpr channel given as a listening fd (addr.type=fd; QEMU >= 10.1)"),
             "vfio-cpr": (self.has_vfio_cpr, "VFIO support in cpr-transfer (QEMU >= 10.1 with vfio-pci)"),
             "kvm": ("kvm" in self.accels, "accelerator kvm"),
         }
