@@ -1,9 +1,11 @@
 """Every CPR mode the builds have, with a real guest (TCG or KVM, virtio-net on a harness-owned tap),
-through the same live-update checks: cpr-transfer (a new QEMU process) and cpr-exec (the QEMU
-process exec's the new QEMU in place, same PID).
+through the same live-update checks: cpr-transfer (a new QEMU process), cpr-exec (the QEMU
+process exec's the new QEMU in place, same PID) and cpr-reboot (state to a file, the old QEMU quits,
+a new one loads it; optionally with the guest suspended to RAM, as VFIO requires); and the cpr
+channel handed to the new QEMU as an already-listening fd.
 
-cpr-exec needs QEMU >= 10.2 as source and target; where a build lacks a mode its test skips with the
-build and its version. Run with the cached build, e.g.
+cpr-exec needs QEMU >= 10.2 as source and target, the fd-passed cpr channel 10.1, cpr-reboot 8.2;
+where a build lacks one its test skips with the build and its version. Run with the cached build, e.g.
 CPR_QEMU=CPR_TARGET_QEMU=$(cpr-image path qemu-next)/bin/qemu-system-x86_64 (ci/test.sh does).
 """
 
@@ -54,9 +56,10 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
     """Two transfers in `mode` under probe + TCP traffic, each with every live-update check: SSH
     session kept, stream complete and in order, same boot, every NIC vector that fired before fires
     after, guest log clean. cpr-exec keeps the PID (one process, three generations) and its fd count
-    (nothing piles up across exec's); cpr-transfer and normal (RAM copied, for contrast)
-    start one new process per transfer. The mode is on the result, in transfers.json and in the
-    JUnit properties."""
+    (nothing piles up across exec's); cpr-transfer and normal (RAM copied, for contrast) start one new
+    process per transfer, and so does cpr-reboot, but only once the old one quit, with guest RAM kept
+    in place (a small state file). The mode is on the result, in transfers.json and in the JUnit
+    properties."""
     boot_id = cpr_vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     results, fds = [], []
     with cpr_vm.traffic() as traffic:
@@ -77,6 +80,10 @@ def test_live_update_in_each_mode_keeps_ssh_stream_and_interrupts(mode: str, cpr
     else:
         assert len(set(pids)) == 3, f"{mode} starts one new QEMU per transfer, saw {pids}"
         assert all(r.source_pid != r.target_pid for r in results)
+    if mode == Mode.CPR_REBOOT:  # the old QEMU quits before the new one starts; RAM stayed in place
+        assert all(r.timeline[Phase.SOURCE_EXITED] <= r.timeline[Phase.TARGET_SPAWNED] for r in results)
+        assert all(r.state_file_bytes is not None and r.state_file_bytes < 8 << 20 for r in results), \
+            [r.state_file_bytes for r in results]
     for r in results:
         assert r.qemu_downtime_ms is not None and r.blackout_ms is not None
         assert r.interrupts is not None and r.interrupts["after"], "NIC vectors must fire after transfer"
