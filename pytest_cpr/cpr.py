@@ -282,8 +282,8 @@ class TransferSteps(ModeSteps):
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-        if unlink and self.incoming.cpr_fd is not None:  # the harness bound the path: it removes it
-            self.incoming.cpr_socket.unlink(missing_ok=True)
+        if unlink and self.incoming.cpr_fd is not None and self.incoming.cpr_socket is not None:
+            self.incoming.cpr_socket.unlink(missing_ok=True)  # the harness bound the path: it removes it
 
 
 class NormalSteps(TransferSteps):
