@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """pytest-cpr benchmark: what a guest sees of cpr-transfer on this machine, and what the harness costs.
 
-    python bench/cpr_bench.py [--boots 5] [--transfers 10] [--soak 100] [--accel tcg]
+    python bench/cpr_bench.py [--boots 5] [--transfers 10] [--soak 100] [--accel tcg] [--modes]
 
 Measures, in one run, with real QEMU processes and the default guest (pytest_cpr.vm.CprVM, no pytest):
   boots      boot-to-SSH of fresh guests (median, max)
@@ -13,6 +13,9 @@ Measures, in one run, with real QEMU processes and the default guest (pytest_cpr
   memory     cost against guest size (--memory 512M,2G,8G,16G): at each size a guest that dirtied
              most of its RAM, cpr-transfers and one normal migration beside them; sizes that do not
              fit in MemAvailable now are skipped with the reason
+  modes      (--modes) every CPR mode both builds have, one guest each, --mode-transfers transfers
+             under the same traffic: guest blackout, QEMU downtime, total (migrate to the new QEMU
+             running), lost probes, and each mode's ratio to cpr-transfer
 Prints a short table, then as its last line one JSON object. See bench/README.md.
 """
 
@@ -38,7 +41,7 @@ from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError
 from pytest_cpr.images import GuestImage, default_cache_dir, guest_image_dir
-from pytest_cpr.kinds import Mode
+from pytest_cpr.kinds import Mode, Phase
 from pytest_cpr.net.traffic import LOSS_PHASES
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.units import parse_mib
@@ -72,6 +75,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reachable-gap-ms", type=float, default=1000.0,
                    help="soak: a longer interval without any probe answer means 'not reachable'")
     p.add_argument("--no-plots", action="store_true", help="no timeline pictures for the measured transfers")
+    p.add_argument("--modes", action="store_true",
+                   help="also measure every CPR mode the builds have (cpr-transfer, cpr-exec, cpr-reboot)")
+    p.add_argument("--mode-transfers", type=int, default=5, help="transfers per mode with --modes (default 5)")
     return p.parse_args(argv)
 
 
@@ -88,10 +94,15 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     load_start: float = field(default_factory=lambda: os.getloadavg()[0])  # 1-minute load average
 
-    def config(self, name: str, plots: bool, memory_mib: int = 512) -> VmConfig:
+    def config(self, name: str, plots: bool, memory_mib: int = 512, mode: Mode = Mode.CPR_TRANSFER) -> VmConfig:
         return VmConfig(name=name, image=self.image, source=self.source, target=self.target, accel=self.accel,
                         artifacts=self.out / name, probe_interval_ms=self.args.probe_interval_ms, plots=plots,
-                        memory_mib=memory_mib)
+                        memory_mib=memory_mib, mode=mode)
+
+    def modes(self) -> list[Mode]:
+        """The CPR modes both builds have (normal migration is measured by the memory phase)."""
+        return [m for m in Mode if m is not Mode.NORMAL and self.source.missing(m) is None
+                and self.target.missing(m) is None]
 
 
 def setup(args: argparse.Namespace) -> Bench:
@@ -180,18 +191,57 @@ def checked_transfer(vm: CprVM, mode: Mode | None = None) -> TransferResult:
     return result
 
 
-def bench_transfers(bench: Bench) -> list[TransferResult]:
+def bench_transfers(bench: Bench, mode: Mode = Mode.CPR_TRANSFER, count: int | None = None,
+                    name: str = "transfers") -> list[TransferResult]:
     results: list[TransferResult] = []
-    with CprVM(bench.config("transfers", plots=not bench.args.no_plots)) as vm:
+    count = bench.args.transfers if count is None else count
+    with CprVM(bench.config(name, plots=not bench.args.no_plots, mode=mode)) as vm:
         vm.boot()
         with vm.traffic() as traffic:
             traffic.wait_answers(40, 60.0)
-            for i in range(bench.args.transfers):
+            for i in range(count):
                 results.append(checked_transfer(vm))
-                progress(f"transfer {i + 1}/{bench.args.transfers}: blackout {results[-1].blackout_ms} ms, "
+                progress(f"{mode} {i + 1}/{count}: blackout {results[-1].blackout_ms} ms, "
                          f"QEMU downtime {results[-1].qemu_downtime_ms} ms")
         checks.assert_stream_intact(traffic.stream_result, vm.artifacts)
     return results
+
+
+def bench_modes(bench: Bench) -> dict[str, dict[str, Any]]:
+    """Every mode the builds have, one guest each: the medians of its transfers."""
+    modes: dict[str, dict[str, Any]] = {}
+    for mode in bench.modes():
+        done = [r for r in bench_transfers(bench, mode, bench.args.mode_transfers, f"mode-{mode}")
+                if r.status == "completed"]
+        modes[str(mode)] = {
+            "blackout_ms": median([r.blackout_ms for r in done if r.blackout_ms is not None]),
+            "qemu_downtime_ms": median([float(r.qemu_downtime_ms) for r in done if r.qemu_downtime_ms is not None]),
+            "total_ms": median([v for r in done if (v := r.ms(Phase.MIGRATE_ISSUED, Phase.TARGET_RUNNING))
+                                is not None]),
+            "vm_pause_ms": median([v for r in done if (v := r.ms(Phase.SOURCE_STOPPED, Phase.TARGET_RUNNING))
+                                   is not None]),
+            "lost_probes": sum(int((r.probe or {}).get("lost", 0)) for r in done),
+            "transfers": len(done),
+        }
+    return modes
+
+
+MODE_COLUMNS = (("guest blackout ms", "blackout_ms"), ("QEMU downtime ms", "qemu_downtime_ms"),
+                ("total ms", "total_ms"), ("VM paused ms", "vm_pause_ms"))
+
+
+def modes_table(modes: dict[str, dict[str, Any]]) -> str:
+    """Medians per mode, each with its ratio to cpr-transfer's."""
+    base = modes.get(str(Mode.CPR_TRANSFER), {})
+    head = f"{'mode':<13}" + "".join(f"  {title:>24}" for title, _ in MODE_COLUMNS) + f"  {'lost':>4}  {'n':>2}"
+    lines = [head]
+    for mode, m in modes.items():
+        cells = []
+        for _, key in MODE_COLUMNS:
+            ratio = f" (x{m[key] / base[key]:.1f})" if m[key] and base.get(key) else ""
+            cells.append(f"  {_f(m[key]) + ratio:>24}")
+        lines.append(f"{mode:<13}" + "".join(cells) + f"  {m['lost_probes']:>4}  {m['transfers']:>2}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -490,8 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak = bench_soak(bench)
     ram_scaling = with_ratios(bench_memory(bench))
     s = summary(bench, boots, phases, results, soak, ram_scaling)
+    modes = bench_modes(bench) if args.modes else None
+    if modes is not None:
+        s["modes"] = modes
     (bench.out / "bench.json").write_text(json.dumps({**s, "soak_failure_details": soak.failures}, indent=1))
     print(table(s, results))
+    if modes is not None:
+        print("\nmodes (medians; xN = ratio to cpr-transfer)\n" + modes_table(modes))
     for failure in soak.failures[:10]:
         print(f"soak failure: {failure}")
     print(json.dumps(s))

@@ -35,10 +35,11 @@ if [ -x "$next" ]; then
     tests/integration/test_transfer.py --junitxml=artifacts/junit/cross-version.xml "${ARGS[@]}" || xrc=$?
   [ "$xrc" = 5 ] && xrc=0
   [ "$rc" = 0 ] && rc=$xrc
-  echo "== cpr-exec (qemu-next): source and target $next"
+  # every CPR mode (cpr-exec needs 10.2, the fd-passed cpr channel 10.1) and each mode's preconditions
+  echo "== CPR modes (qemu-next): source and target $next"
   erc=0
   CPR_QEMU="$next" CPR_TARGET_QEMU="$next" "${PYTEST[@]}" tests/integration/test_modes.py \
-    --junitxml=artifacts/junit/cpr-exec.xml "${ARGS[@]}" || erc=$?
+    tests/integration/test_mode_preconditions.py --junitxml=artifacts/junit/cpr-exec.xml "${ARGS[@]}" || erc=$?
   [ "$erc" = 5 ] && erc=0
   [ "$rc" = 0 ] && rc=$erc
 fi

@@ -8,16 +8,23 @@ docs/devel/migration/CPR.rst:
 - cpr-exec: the source gets mode=cpr-exec and cpr-exec-command (the target's argv with -incoming
   for a state file), `migrate` to that file, then exec's the target in place (same PID); the
   target resumes the guest by itself. A failed exec leaves the source running the guest.
+- cpr-reboot: the source gets mode=cpr-reboot and x-ignore-shared, `migrate` to a state file, ends
+  in postmigrate and quits; then the target starts with -incoming defer, gets the same mode and
+  capability, and `migrate-incoming` from that file; guest RAM (a named shared file the harness
+  holds) stays in place. Optionally (QEMU requires it with VFIO) the guest suspends to RAM first and
+  the target wakes it (system_wakeup).
 Every step is timed on the host's wall clock (the clock QMP event timestamps use too) and bounded
 by a timeout.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPError
@@ -27,7 +34,7 @@ from pytest_cpr.kinds import Mode, Phase
 from pytest_cpr.observers import Observer, TransferObserver
 from pytest_cpr.qemu.process import QemuProcess, unix_listening
 from pytest_cpr.qemu.qmp import QmpError
-from pytest_cpr.qemu.spec import ExecIncoming, Incoming
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming, RebootIncoming
 
 FINAL_STATES = ("completed", "failed", "cancelled")
 NORMAL_MAX_BANDWIDTH = 64 << 30  # bytes/s: no throttle worth the name on one host
@@ -72,6 +79,8 @@ class TransferResult:
     # noteworthy lines the old and new QEMU printed on stderr during the transfer (qemu/stderr.py)
     qemu_messages: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
+    # size of the VM state file (cpr-exec, cpr-reboot: guest RAM kept in place leaves it small)
+    state_file_bytes: int | None = None
     # PIDs of the old and the new QEMU (cpr-exec: the same process)
     source_pid: int | None = None
     target_pid: int | None = None
@@ -131,6 +140,8 @@ class TransferResult:
             "lost_before_stop": probe.get("lost_before_stop"),
             "lost_in_downtime": probe.get("lost_in_downtime"),
             "lost_after_resume": probe.get("lost_after_resume"),
+            "state_file_bytes": self.state_file_bytes,
+            "suspended_ms": self.ms(Phase.GUEST_SUSPENDED, Phase.GUEST_WOKEN),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -186,6 +197,7 @@ class ModeSteps:
 
     mode: Mode
     retires_source = True  # the old QEMU stays in postmigrate and is told to quit afterwards
+    source_answers_after = True  # the source can be asked query-migrate once it said completed
 
     def __init__(self, make_target: Callable[[], QemuProcess], timeout: float) -> None:
         self.make_target, self.timeout = make_target, timeout
@@ -196,8 +208,15 @@ class ModeSteps:
     def parameters(self, target: QemuProcess) -> dict[str, Any]:
         return {"mode": str(self.mode)}
 
+    def capabilities(self) -> list[dict[str, object]]:
+        """migrate-set-capabilities of the source (MIGRATION events, which every step waits on)."""
+        return [{"capability": "events", "state": True}]
+
     def channels(self) -> list[dict[str, object]]:
         raise NotImplementedError
+
+    def before_migrate(self, source: QemuProcess, timeline: dict[Phase, float]) -> None:
+        """The last step on the source before `migrate` (cpr-reboot: suspend the guest)."""
 
     def take_over(self, source: QemuProcess, target: QemuProcess, result: TransferResult,
                   completed: dict[str, Any], mark: int) -> None:
@@ -218,13 +237,19 @@ class TransferSteps(ModeSteps):
 
     mode = Mode.CPR_TRANSFER
 
-    def __init__(self, make_target: Callable[[], QemuProcess], incoming: Incoming, timeout: float) -> None:
+    def __init__(self, make_target: Callable[[], QemuProcess], incoming: Incoming, timeout: float,
+                 listener: socket.socket | None = None) -> None:
+        """`listener`: the harness's own listening cpr socket (its fd is incoming.cpr_fd), closed
+        once the target inherited it; its path removed once the transfer ends either way."""
         super().__init__(make_target, timeout)
-        self.incoming = incoming
+        self.incoming, self.listener = incoming, listener
         self._monitor: _TargetMonitor | None = None
 
     def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
-        target = self.make_target()
+        try:
+            target = self.make_target()
+        finally:  # the new QEMU holds the listening socket now: the harness lets go of its copy (as
+            self._close_listener(unlink=False)  # management software does), so a dying target refuses the source
         timeline[Phase.TARGET_SPAWNED] = target.t_spawn
         observer.on_spawned(target)
         first, what = ((self.incoming.cpr_socket, "cpr channel") if self.incoming.cpr_socket is not None
@@ -244,9 +269,21 @@ class TransferSteps(ModeSteps):
         self._monitor.join()
 
     def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
+        self._close_listener()
         status = source.qmp.execute("query-status")["status"]
         if status != "postmigrate":
             result.notes.append(f"source ended in {status}, expected postmigrate")
+
+    def abandon(self, target: QemuProcess | None) -> None:
+        self._close_listener()
+        super().abandon(target)
+
+    def _close_listener(self, unlink: bool = True) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if unlink and self.incoming.cpr_fd is not None and self.incoming.cpr_socket is not None:
+            self.incoming.cpr_socket.unlink(missing_ok=True)  # the harness bound the path: it removes it
 
 
 class NormalSteps(TransferSteps):
@@ -269,6 +306,7 @@ class ExecSteps(ModeSteps):
 
     mode = Mode.CPR_EXEC
     retires_source = False  # the source became the target
+    source_answers_after = False  # it exec's right after completed
 
     def __init__(self, make_target: Callable[[], QemuProcess], incoming: ExecIncoming, timeout: float) -> None:
         super().__init__(make_target, timeout)
@@ -313,12 +351,117 @@ class ExecSteps(ModeSteps):
     def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
         result.notes.append(f"cpr-exec: {source.label} exec'd {target.label} in place (PID {target.pid}); "
                             "QEMU downtime and total from the old QEMU's MIGRATION/STOP event times")
-        self.incoming.state_file.unlink(missing_ok=True)
+        _remove_state_file(self.incoming.state_file, result)
 
     def abandon(self, target: QemuProcess | None) -> None:
-        self.incoming.state_file.unlink(missing_ok=True)
+        _remove_state_file(self.incoming.state_file)
         if target is not None and target.popen is not None:  # exec'd: the process is the target's
             target.shutdown(timeout=5)
+
+
+SUSPEND_COMMAND = ("nohup sh -c 'sleep 0.2; if command -v systemctl >/dev/null; then systemctl suspend; else "
+                   "echo deep > /sys/power/mem_sleep 2>/dev/null; echo mem > /sys/power/state; fi' "
+                   ">/dev/null 2>&1 &")
+"""Suspend the guest to RAM from inside it, detached (the command returns; the guest sleeps 0.2 s later)."""
+
+
+class RebootSteps(ModeSteps):
+    """cpr-reboot: the source saves the VM state to a file (guest RAM, a named shared file, stays in
+    place with x-ignore-shared) and quits once it says completed; then the target (same VM spec,
+    -incoming defer) starts, gets mode=cpr-reboot and x-ignore-shared and loads the file with
+    migrate-incoming. With `suspend_guest` the guest first suspends to RAM (SUSPEND event, runstate
+    suspended) and the target wakes it (system_wakeup, WAKEUP event): QEMU's condition for VFIO."""
+
+    mode = Mode.CPR_REBOOT
+    retires_source = False  # retired in take_over, before the target starts (never both at once)
+
+    def __init__(self, make_target: Callable[[], QemuProcess], incoming: RebootIncoming, timeout: float,
+                 retire: Callable[[QemuProcess, TransferResult], None],
+                 suspend_guest: Callable[[], None] | None = None) -> None:
+        """`make_target`: the target generation, not started; `retire`: quits the source (observers
+        told); `suspend_guest`: runs SUSPEND_COMMAND in the guest (None: no suspend)."""
+        super().__init__(make_target, timeout)
+        self.incoming, self.retire, self.suspend_guest = incoming, retire, suspend_guest
+        self._source: QemuProcess | None = None
+
+    def prepare(self, timeline: dict[Phase, float], observer: TransferObserver) -> QemuProcess:
+        target = self.make_target()  # started once the source quit
+        observer.on_spawned(target)
+        observer.on_before_migrate(target)
+        return target
+
+    def before_migrate(self, source: QemuProcess, timeline: dict[Phase, float]) -> None:
+        """With suspend_guest: suspend the guest to RAM and wait (bounded) for QEMU's SUSPEND and the
+        suspended runstate."""
+        if self.suspend_guest is None:
+            return
+        mark = len(source.qmp.events)
+        self.suspend_guest()
+        event = source.qmp.wait_event(lambda e: e.get("event") == "SUSPEND", self.timeout,
+                                      "SUSPEND of the guest (does it offer S3? ICH9-LPC.disable_s3=0)",
+                                      since=mark, alive=source.exit_reason)
+        timeline[Phase.GUEST_SUSPENDED] = _event_time(event)
+        _wait_status(source, "suspended", self.timeout)
+
+    def capabilities(self) -> list[dict[str, object]]:
+        return [*super().capabilities(), {"capability": "x-ignore-shared", "state": True}]
+
+    def channels(self) -> list[dict[str, object]]:
+        return self.incoming.channels()
+
+    def take_over(self, source: QemuProcess, target: QemuProcess, result: TransferResult,
+                  completed: dict[str, Any], mark: int) -> None:
+        t = result.timeline
+        _wait_status(source, "postmigrate", self.timeout)
+        self.retire(source, result)
+        target.start()
+        t[Phase.TARGET_SPAWNED] = target.t_spawn
+        target.connect_qmp(self.timeout)
+        t[Phase.TARGET_LISTENING] = time.time()
+        tq = target.qmp
+        since = len(tq.events)
+        tq.execute("migrate-set-capabilities", {"capabilities": self.capabilities()})
+        tq.execute("migrate-set-parameters", {"mode": str(self.mode)})
+        tq.execute("migrate-incoming", {"channels": self.channels()})
+        final = tq.wait_event(_status_is(*FINAL_STATES), self.timeout, "MIGRATION completed/failed of the target",
+                              since=since, alive=target.exit_reason)
+        if final["data"]["status"] != "completed":
+            info = tq.execute("query-migrate")
+            raise CprError(f"the new QEMU {target.label} could not load the state ({final['data']['status']}: "
+                           f"{info.get('error-desc', 'no error description')}); the old QEMU has quit, the guest "
+                           "is lost")
+        if self.suspend_guest is not None:
+            _wait_status(target, "suspended", self.timeout)
+            since = len(tq.events)
+            tq.execute("system_wakeup")
+            woke = tq.wait_event(lambda e: e.get("event") == "WAKEUP", self.timeout, "WAKEUP of the guest",
+                                 since=since, alive=target.exit_reason)
+            t[Phase.GUEST_WOKEN] = _event_time(woke)
+            _wait_status(target, "running", self.timeout)
+            t[Phase.TARGET_RUNNING] = t[Phase.GUEST_WOKEN]
+
+    def finish(self, source: QemuProcess, target: QemuProcess, result: TransferResult) -> None:
+        _remove_state_file(self.incoming.state_file, result)
+
+    def abandon(self, target: QemuProcess | None) -> None:
+        _remove_state_file(self.incoming.state_file)
+        super().abandon(target)
+
+
+def _remove_state_file(path: Path, result: TransferResult | None = None) -> None:
+    """Remove a mode's state file, its size recorded on `result` first."""
+    if result is not None and path.exists():
+        result.state_file_bytes = path.stat().st_size
+    path.unlink(missing_ok=True)
+
+
+def _wait_status(proc: QemuProcess, status: str, timeout: float) -> None:
+    """Poll query-status (bounded) until QEMU reports `status` (runstates without their own event)."""
+    deadline = time.monotonic() + timeout
+    while (now := proc.qmp.execute("query-status")["status"]) != status:
+        if time.monotonic() > deadline:
+            raise CprTimeout(f"QEMU {proc.label} still {now!r}, not {status!r}, after {timeout:.0f}s")
+        time.sleep(0.01)
 
 
 def cpr_transfer(source: QemuProcess, start_target: Callable[[], QemuProcess], incoming: Incoming,
@@ -348,9 +491,10 @@ def cpr_migrate(source: QemuProcess, steps: ModeSteps, result: TransferResult, t
     target: QemuProcess | None = None
     try:
         target = steps.prepare(t, observer)
+        steps.before_migrate(source, t)
         qmp = source.qmp
         mark = len(qmp.events)
-        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        qmp.execute("migrate-set-capabilities", {"capabilities": steps.capabilities()})
         qmp.execute("migrate-set-parameters", steps.parameters(target))
         t[Phase.MIGRATE_ISSUED] = time.time()
         qmp.execute("migrate", {"channels": steps.channels()})
@@ -361,7 +505,7 @@ def cpr_migrate(source: QemuProcess, steps: ModeSteps, result: TransferResult, t
         for event in qmp.events[mark:]:
             if event.get("event") == "STOP" and Phase.SOURCE_STOPPED not in t:
                 t[Phase.SOURCE_STOPPED] = _event_time(event)
-        if steps.retires_source or final["data"]["status"] != "completed":
+        if steps.source_answers_after or final["data"]["status"] != "completed":
             result.qemu = _source_numbers(qmp.execute("query-migrate"))
         else:  # the source exec's right after completed: its numbers from its event times
             result.qemu = _event_numbers(qmp.events[mark:], final)
@@ -383,6 +527,8 @@ def cpr_migrate(source: QemuProcess, steps: ModeSteps, result: TransferResult, t
         if source_status != "running":
             result.notes.append(f"source was {source_status} before migrate; the target is left "
                                 f"{tq.execute('query-status')['status']} (no target_running)")
+        elif Phase.TARGET_RUNNING in t:  # the steps saw it (cpr-reboot: the guest woke)
+            pass
         elif tq.execute("query-status")["status"] != "running":
             ev = tq.wait_event(lambda e: e.get("event") == "RESUME", timeout, "RESUME of the target",
                                alive=target.exit_reason)

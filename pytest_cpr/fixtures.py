@@ -195,6 +195,7 @@ def cpr_vm_factory(request: pytest.FixtureRequest, cpr_settings: CprSettings, cp
             command_timeout=cpr_settings.command_timeout,
             artifacts=cpr_artifacts / name if made else cpr_artifacts, key_dir=cpr_session_key.path.parent,
             vnet_hdr=cpr_settings.vnet_hdr, probe_interval_ms=cpr_settings.probe_interval_ms,
+            cpr_channel_fd=cpr_settings.channel_fd,
             user_image=Path(cpr_settings.user_image) if cpr_settings.user_image else None)
         config = dataclasses.replace(config, **overrides)  # a misspelt key raises TypeError
         config.cmdline = (*config.cmdline, *cpr_settings.guest_cmdline.split())

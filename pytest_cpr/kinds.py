@@ -13,11 +13,13 @@ class Phase(StrEnum):
     TARGET_SPAWNED = "target_spawned"
     TARGET_LISTENING = "target_listening"
     MIGRATE_ISSUED = "migrate_issued"
+    GUEST_SUSPENDED = "guest_suspended"  # cpr-reboot with suspend: the source said SUSPEND
     SOURCE_STOPPED = "source_stopped"
     MIGRATION_COMPLETED = "migration_completed"
     MIGRATION_FAILED = "migration_failed"
     MIGRATION_CANCELLED = "migration_cancelled"
     TARGET_RUNNING = "target_running"
+    GUEST_WOKEN = "guest_woken"  # cpr-reboot with suspend: the target said WAKEUP
     FIRST_PROBE_AFTER = "first_probe_after"
     SSH_ANSWERED = "ssh_answered"
     SOURCE_EXITED = "source_exited"
@@ -56,6 +58,7 @@ class Mode(StrEnum):
 
     CPR_TRANSFER = "cpr-transfer"  # a new QEMU process; fds over the cpr channel (QEMU >= 10.0)
     CPR_EXEC = "cpr-exec"  # the same process exec's the new QEMU; state in a file (QEMU >= 10.2)
+    CPR_REBOOT = "cpr-reboot"  # state to a file, the old QEMU quits, a new one loads it (QEMU >= 8.2)
     NORMAL = "normal"  # not CPR: a new QEMU gets RAM and state copied over the stream (for contrast)
 
 

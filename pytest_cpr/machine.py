@@ -32,7 +32,7 @@ from pytest_cpr.once import worker_tag
 from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import Console, QemuProcess
-from pytest_cpr.qemu.spec import ExecIncoming, Incoming, Nic, VmSpec
+from pytest_cpr.qemu.spec import AnyIncoming, Nic, VmSpec
 from pytest_cpr.waits import (
     CLOSE_SHUTDOWN_S,
     CONSOLE_CONNECT_TIMEOUT_S,
@@ -73,6 +73,24 @@ class VmConfig:
     boot_attempts: int = 1  # > 1: a boot that hangs before the host key line is retried, announced
     on_transfer: list[Callable[[TransferResult], None]] = field(default_factory=list)  # reporting
     plots: bool = True  # draw timeline-t<i>.png/.svg per transfer (needs matplotlib)
+    # guest RAM as CPR needs it (QEMU's CPR.rst); switchable to show QEMU refusing without it
+    ram_share: bool = True  # share=on on the memory backend
+    anonymous_ram: bool = False  # no memory backend: plain -m (anonymous private RAM)
+    aux_ram_share: bool = True  # -machine aux-ram-share=on
+    # cpr-transfer: the harness listens on the cpr channel's socket and passes the new QEMU the
+    # listening fd (addr.type=fd), the way management software does (--cpr-channel-fd)
+    cpr_channel_fd: bool = False
+    # cpr-reboot: suspend the guest to RAM first and wake it in the new QEMU (QEMU requires it with VFIO
+    # devices); None: only with a vfio-pci device. Exposes S3 to the guest (ICH9-LPC.disable_s3=0).
+    reboot_suspend: bool | None = None
+
+    @property
+    def has_vfio_device(self) -> bool:
+        return any(str(arg).startswith("vfio-pci") for arg in self.extra_args)
+
+    @property
+    def suspends_for_reboot(self) -> bool:
+        return self.has_vfio_device if self.reboot_suspend is None else self.reboot_suspend
 
 
 class MachineState(enum.Enum):
@@ -106,6 +124,7 @@ class Machine:
         self.ssh_ready_seconds: float | None = None
         self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
         self.known_stderr: set[str] = set()  # what the QEMUs said outside any transfer (qemu/stderr.py)
+        self.ram_fd: int | None = None  # cpr-reboot: the guest RAM memfd the harness holds across QEMUs
         self._builds: dict[str, QemuBuild] = {}  # by process label
 
     def _transition(self, to: MachineState, *allowed: MachineState) -> None:
@@ -152,7 +171,19 @@ class Machine:
         c = self.config
         return VmSpec(name=c.name, accel=c.accel, memory_mib=c.memory_mib, cpus=c.cpus,
                       machine=c.source.q35_machine, nics=(nic,), extra_args=c.extra_args,
-                      **disk)  # type: ignore[arg-type]
+                      ram_share=c.ram_share, anonymous_ram=c.anonymous_ram, aux_ram_share=c.aux_ram_share,
+                      s3=c.suspends_for_reboot,
+                      **self._reboot_ram(), **disk)  # type: ignore[arg-type]
+
+    def _reboot_ram(self) -> dict[str, object]:
+        """cpr-reboot: the old QEMU quits before the new one starts, so guest RAM must outlive it. The
+        harness holds it: a memfd both QEMUs map by name (memory-backend-file on /dev/fd/<n>, a named
+        file, which x-ignore-shared keeps in place instead of copying it into the state file)."""
+        if self.config.mode is not Mode.CPR_REBOOT or self.config.anonymous_ram:
+            return {}
+        self.ram_fd = os.memfd_create(f"cpr-ram-{self.config.name}", os.MFD_CLOEXEC)
+        os.ftruncate(self.ram_fd, self.config.memory_mib << 20)
+        return {"ram_file": Path(f"/dev/fd/{self.ram_fd}"), "extra_fds": (self.ram_fd,)}
 
     def _cloud_image_spec(self, image: Path, nic: Nic) -> VmSpec:
         """Boot the user's image from a private overlay with a NoCloud seed; the host key is ours."""
@@ -166,7 +197,7 @@ class Machine:
                           root_readonly=False, seed_iso=seed)
 
     # ---- generations
-    def start_generation(self, generation: int, build: QemuBuild, incoming: Incoming | None) -> QemuProcess:
+    def start_generation(self, generation: int, build: QemuBuild, incoming: AnyIncoming | None) -> QemuProcess:
         """Start QEMU generation `generation` of `build` (a transfer target when `incoming` is set)."""
         proc = self.new_generation(generation, build, incoming)
         log.info("guest %s: starting %s (%s)", self.config.name, proc.label, build.short_version)
@@ -177,8 +208,7 @@ class Machine:
             raise
         return proc
 
-    def new_generation(self, generation: int, build: QemuBuild,
-                        incoming: Incoming | ExecIncoming | None) -> QemuProcess:
+    def new_generation(self, generation: int, build: QemuBuild, incoming: AnyIncoming | None) -> QemuProcess:
         """QEMU generation `generation` of `build`, not started: its argv is what the current QEMU
         exec's under cpr-exec (own QMP and console sockets and console log, same VM spec)."""
         assert self.spec is not None  # set by boot() before any generation starts
@@ -191,7 +221,7 @@ class Machine:
         argv = self.spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming,
                               paused=incoming is None)
         proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
-                           con_log, pass_fds=self.spec.pass_fds())
+                           con_log, pass_fds=self.spec.pass_fds() + (incoming.pass_fds() if incoming else ()))
         self.generations.append(proc)
         self._builds[label] = build
         return proc
@@ -313,6 +343,9 @@ class Machine:
             except Exception as exc:
                 errors.append(f"{proc.label}: {exc}")
         self.network.destroy()
+        if self.ram_fd is not None:
+            os.close(self.ram_fd)
+            self.ram_fd = None
         shutil.rmtree(self.rundir, ignore_errors=True)
         leftovers.forget("rundir", self.rundir.name)
         self.state = MachineState.CLOSED

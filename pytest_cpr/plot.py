@@ -32,6 +32,7 @@ PHASE_LABELS: dict[str, str] = {
     Phase.MIGRATION_FAILED: "migration failed", Phase.MIGRATION_CANCELLED: "migration cancelled",
     Phase.TARGET_RUNNING: "target running", Phase.FIRST_PROBE_AFTER: "first probe answered",
     Phase.SSH_ANSWERED: "SSH answered", Phase.SOURCE_EXITED: "source exited",
+    Phase.GUEST_SUSPENDED: "guest suspended", Phase.GUEST_WOKEN: "guest woken",
 }
 STALL_FACTOR = 3  # a send interval this many times the probe interval is a harness stall
 CONTEXT_BEFORE_S = 0.25  # probes kept before the transfer step starts, to show the normal RTT

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from pytest_cpr import plot
 from pytest_cpr.errors import CprTimeout
 from pytest_cpr.kinds import Phase
-from pytest_cpr.net.traffic import IcmpProbe, StreamResult, TcpStream, lost_by_phase
+from pytest_cpr.net.traffic import IcmpProbe, Probe, StreamResult, TcpStream, lost_by_phase
 from pytest_cpr.observers import Observer
 from pytest_cpr.waits import (
     CONFIRM_ANSWERS,
@@ -125,9 +125,18 @@ class ProbeMeasurement(Observer):
         answers = [p.t_recv for p in probes if p.t_recv is not None and p.t_recv >= t[Phase.TARGET_RUNNING]]
         if answers:
             t[Phase.FIRST_PROBE_AFTER] = min(answers)
-        stats = probe.stats(t[Phase.STEP_START], window_end, grace_s=0.0)
+        stats = probe.stats(_window_start(probes, t[Phase.STEP_START]), window_end, grace_s=0.0)
         series = plot.ProbeSeries.of(probes, t[Phase.STEP_START], window_end, probe.interval_ms)
         result.probe = {**stats.as_dict(), **series.send_stall(stats.gap_start, stats.gap_end),
                         **lost_by_phase(probes, t[Phase.STEP_START], window_end, t.get(Phase.SOURCE_STOPPED),
                                         t[Phase.TARGET_RUNNING]),
                         "probe_realtime": probe.realtime, "probe_uncaptured": probe.uncaptured}
+
+
+def _window_start(probes: list[Probe], step_start: float) -> float:
+    """Where the blackout window opens: at the send time of the last probe answered before the step
+    started, so the first gap runs from that answer. (Opening it at the step start missed the silence
+    when the guest stops within a probe interval of it, as with cpr-exec and cpr-reboot: their
+    blackouts read shorter than the VM pause.)"""
+    before = [p for p in probes if p.t_recv is not None and p.t_recv <= step_start]
+    return max(before, key=lambda p: p.t_recv or 0.0).t_send if before else step_start

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from pytest_cpr.kinds import Mode, values
+
 CLEANED_KEY = pytest.StashKey[list[str]]()
 
 # (header, row key, numeric); optional columns are shown only when some row has a value.
@@ -116,6 +118,27 @@ def overview(rows: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def modes_of(rows: list[dict[str, Any]]) -> list[str]:
+    """The CPR modes of the rows, in the order of kinds.Mode (unknown ones after, as seen)."""
+    seen = list(dict.fromkeys(str(r.get("mode") or Mode.CPR_TRANSFER) for r in rows))
+    known = [m for m in values(Mode) if m in seen]
+    return known + [m for m in seen if m not in known]
+
+
+def heading(rows: list[dict[str, Any]]) -> str:
+    """'cpr-transfer summary', or for a run of several modes 'cpr-transfer + cpr-reboot summary'."""
+    return " + ".join(modes_of(rows)) + " summary"
+
+
+def overviews(rows: list[dict[str, Any]]) -> list[str]:
+    """The overview line; with several modes one per mode (their numbers differ by design)."""
+    modes = modes_of(rows)
+    if len(modes) == 1:
+        return [overview(rows)]
+    return [f"{mode}: " + overview([r for r in rows if str(r.get("mode") or Mode.CPR_TRANSFER) == mode])
+            for mode in modes]
+
+
 def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     cleaned = config.stash.get(CLEANED_KEY, [])
     if cleaned:
@@ -125,9 +148,10 @@ def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     rows = collect_rows(terminalreporter)
     if not rows:
         return
-    terminalreporter.write_sep("=", "cpr-transfer summary")
+    terminalreporter.write_sep("=", heading(rows))
     terminalreporter.write_line(table(rows))
-    terminalreporter.write_line(overview(rows))
+    for line in overviews(rows):
+        terminalreporter.write_line(line)
     summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary_file:
         with open(summary_file, "a", encoding="utf-8") as fh:
@@ -135,7 +159,8 @@ def terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
 
 
 NOTE = ("Times in ms; guest blackout = longest interval between two answered probes (host side, ICMP every "
-        "few ms); QEMU downtime/total from query-migrate on the source.")
+        "few ms); QEMU downtime/total from query-migrate on the source (cpr-exec: from its MIGRATION/STOP "
+        "event times); VM paused = the old QEMU's STOP to the new QEMU's RESUME.")
 
 
 def html_report_path(config: pytest.Config) -> str | None:
@@ -153,8 +178,8 @@ def markdown_summary(rows: list[dict[str, Any]], html_report: str | None = None)
             if os.environ.get("GITHUB_RUN_ID") and os.environ.get("GITHUB_REPOSITORY") else ""
         where = (f"Each test's transfer timelines (plots) and numbers: `{os.path.basename(html_report)}`, "
                  f"the pytest-html report, in the uploaded artifact{page}.\n\n")
-    return ("## cpr-transfer summary\n\n" + overview(rows) + "\n\n" + table(rows, markdown=True) + "\n\n"
-            + NOTE + "\n\n" + where)
+    return (f"## {heading(rows)}\n\n" + "\n\n".join(overviews(rows)) + "\n\n" + table(rows, markdown=True)
+            + "\n\n" + NOTE + "\n\n" + where)
 
 
 def html_summary(terminalreporter: Any) -> list[str]:
@@ -162,7 +187,8 @@ def html_summary(terminalreporter: Any) -> list[str]:
     rows = collect_rows(terminalreporter)
     if not rows:
         return []
-    return [f"<h2>cpr-transfer summary</h2><p>{escape(overview(rows))}</p>", table(rows, html=True),
+    return [f"<h2>{escape(heading(rows))}</h2>" + "".join(f"<p>{escape(line)}</p>" for line in overviews(rows)),
+            table(rows, html=True),
             f"<p>{escape(NOTE)}</p>"]
 
 

@@ -158,6 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vnet_hdr", "open the shared tap with IFF_VNET_HDR (offloads on, but the target QEMU "
             "resets the header length under the running source: frames are lost)", "off", parse_bool,
             fix="on or off"),
+    Setting("channel_fd", "cpr-transfer: the harness listens on the cpr channel's UNIX socket itself and "
+            "passes the new QEMU the listening fd (addr.type=fd), as management software does; off: QEMU "
+            "listens on the path", "off", parse_bool, fix="on or off"),
     Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", parse_interval_ms,
             fix="a number of milliseconds from 0.5 to 1000, e.g. 5"),
     Setting("max_blackout_ms", "fail a transfer whose guest-visible blackout exceeds this (none: record "
@@ -205,6 +208,7 @@ class CprSettings:
     artifacts: str
     keep_artifacts: str
     vnet_hdr: bool
+    channel_fd: bool
     probe_interval_ms: float
     max_blackout_ms: float | None
     max_lost_probes: float | None

@@ -1,4 +1,4 @@
-"""One CPR transfer (cpr-transfer or cpr-exec) of a machine's guest to a new QEMU generation, with its
+"""One CPR transfer (cpr-transfer, cpr-exec or cpr-reboot) of a machine's guest to a new QEMU generation, with its
 bookkeeping: the result list, the observers' events, the failed target set aside, the old QEMU
 retired (cpr-exec: it became the new one), the SSH session checked, the artifact files written and
 the result reported."""
@@ -6,15 +6,19 @@ the result reported."""
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pytest_cpr.artifacts import ArtifactWriter
 from pytest_cpr.cpr import (
+    SUSPEND_COMMAND,
     ExecSteps,
     ModeSteps,
     NormalSteps,
     ProcessRef,
+    RebootSteps,
     TransferResult,
     TransferSteps,
     cpr_migrate,
@@ -26,7 +30,8 @@ from pytest_cpr.machine import Machine
 from pytest_cpr.observers import Observers
 from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.probe import QemuBuild
-from pytest_cpr.qemu.spec import ExecIncoming, Incoming
+from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.qemu.spec import ExecIncoming, Incoming, RebootIncoming
 from pytest_cpr.waits import SSH_AFTER_TRANSFER_S
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,7 @@ class TransferRunner:
             self.record(result)
             raise
         if steps.retires_source:
-            self.observers.on_before_retire(source)
-            retire_source(source, result)
+            self._retire(source, result)
         said = stderr.lines_since(source.stderr_path, source_said)
         if m.current.stderr_path != source.stderr_path:  # cpr-exec: one process, one stderr file
             said += stderr.lines_since(m.current.stderr_path)
@@ -84,13 +88,30 @@ class TransferRunner:
             state = ExecIncoming(m.rundir / f"state-g{gen}.bin")
             state.state_file.unlink(missing_ok=True)  # left by a failed transfer to this generation
             return ExecSteps(lambda: m.new_generation(gen, build, state), state, timeout)
-        cpr_socket = None if mode is Mode.NORMAL else m.rundir / f"cpr-g{gen}.sock"
-        incoming = Incoming(m.rundir / f"mig-g{gen}.sock", cpr_socket)
-        for stale in (incoming.main_socket, incoming.cpr_socket):
+        if mode is Mode.CPR_REBOOT:
+            saved = RebootIncoming(m.rundir / f"state-g{gen}.bin")
+            saved.state_file.unlink(missing_ok=True)
+            suspend = self._suspend_guest if m.config.suspends_for_reboot else None
+            return RebootSteps(lambda: m.new_generation(gen, build, saved), saved, timeout, self._retire, suspend)
+        main = m.rundir / f"mig-g{gen}.sock"
+        cpr = None if mode is Mode.NORMAL else m.rundir / f"cpr-g{gen}.sock"
+        for stale in (main, cpr):
             if stale is not None:
                 stale.unlink(missing_ok=True)  # left by a failed transfer to this generation
-        kind = NormalSteps if mode is Mode.NORMAL else TransferSteps
-        return kind(lambda: m.start_generation(gen, build, incoming), incoming, timeout)
+        if mode is Mode.NORMAL:
+            normal = Incoming(main, None)
+            return NormalSteps(lambda: m.start_generation(gen, build, normal), normal, timeout)
+        assert cpr is not None
+        listener = _listen_unix(cpr) if m.config.cpr_channel_fd else None
+        incoming = Incoming(main, cpr, cpr_fd=listener.fileno() if listener else None)
+        return TransferSteps(lambda: m.start_generation(gen, build, incoming), incoming, timeout, listener)
+
+    def _retire(self, source: QemuProcess, result: TransferResult) -> None:
+        self.observers.on_before_retire(source)
+        retire_source(source, result)
+
+    def _suspend_guest(self) -> None:
+        self.machine.require_ssh().run(SUSPEND_COMMAND)
 
     def _check_ssh(self, result: TransferResult) -> None:
         """The SSH session opened before the transfer runs a command after it (timed)."""
@@ -107,3 +128,15 @@ class TransferRunner:
         for hook in self.report:
             hook(result)
         self.artifacts.write_transfers(self.results)
+
+
+def _listen_unix(path: Path) -> socket.socket:
+    """A listening UNIX socket at `path` (its fd goes to the new QEMU, inherited through pass_fds)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(1)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -187,8 +187,8 @@ class CprVM:
 
     def known_bugs(self, result: TransferResult) -> list[KnownBug]:
         """The known QEMU bugs the old QEMU of that transfer can meet (its build, accelerator, devices)."""
-        vfio_device = any(str(arg).startswith("vfio-pci") for arg in self.config.extra_args)
-        return known_bugs(self.machine.build_of(result.source.label), self.config.accel, vfio_device)
+        return known_bugs(self.machine.build_of(result.source.label), self.config.accel,
+                          self.config.has_vfio_device, result.mode)
 
     def write_transfers(self, result: TransferResult | None = None) -> None:
         """Rewrite transfers.json (after checks added to the last result); with `result`, its numbers

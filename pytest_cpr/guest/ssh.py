@@ -143,10 +143,12 @@ class GuestSSH:
                 elif channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
                 elif channel.exit_status_ready():
-                    while channel.recv_ready():
-                        out += channel.recv(65536)
-                    while channel.recv_stderr_ready():
-                        err += channel.recv_stderr(65536)
+                    # the exit status can come before the last output: read each stream to its end (an
+                    # empty read), else a long output is cut (a guest dmesg ended at 3.5 s of boot)
+                    while chunk := channel.recv(65536):
+                        out += chunk
+                    while chunk := channel.recv_stderr(65536):
+                        err += chunk
                     break
                 elif time.monotonic() > deadline:
                     raise CprTimeout(f"guest command {command!r} did not finish within {timeout:.0f}s")

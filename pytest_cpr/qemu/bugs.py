@@ -19,15 +19,19 @@ class KnownBug:
     summary: str
     since: tuple[int, int, int]
     fixed_in: tuple[int, int, int] | None  # None: no fixed build seen yet
-    accel: Accel  # the accelerator the old QEMU ran the guest with
+    accel: Accel | None  # the accelerator the old QEMU ran the guest with (None: any)
     vfio: bool  # only with a vfio-pci device in the guest
     reference: str
-    source_exit: str  # how the old QEMU ends when it hits the bug (TransferResult.source_exit)
+    source_exit: str  # how the old QEMU ends when it hits the bug (TransferResult.source_exit; "": n/a)
     stderr: str = ""  # a regex of what QEMU prints on stderr when it hits the bug ("": nothing)
+    modes: tuple[str, ...] = ()  # only in these CPR modes (): any mode
 
-    def affects(self, build: QemuBuild, accel: str, vfio: bool) -> bool:
+    def affects(self, build: QemuBuild, accel: str, vfio: bool, mode: str | None = None) -> bool:
+        """Whether a transfer from `build` on `accel` (with a vfio-pci device: `vfio`) in `mode` can meet
+        it; a bug of some modes only affects a transfer whose mode is given and among them."""
         return (self.since <= build.version and (self.fixed_in is None or build.version < self.fixed_in)
-                and accel == self.accel and (vfio or not self.vfio))
+                and (self.accel is None or accel == self.accel) and (vfio or not self.vfio)
+                and (not self.modes or mode in self.modes))
 
     def describe(self, build: QemuBuild) -> str:
         return f"known QEMU bug in {build.short_version} ({self.key}): {self.summary} [{self.reference}]"
@@ -56,9 +60,28 @@ KVM_CALL_UNDER_TCG = KnownBug(
     reference="seen with Debian 1:11.1.3+ds-1~bpo13+1",
     source_exit="signal 11")
 
-KNOWN_BUGS = (KVM_STATE_NULL_AFTER_CPR, KVM_CALL_UNDER_TCG)
+# Found by tests/integration/test_mode_preconditions.py (QEMU 11.1.3, TCG, virtio guest): QEMU refuses
+# cpr-transfer of guest RAM that is not shared memory (share=off, anonymous -m RAM, aux-ram-share=off)
+# with a migration blocker, but not cpr-exec: its RAM blocker is registered for cpr-transfer only
+# (physmem.c ram_block_add_cpr_blocker: migrate_add_blocker_modes(..., MIG_MODE_CPR_TRANSFER, -1)),
+# while cpr-exec skips every RAM block in the stream as preserved (migrate_ram_is_ignored). The old
+# QEMU stops the guest, says completed and exec's; private RAM does not survive an exec, so the new
+# QEMU finds zeroed RAM: with share=off or anonymous RAM it fails the load ("post load hook failed for:
+# kvm-tpr-opt") and exits 1, the guest lost; with aux-ram-share=off it completes (the new QEMU
+# rebuilds the same ROMs and ACPI tables), refused by neither.
+CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED = KnownBug(
+    key="cpr-exec-volatile-ram-not-blocked",
+    summary="cpr-exec is not refused for guest RAM that is not shared memory (share=off, anonymous RAM, "
+            "aux-ram-share=off): the old QEMU stops the guest and exec's, the RAM is not carried, the new "
+            "QEMU loads the state over zeroed RAM ('post load hook failed for: kvm-tpr-opt') and exits 1",
+    since=(10, 2, 0), fixed_in=None, accel=None, vfio=False,
+    reference="QEMU physmem.c ram_block_add_cpr_blocker registers MIG_MODE_CPR_TRANSFER only; "
+              "migrate_ram_is_ignored treats MIG_MODE_CPR_EXEC as preserving every block (cpr-exec series, 10.2)",
+    source_exit="", modes=("cpr-exec",))
+
+KNOWN_BUGS = (KVM_STATE_NULL_AFTER_CPR, KVM_CALL_UNDER_TCG, CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED)
 
 
-def known_bugs(build: QemuBuild, accel: str, vfio: bool) -> list[KnownBug]:
-    """The known bugs a transfer from `build` running the guest on `accel` can meet."""
-    return [bug for bug in KNOWN_BUGS if bug.affects(build, accel, vfio)]
+def known_bugs(build: QemuBuild, accel: str, vfio: bool, mode: str | None = None) -> list[KnownBug]:
+    """The known bugs a transfer from `build` running the guest on `accel` in `mode` can meet."""
+    return [bug for bug in KNOWN_BUGS if bug.affects(build, accel, vfio, mode)]

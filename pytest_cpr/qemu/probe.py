@@ -25,6 +25,7 @@ from pytest_cpr.qemu.spec import opt
 
 CPR_TRANSFER_MIN = (10, 0)
 VFIO_CPR_MIN = (10, 1)
+CPR_CHANNEL_FD_MIN = (10, 1)  # 10.0 refuses it: "bad cpr channel socket type; must be unix"
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,12 @@ class QemuBuild:
         checks = {
             "cpr-transfer": (self.has_cpr_transfer, "migration mode cpr-transfer (QEMU >= 10.0)"),
             "cpr-exec": ("cpr-exec" in self.migration_modes, "migration mode cpr-exec (QEMU >= 10.2)"),
+            "cpr-reboot": ("cpr-reboot" in self.migration_modes, "migration mode cpr-reboot (QEMU >= 8.2)"),
             "normal": (True, "normal migration"),
             "vfio-pci": ("vfio-pci" in self.device_types, "device vfio-pci"),
             "iommufd": ("iommufd" in self.object_types, "object iommufd"),
+            "cpr-channel-fd": (self.has_cpr_transfer and self.version[:2] >= CPR_CHANNEL_FD_MIN,
+                               "a cpr channel given as a listening fd (addr.type=fd; QEMU >= 10.1)"),
             "vfio-cpr": (self.has_vfio_cpr, "VFIO support in cpr-transfer (QEMU >= 10.1 with vfio-pci)"),
             "kvm": ("kvm" in self.accels, "accelerator kvm"),
         }

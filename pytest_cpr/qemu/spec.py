@@ -41,10 +41,13 @@ class Nic:
 @dataclass(frozen=True)
 class Incoming:
     """cpr-transfer channels of a target QEMU: main migration stream and cpr (fd) channel (None: a
-    normal migration, the main stream only)."""
+    normal migration, the main stream only). With `cpr_fd` the harness listens on the cpr socket
+    itself and the target gets that listening socket as an inherited fd (`addr.type=fd`), as
+    management software does; the source connects by path."""
 
     main_socket: Path
     cpr_socket: Path | None
+    cpr_fd: int | None = None
 
     def main_addr(self) -> dict[str, str]:
         return {"transport": "socket", "type": "unix", "path": str(self.main_socket)}
@@ -59,8 +62,13 @@ class Incoming:
     def args(self) -> list[str]:
         if self.cpr_socket is None:
             return ["-incoming", f"unix:{self.main_socket}"]
-        cpr = json.dumps({"channel-type": "cpr", "addr": self.cpr_addr()}, separators=(",", ":"))
+        addr = self.cpr_addr() if self.cpr_fd is None else \
+            {"transport": "socket", "type": "fd", "str": str(self.cpr_fd)}
+        cpr = json.dumps({"channel-type": "cpr", "addr": addr}, separators=(",", ":"))
         return ["-incoming", f"unix:{self.main_socket}", "-incoming", cpr]
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.cpr_fd is None else (self.cpr_fd,)
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,31 @@ class ExecIncoming:
     def args(self) -> list[str]:
         return ["-incoming", f"file:{self.state_file}"]
 
+    def pass_fds(self) -> tuple[int, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class RebootIncoming:
+    """cpr-reboot channel: the old QEMU writes the VM state to a file and quits; the new QEMU starts
+    with `-incoming defer` (QEMU documents it so: the mode and x-ignore-shared are set over QMP before
+    `migrate-incoming` reads the file). Guest RAM in a named shared file is not copied but kept in
+    place (x-ignore-shared)."""
+
+    state_file: Path
+
+    def channels(self) -> list[dict[str, object]]:
+        return ExecIncoming(self.state_file).channels()
+
+    def args(self) -> list[str]:
+        return ["-incoming", "defer"]
+
+    def pass_fds(self) -> tuple[int, ...]:
+        return ()
+
+
+AnyIncoming = Incoming | ExecIncoming | RebootIncoming
+
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -93,6 +126,11 @@ class VmSpec:
     nics: tuple[Nic, ...] = ()
     extra_args: tuple[str, ...] = ()  # further devices (vfio-pci, iommufd objects), appended verbatim
     ram_file: Path | None = None  # None: memfd; else a file (e.g. on /dev/shm) shared with the target
+    # what CPR needs of guest RAM (QEMU's CPR.rst), made switchable to show QEMU refusing without it:
+    ram_share: bool = True  # share=on on the memory backend
+    anonymous_ram: bool = False  # no memory backend at all: plain -m, anonymous private RAM
+    aux_ram_share: bool = True  # -machine aux-ram-share=on: ROMs, VGA RAM etc. in shared memory too
+    s3: bool = False  # offer the guest suspend to RAM (q35 hides S3 by default)
     extra_fds: tuple[int, ...] = field(default=())
     # a versioned machine type (pc-q35-10.0), never the moving alias: source and target must agree
     machine: str = "q35"
@@ -108,10 +146,15 @@ class VmSpec:
         return " ".join(["console=ttyS0", "quiet", "panic=-1", *nets, *self.cmdline])
 
     def ram_backend(self) -> str:
-        size = f"size={self.memory_mib}M"
+        size, share = f"size={self.memory_mib}M", "on" if self.ram_share else "off"
         if self.ram_file is None:
-            return f"memory-backend-memfd,id=ram0,{size},share=on"
-        return f"memory-backend-file,id=ram0,{size},share=on,mem-path={opt(self.ram_file)}"
+            return f"memory-backend-memfd,id=ram0,{size},share={share}"
+        return f"memory-backend-file,id=ram0,{size},share={share},mem-path={opt(self.ram_file)}"
+
+    def machine_args(self) -> list[str]:
+        machine = self.machine + ("" if self.anonymous_ram else ",memory-backend=ram0")
+        machine += ",aux-ram-share=on" if self.aux_ram_share else ""  # off is QEMU's default
+        return ["-machine", machine] + ([] if self.anonymous_ram else ["-object", self.ram_backend()])
 
     def boot_args(self) -> list[str]:
         ro = ",readonly=on" if self.root_readonly else ""
@@ -128,15 +171,14 @@ class VmSpec:
         return args
 
     def argv(self, binary: str, console_socket: Path, console_log: Path, qmp_socket: Path,
-             incoming: Incoming | ExecIncoming | None = None, paused: bool = False) -> list[str]:
+             incoming: AnyIncoming | None = None, paused: bool = False) -> list[str]:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
         accel = "tcg,thread=multi" if self.accel == Accel.TCG else "kvm"
         cpu = "host" if self.accel == Accel.KVM else "max"
         args = [
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,
-            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on",
-            "-object", self.ram_backend(),
+            *self.machine_args(),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             *self.boot_args(),
@@ -146,6 +188,8 @@ class VmSpec:
             "-chardev", f"socket,id=qmp0,path={opt(qmp_socket)},server=on,wait=off",
             "-qmp", "chardev:qmp0",
         ]
+        if self.s3:
+            args += ["-global", "ICH9-LPC.disable_s3=0"]
         for nic in self.nics:
             args += nic.args()
         args += list(self.extra_args)

@@ -219,3 +219,19 @@ def test_transfer_numbers_are_recorded_once_and_updated_by_later_checks() -> Non
     keys = [k for k, _ in node.user_properties]
     assert len(keys) == len(set(keys)) and keys[0] == "cpr_artifacts"
     assert dict(node.user_properties)["cpr_t1_carrier_changes"] == 0
+
+
+def test_blackout_window_opens_at_the_last_answer_before_the_step() -> None:
+    """A guest that stops 2 ms after the step starts (cpr-exec, cpr-reboot: before the next probe) and
+    comes back 360 ms later, answering the queued probes at once: the blackout is the whole silence."""
+    from pytest_cpr.net.traffic import Probe, probe_stats
+    from pytest_cpr.probing import _window_start
+
+    step = 100.0
+    probes = [Probe(i, step - 0.048 + i * 0.005) for i in range(100)]
+    for p in probes:  # answered 1 ms after sending, except while the guest is stopped: queued, answered at resume
+        p.t_recv = p.t_send + 0.001 if not step + 0.002 <= p.t_send + 0.001 < step + 0.362 else step + 0.362
+    assert probe_stats(probes, step, step + 0.4, 5.0, 0.0).max_gap_ms < 10, "the old window saw no blackout"
+    start = _window_start(probes, step)
+    assert start < step
+    assert probe_stats(probes, start, step + 0.4, 5.0, 0.0).max_gap_ms == pytest.approx(360, abs=6)

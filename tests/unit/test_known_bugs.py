@@ -8,7 +8,13 @@ import pytest
 
 from pytest_cpr import checks
 from pytest_cpr.cpr import ProcessRef, TransferResult
-from pytest_cpr.qemu.bugs import KVM_CALL_UNDER_TCG, KVM_STATE_NULL_AFTER_CPR, KnownBug, known_bugs
+from pytest_cpr.qemu.bugs import (
+    CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED,
+    KVM_CALL_UNDER_TCG,
+    KVM_STATE_NULL_AFTER_CPR,
+    KnownBug,
+    known_bugs,
+)
 from pytest_cpr.qemu.probe import QemuBuild
 
 
@@ -27,6 +33,15 @@ def build(version: tuple[int, int, int]) -> QemuBuild:
 def test_which_builds_and_setups_a_bug_affects(version: tuple[int, int, int], accel: str, vfio: bool,
                                                expected: list[KnownBug]) -> None:
     assert known_bugs(build(version), accel, vfio) == expected
+
+
+def test_a_bug_of_one_mode_affects_only_transfers_in_that_mode() -> None:
+    bug = CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED
+    assert known_bugs(build((11, 1, 3)), "tcg", False, "cpr-exec") == [bug]
+    assert known_bugs(build((11, 1, 3)), "kvm", False, "cpr-exec") == [bug], "any accelerator"
+    assert bug not in known_bugs(build((11, 1, 3)), "tcg", False, "cpr-transfer")
+    assert bug not in known_bugs(build((11, 1, 3)), "tcg", False), "no mode given: not a mode's bug"
+    assert bug not in known_bugs(build((10, 1, 0)), "tcg", False, "cpr-exec"), "before cpr-exec existed"
 
 
 def test_a_fixed_build_is_no_longer_affected() -> None:

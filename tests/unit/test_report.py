@@ -147,3 +147,16 @@ def test_html_extras_embed_each_plot_and_a_numbers_table(tmp_path: Path) -> None
     assert extras[1]["content"].startswith("iVBORw0KGgo")  # base64 of the PNG signature
     empty = pytest.TestReport(NODE, ("x", 1, "t"), {}, "passed", None, "teardown")
     assert report.html_extras(empty) == []
+
+
+def test_a_run_of_several_modes_names_them_all_with_an_overview_each() -> None:
+    reboot = recorded(2, 40, 400.0, 1)
+    reboot.mode = "cpr-reboot"
+    rows = report.collect_rows(terminal([reboot, recorded(1, 4, 99.6, 0)]))
+    assert report.heading(rows) == "cpr-transfer + cpr-reboot summary"
+    lines = report.overviews(rows)
+    assert [line.split(":")[0] for line in lines] == ["cpr-transfer", "cpr-reboot"]
+    assert "guest blackout median 400.0 ms" in lines[1]
+    assert report.markdown_summary(rows).startswith("## cpr-transfer + cpr-reboot summary")
+    single = report.collect_rows(terminal([recorded(1, 4, 99.6, 0)]))
+    assert report.heading(single) == "cpr-transfer summary" and len(report.overviews(single)) == 1
