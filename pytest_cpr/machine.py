@@ -221,7 +221,8 @@ class Machine:
         argv = self.spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming,
                               paused=incoming is None)
         proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
-                           con_log, pass_fds=self.spec.pass_fds() + (incoming.pass_fds() if incoming else ()))
+                           con_log, pass_fds=self.spec.pass_fds() + (incoming.pass_fds() if incoming else ()),
+                           env=self.spec.env)
         self.generations.append(proc)
         self._builds[label] = build
         return proc

@@ -171,6 +171,9 @@ SETTINGS: tuple[Setting, ...] = (
             fix="the path of a TOML host config file"),
     Setting("strict", "turn 'host cannot serve this test' skips into failures (hardware CI)", "off",
             parse_bool, fix="on or off"),
+    Setting("ioctl_shim", "the ioctl fault shim (pytest_cpr/qemu/ioctl_fault.c) built as a shared object, for "
+            "hosts without a C compiler (none: built at test time with cc)", None,
+            fix="the path of a shared object built from pytest_cpr/qemu/ioctl_fault.c"),
 )
 
 BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
@@ -214,6 +217,7 @@ class CprSettings:
     max_lost_probes: float | None
     host_config: str | None
     strict: bool
+    ioctl_shim: str | None
     source: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property

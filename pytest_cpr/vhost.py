@@ -43,6 +43,7 @@ from types import TracebackType
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
 from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir, verify_existing
+from pytest_cpr.ioctl_faults import build_shim
 from pytest_cpr.progress import heartbeat
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
@@ -553,7 +554,7 @@ class VirtualHost:
             "CPR_IMAGE": L1_GUEST, "CPR_ARTIFACTS": f"{L1_OUT}/cpr", "CPR_CACHE_DIR": "/tmp/cpr-cache",
             # an L2 boots in ~12 s here; the nested emulation hangs one now and then before it is up
             "CPR_BOOT_TIMEOUT": "120", "CPR_BOOT_ATTEMPTS": "2",
-            "CPR_HOST_CONFIG": L1_HOST_CONFIG, **(env or {}),
+            "CPR_HOST_CONFIG": L1_HOST_CONFIG, **self._ioctl_shim(), **(env or {}),
         }
         exports = " ".join(f"{k}={_sh(v)}" for k, v in variables.items())
         argv = " ".join(_sh(a) for a in args)
@@ -576,6 +577,16 @@ class VirtualHost:
             brought = target / f"vhost-{name}.xml"
             shutil.copyfile(junit, brought)
         return InnerRun(result.exit_code, brought, self.inner, result.seconds, log)
+
+    def _ioctl_shim(self) -> dict[str, str]:
+        """CPR_IOCTL_SHIM for the inner run: the ioctl fault shim built here (L1 has no C compiler; a
+        shared object built against this older C library loads in L1's newer one). Without a
+        compiler here, nothing: the ioctl tests in L1 then say what is missing."""
+        try:
+            build_shim(self.inner / "ioctl-fault.so")
+        except CprError:
+            return {}
+        return {"CPR_IOCTL_SHIM": f"{L1_OUT}/ioctl-fault.so"}
 
     def close(self) -> None:
         """Shut L1 down (quit over QMP, then signals) and remove the run folder; safe to call twice."""

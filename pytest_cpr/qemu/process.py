@@ -100,8 +100,9 @@ class QemuProcess:
 
     def __init__(self, binary: str, argv: list[str], label: str, rundir: Path, artifacts: Path,
                  qmp_socket: Path, console_socket: Path, console_log: Path,
-                 pass_fds: tuple[int, ...] = ()) -> None:
+                 pass_fds: tuple[int, ...] = (), env: tuple[tuple[str, str], ...] = ()) -> None:
         self.binary, self.argv, self.label = binary, argv, label
+        self.env = env  # set on top of the harness's environment
         self.rundir, self.artifacts = rundir, artifacts
         self.qmp_socket, self.console_socket, self.console_log = qmp_socket, console_socket, console_log
         self.stderr_path = artifacts / f"qemu-{label}.stderr"
@@ -135,12 +136,13 @@ class QemuProcess:
 
     def start(self) -> None:
         (self.artifacts / f"qemu-{self.label}.cmdline").write_text(
-            " ".join(_quote(a) for a in self.argv) + "\n")
+            " ".join([*(f"{k}={_quote(v)}" for k, v in self.env), *(_quote(a) for a in self.argv)]) + "\n")
         try:
             with self.stderr_path.open("wb") as err, stops_deferred():
                 self.t_spawn = time.time()
                 self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                              pass_fds=self.pass_fds, start_new_session=True)
+                                              pass_fds=self.pass_fds, start_new_session=True,
+                                              env={**os.environ, **dict(self.env)} if self.env else None)
                 leftovers.record_process(self.popen.pid, self.argv)
         except BaseException:
             if self.popen is not None:  # a stop held during the spawn: the caller never gets this process

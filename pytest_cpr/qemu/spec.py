@@ -137,6 +137,9 @@ class VmSpec:
     root_format: str = "raw"
     root_readonly: bool = True  # the built guest image is shared read-only; cloud images get an overlay
     seed_iso: Path | None = None  # cloud-init NoCloud seed (cidata)
+    # more environment for the QEMU processes the harness starts from this spec (e.g. LD_PRELOAD of a
+    # fault shim); a cpr-exec'd QEMU inherits its predecessor's environment instead
+    env: tuple[tuple[str, str], ...] = ()
 
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(n.tap_fd for n in self.nics) + self.extra_fds
