@@ -24,6 +24,7 @@ from pytest_cpr.checks import CheckFailed
 from pytest_cpr.errors import CprError
 from pytest_cpr.faults import Fault, FaultOutcome
 from pytest_cpr.fixtures import host_unavailable
+from pytest_cpr.guest.state import GuestSnapshot
 from pytest_cpr.ioctl_faults import (
     IOAS_CHANGE_PROCESS,
     MAP_DMA_VADDR,
@@ -35,6 +36,7 @@ from pytest_cpr.ioctl_faults import (
 from pytest_cpr.probing import Traffic
 from pytest_cpr.qemu.bugs import TARGET_VADDR_MAP_FAILURE_LOSES_GUEST
 from pytest_cpr.qemu.probe import QemuBuild
+from pytest_cpr.qemu.process import QemuProcess
 from pytest_cpr.rollback import DMA_ROUND_TIMEOUT_S, DMA_ROUNDS, LiveDevices, assert_old_qemu_runs, assert_rolled_back
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vfio_fixtures import HostWatch, PassthroughGuest
@@ -88,6 +90,19 @@ def _next_transfer_and_end(guest: PassthroughGuest, live: LiveDevices, traffic: 
     watch.check_irqs(guest.vm.artifacts)
 
 
+def _rolled_back_then_next_transfer(guest: PassthroughGuest, live: LiveDevices, traffic: Traffic, watch: HostWatch,
+                                    source: QemuProcess, outcome: FaultOutcome,
+                                    before: tuple[GuestSnapshot, GuestSnapshot], thresholds: dict) -> None:
+    """The failed transfer left the old QEMU running the guest with both devices live (probes, DMA
+    rounds, every NIC and NVMe vector), the host's kernel log clean; then a next transfer completes."""
+    vm = guest.vm
+    assert_rolled_back(vm, source, outcome)
+    fired = live.assert_live_after(traffic, before)
+    watch.check_log(vm.artifacts)
+    print(f"{outcome.fault}: transfer {outcome.result.status}: {outcome.error}; vectors after: {fired['after']}")
+    _next_transfer_and_end(guest, live, traffic, watch, thresholds)
+
+
 def _end_checks(guest: PassthroughGuest, live: LiveDevices, traffic: Traffic) -> None:
     rounds = live.stop()
     checks.assert_stream_intact(traffic.stream_result, guest.vm.artifacts)
@@ -114,11 +129,7 @@ def test_rollback_with_live_nic_and_nvme(fault: str, cpr_vfio_guest: Passthrough
         _save(guest, outcome)
         assert outcome.result.status in statuses, (f"fault {fault}: status {outcome.result.status}, expected one "
                                                    f"of {statuses}; {outcome.describe()}")
-        assert_rolled_back(vm, source, outcome)
-        fired = live.assert_live_after(traffic, before)
-        watch.check_log(vm.artifacts)
-        print(f"fault {fault}: {outcome.error}; vectors after the rollback: {fired['after']}")
-        _next_transfer_and_end(guest, live, traffic, watch, cpr_thresholds)
+        _rolled_back_then_next_transfer(guest, live, traffic, watch, source, outcome, before, cpr_thresholds)
     _end_checks(guest, live, traffic)
 
 
@@ -142,11 +153,7 @@ def _ioctl_fault_in_old_qemu(guest: PassthroughGuest, live: LiveDevices, shim: P
         _save(guest, outcome)
         assert fault.strikes(source.pid) == 1, (f"the shim did not fail {call.name} in the old QEMU {source.label} "
                                                 f"(pid {source.pid}): {fault.lines()}; {outcome.describe()}")
-        assert_rolled_back(vm, source, outcome)
-        live.assert_live_after(traffic, before)
-        watch.check_log(vm.artifacts)
-        print(f"{call.name} failed in the old QEMU: transfer {outcome.result.status}: {outcome.error}")
-        _next_transfer_and_end(guest, live, traffic, watch, thresholds)
+        _rolled_back_then_next_transfer(guest, live, traffic, watch, source, outcome, before, thresholds)
         assert fault.strikes() == 1, f"the shim struck again: {fault.lines()}"
     _end_checks(guest, live, traffic)
 
@@ -203,11 +210,7 @@ def test_ioctl_map_vaddr_fails_in_new_qemu(cpr_vfio_guest: PassthroughGuest, liv
                               f"{outcome.result.qemu.get('status')!r} and stays {outcome.source_status!r} (the "
                               f"guest runs nowhere); the new QEMU said {said[-3:]} and "
                               f"{(outcome.target_exit or '').splitlines()[0]} (logs: {vm.artifacts})")
-        assert_rolled_back(vm, source, outcome)
-        live.assert_live_after(traffic, before)
-        watch.check_log(vm.artifacts)
-        print(f"{MAP_DMA_VADDR.name} failed in the new QEMU: transfer {outcome.result.status}: {outcome.error}")
-        _next_transfer_and_end(guest, live, traffic, watch, cpr_thresholds)
+        _rolled_back_then_next_transfer(guest, live, traffic, watch, source, outcome, before, cpr_thresholds)
     _end_checks(guest, live, traffic)
 
 
