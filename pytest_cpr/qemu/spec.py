@@ -99,6 +99,10 @@ class VmSpec:
     root_format: str = "raw"
     root_readonly: bool = True  # the built guest image is shared read-only; cloud images get an overlay
     seed_iso: Path | None = None  # cloud-init NoCloud seed (cidata)
+    # a guest vIOMMU (intel-iommu, caching mode for vfio): each passed-through device gets its own
+    # address space, so QEMU gives it its own legacy container / iommufd IOAS
+    viommu: bool = False
+    trace_events: tuple[str, ...] = ()  # QEMU trace events to print on stderr (the log trace backend)
 
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(n.tap_fd for n in self.nics) + self.extra_fds
@@ -132,10 +136,12 @@ class VmSpec:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
         accel = "tcg,thread=multi" if self.accel == Accel.TCG else "kvm"
         cpu = "host" if self.accel == Accel.KVM else "max"
+        split = ",kernel-irqchip=split" if self.viommu and self.accel == Accel.KVM else ""
         args = [
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,
-            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on",
+            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on{split}",
+            *(["-device", "intel-iommu,caching-mode=on"] if self.viommu else []),  # before any PCI device
             "-object", self.ram_backend(),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -149,6 +155,8 @@ class VmSpec:
         for nic in self.nics:
             args += nic.args()
         args += list(self.extra_args)
+        for event in self.trace_events:
+            args += ["-trace", event]
         if incoming is not None:
             args += incoming.args()
         elif paused:
