@@ -29,6 +29,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,6 +648,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 3
 
 
+def failed_tests(junit: Path) -> list[str]:
+    """The node ids (tests/<dir>/<file>.py::<name>) of the test cases a JUnit XML file records as
+    failed or errored: what an announced retry runs again. A missing or unreadable file: []."""
+    try:
+        root = ET.parse(junit).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    out = []
+    for case in root.iter("testcase"):
+        if case.find("failure") is None and case.find("error") is None:
+            continue
+        module, name = case.get("classname") or "", case.get("name") or ""
+        node = f"{module.replace('.', '/')}.py::{name}" if module else name
+        if node not in out:
+            out.append(node)
+    return out
+
+
+def _cmd_failed(args: argparse.Namespace) -> int:
+    print(" ".join(shlex.quote(n) for f in args.junit for n in failed_tests(Path(f))))
+    return 0
+
+
 def sigterm_as_ctrl_c(signum: int, frame: object) -> None:
     """SIGTERM (`kill`, a job timeout) as Ctrl-C: the `with` blocks shut what they started down."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -671,8 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     h = sub.add_parser("hostconfig", help="(inside L1) write the host config TOML for this virtual host")
     h.add_argument("--out", default=L1_HOST_CONFIG)
     h.add_argument("--peer", default=PEER_NAME)
+    f = sub.add_parser("failed", help="the node ids a JUnit XML file records as failed (for an announced retry)")
+    f.add_argument("junit", nargs="+")
     args = parser.parse_args(argv)
-    return run_as_cli("cpr-vhost", lambda: _cmd_run(args) if args.cmd == "run" else _cmd_hostconfig(args))
+    commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed}
+    return run_as_cli("cpr-vhost", lambda: commands[args.cmd](args))
 
 
 def run_as_cli(name: str, command: Callable[[], int], stopped: str = "L1 was shut down") -> int:
