@@ -482,10 +482,10 @@ class VirtualHost:
         self.process.wait_for_path(self._rundir / "agent.sock", 30, "the agent socket of L1")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(str(self._rundir / "agent.sock"))
-        self.agent = AgentChannel(sock, cfg.artifacts / "l1-agent.log", self.process.exit_reason)
+        self.agent = AgentChannel(sock, cfg.artifacts / "l1-agent.log", self._exit_reason)
         side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         side.connect(str(self._rundir / "side.sock"))
-        self.side = AgentChannel(side, cfg.artifacts / "l1-side.log", self.process.exit_reason)
+        self.side = AgentChannel(side, cfg.artifacts / "l1-side.log", self._exit_reason)
         try:
             console = cfg.artifacts / "l1-console.log"
             with heartbeat(self.say, "L1 booting", 30, lambda: f"console: {tail(console, 1)[:160] or '(empty)'}"):
@@ -498,6 +498,16 @@ class VirtualHost:
         self.side.expect(r"@@CPR-AGENT-READY@@\n?", 30, "the second L1 agent (hvc1)")
         self._setup()
         return self.boot_seconds
+
+    def _exit_reason(self) -> str | None:
+        """Why L1's QEMU exited (None while it runs), with L1's kernel panic line when its console
+        has one (an L1 reset under -no-reboot and panic=-1 is a panic or a triple fault)."""
+        assert self.process is not None
+        reason = self.process.exit_reason()
+        if reason is None:
+            return None
+        panic = l1_panic(self.config.artifacts / "l1-console.log")
+        return f"L1 kernel panic: {panic}; {reason}" if panic else reason
 
     def _setup(self) -> None:
         """What the admin of a hardware runner does once: write the host config (and keep a copy)."""
@@ -606,6 +616,15 @@ class VirtualHost:
             self._rundir = None
 
 
+def l1_panic(console: Path) -> str | None:
+    """The last 'Kernel panic - not syncing: <why>' of L1's console log, or None."""
+    try:
+        found = re.findall(r"Kernel panic - not syncing: ([^\r\n]*)", console.read_text(errors="replace"))
+    except FileNotFoundError:
+        return None
+    return found[-1].strip() if found else None
+
+
 def _sh(text: str) -> str:
     """Quote for bash (single quotes)."""
     return "'" + text.replace("'", "'\\''") + "'"
@@ -657,7 +676,7 @@ def failed_tests(junit: Path) -> list[str]:
     """The node ids (tests/<dir>/<file>.py::<name>) of the test cases a JUnit XML file records as
     failed or errored: what an announced retry runs again. A missing or unreadable file: []."""
     try:
-        root = ET.parse(junit).getroot()
+        root = ET.parse(junit).getroot()  # noqa: S314 (the JUnit XML our own pytest wrote)
     except (OSError, ET.ParseError):
         return []
     out = []

@@ -15,6 +15,9 @@ from pytest_cpr.errors import CprError
     ("virtual host stopped answering: a long command was quiet", "L1 freeze"),
     ("virtual host exited while waiting for the L1 agent: exit 0, after SHUTDOWN by the guest: guest-reset",
      "L1 reset"),
+    ("virtual host agent socket closed while waiting for the L1 agent (boot): L1 kernel panic: timer doesn't work "
+     "through Interrupt-remapped IO-APIC; QEMU vhost exited (exit code 0, after SHUTDOWN by the guest: "
+     "guest-reset)", "L1 panic"),
     ("CprTimeout: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s", "L2 boot hang"),
     ("BootHung: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s; QEMU internal-error, "
      "serial console silent", "L2 KVM internal error"),

@@ -286,3 +286,14 @@ def test_failed_tests_of_a_junit_file_are_node_ids(tmp_path: Path) -> None:
         "tests/hardware/test_passthrough.py::test_nvme_dma_through_transfer[iommufd]",
         "tests/hardware/test_viommu.py::test_viommu_container_per_device_through_transfers[legacy]"]
     assert vhost.failed_tests(tmp_path / "missing.xml") == []
+
+
+def test_l1_panic_line_is_read_from_its_console(tmp_path: Path) -> None:
+    """An L1 that reset names its kernel panic (seen: the IO-APIC timer test on a loaded host)."""
+    console = tmp_path / "l1-console.log"
+    assert vhost.l1_panic(console) is None
+    console.write_text("[    0.01] booting\n")
+    assert vhost.l1_panic(console) is None
+    console.write_text("[    0.017000] Kernel panic - not syncing: timer doesn't work through Interrupt-remapped "
+                       "IO-APIC\r\n[    0.017000] CPU: 0 UID: 0 PID: 0\n")
+    assert vhost.l1_panic(console) == "timer doesn't work through Interrupt-remapped IO-APIC"
