@@ -74,15 +74,17 @@ def test_unknown_config_and_workload_are_named(tmp_path: Path) -> None:
     assert runner._pytest_args()[:3] == [st.CONTROLS, "-k", "nvme_dma and iommufd"]
 
 
-def test_table_counts_rounds_and_classes() -> None:
-    def row(outcome: str, cls: str = "", control: bool = False) -> dict[str, object]:
+def test_table_counts_rounds_and_classes_per_load_band() -> None:
+    def row(outcome: str, cls: str = "", control: bool = False, load: float = 2.1) -> dict[str, object]:
         return {"config": "default", "workload": "two_groups[legacy]", "control": control, "outcome": outcome,
-                "failure_class": cls, "load1": 2.1}
+                "failure_class": cls, "load1": load}
     rows = [row("passed"), row("failed", "L2 reset"), row("failed", "L2 reset"), row("failed", "L1 freeze"),
-            row("passed", control=True)]
+            row("passed", control=True), row("failed", "L2 boot hang", load=17.6), row("passed", load=5.0)]
     text = st.table(rows)
-    assert "| default | two_groups[legacy] | yes | 4 | 1 | L2 reset 2, L1 freeze 1 | 2.1-2.1 |" in text
-    assert "| default | two_groups[legacy] | no (control) | 1 | 1 | none | 2.1-2.1 |" in text
+    assert "| default | two_groups[legacy] | yes | <= 4 | 4 | 1 | L2 reset 2, L1 freeze 1 |" in text
+    assert "| default | two_groups[legacy] | yes | > 8 | 1 | 0 | L2 boot hang 1 |" in text
+    assert "| default | two_groups[legacy] | yes | 4-8 | 1 | 1 | none |" in text
+    assert "| default | two_groups[legacy] | no (control) | <= 4 | 1 | 1 | none |" in text
 
 
 def test_round_message_keeps_the_why_not_the_inner_command() -> None:
