@@ -136,12 +136,13 @@ class VmSpec:
         """Command line of one QEMU process of this VM (source when incoming is None)."""
         accel = "tcg,thread=multi" if self.accel == Accel.TCG else "kvm"
         cpu = "host" if self.accel == Accel.KVM else "max"
-        split = ",kernel-irqchip=split" if self.viommu and self.accel == Accel.KVM else ""
         args = [
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,
-            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on{split}",
-            *(["-device", "intel-iommu,caching-mode=on"] if self.viommu else []),  # before any PCI device
+            "-machine", f"{self.machine},memory-backend=ram0,aux-ram-share=on",
+            # before any PCI device; without interrupt remapping, so KVM's in-kernel irqchip stays (a split
+            # irqchip's userspace PIT made the L2 kernel's early boot crawl: 90 s to SSH in the virtual host)
+            *(["-device", "intel-iommu,caching-mode=on"] if self.viommu else []),
             "-object", self.ram_backend(),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
