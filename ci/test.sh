@@ -46,23 +46,19 @@ if [ -x "$next" ]; then
   [ "$rc" = 0 ] && rc=$erc
 fi
 # Virtual hardware host tier (L1 VM under TCG with emulated VT-d, igb and NVMe bound to vfio-pci, the
-# iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1): tests/hardware on both backends
-# with --cpr-strict (a test the virtual host should serve and skips is a failure), in two runs:
-# - it gates with every test but those with NVMe DMA: a failure fails CI. One retry, announced here
-#   and kept in the JUnit XML (vhost-gate.xml holds the first attempt, vhost-gate-retry.xml the retry);
-# - the NVMe DMA tests (nvme_dma, two_groups; rollback and ioctl: failed updates with NVMe DMA running)
-#   report only, with their measured failure rates in docs/virtual-host.md (the stability runner's
-#   table): the nested emulation still loses an L2 or L1 now and then under them, also without a
-#   transfer, at a rate CI cannot gate on yet.
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not nvme_dma and not two_groups and not rollback and not ioctl"'
-VHOST_REPORT='tests/hardware --cpr-strict=on -k "nvme_dma or two_groups or rollback or ioctl"'
-vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (30 min)
+# iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1): the whole of tests/hardware on
+# both backends with --cpr-strict (a test the virtual host should serve and skips is a failure). It
+# gates: a failure fails CI. One retry, announced here and kept in the JUnit XML: vhost-gate.xml holds
+# the first attempt, vhost-gate-retry.xml the retry, which runs again only the tests that failed (all
+# of them when the first attempt left no JUnit XML), in a fresh L1. The measured failure rates of the
+# nested emulation behind that retry: docs/virtual-host.md (the stability runner's table). The rollback
+# and ioctl-fault tests (failed updates with NIC traffic and NVMe DMA running, 200-600 s each) are not
+# in CI yet: not yet seen through on an idle host (docs/virtual-host.md).
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl"'
+vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (40 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
-  timeout -k 60 "${CPR_VHOST_TIMEOUT:-1800}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
+  timeout -k 60 "${CPR_VHOST_TIMEOUT:-2400}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
     "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/vhost-l0-$1.xml" "${ARGS[@]}"
-}
-failed_tests() {
-  grep -ho 'testcase [^>]*name="[^"]*"[^>]*>[[:space:]]*<failure' "$@" 2>/dev/null | grep -o 'name="[^"]*"' | tr '\n' ' '
 }
 if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]; then
   echo "== virtual hardware host tier: its images are not built; ci/bootstrap.sh builds them (~15 min on two" \
@@ -70,25 +66,19 @@ if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]
   CPR_VHOST=1 bash ci/bootstrap.sh || rc=1
 fi
 if [ "$TIER2" != 0 ]; then
-  echo "== virtual hardware host tier (gates): ${CPR_VHOST_TESTS:-$VHOST_GATE}"
+  gate=${CPR_VHOST_TESTS:-$VHOST_GATE}
+  echo "== virtual hardware host tier (gates): $gate"
   vrc=0
-  vhost_run gate "${CPR_VHOST_TESTS:-$VHOST_GATE}" || vrc=$?
+  vhost_run gate "$gate" || vrc=$?
   if [ "$vrc" != 0 ] && [ "$vrc" != 5 ]; then
-    echo "::warning::virtual host tier failed (exit $vrc: $(failed_tests artifacts/junit/vhost-*gate.xml)); its one" \
-         "retry follows (announced; both attempts' JUnit XML and artifacts are kept)"
+    again=$(.venv/bin/python -m pytest_cpr.vhost failed artifacts/junit/vhost-gate.xml)
+    [ -n "$again" ] && again="$again --cpr-strict=on" || again=$gate
+    echo "::warning::virtual host tier failed (exit $vrc); its one retry follows, announced, in a fresh L1:" \
+         "$again (both attempts' JUnit XML and artifacts are kept)"
     vrc=0
-    vhost_run gate-retry "${CPR_VHOST_TESTS:-$VHOST_GATE}" || vrc=$?
+    vhost_run gate-retry "$again" || vrc=$?
   fi
   [ "$vrc" = 5 ] && vrc=0
   [ "$rc" = 0 ] && rc=$vrc
-  if [ -z "${CPR_VHOST_TESTS:-}" ]; then
-    echo "== virtual hardware host tier (reports only): $VHOST_REPORT"
-    prc=0
-    vhost_run nvme "$VHOST_REPORT" || prc=$?
-    if [ "$prc" != 0 ] && [ "$prc" != 5 ]; then
-      echo "::warning::virtual host NVMe DMA tests failed (exit $prc: $(failed_tests artifacts/junit/vhost-*nvme.xml));" \
-           "they report only (docs/virtual-host.md: their failure rates)"
-    fi
-  fi
 fi
 exit "$rc"

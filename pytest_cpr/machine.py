@@ -67,6 +67,8 @@ class VmConfig:
     vnet_hdr: bool = False
     probe_interval_ms: float = 5.0
     extra_args: tuple[str, ...] = ()
+    viommu: bool = False  # a guest vIOMMU: a container / IOAS per passed-through device (VmSpec.viommu)
+    trace_events: tuple[str, ...] = ()  # QEMU trace events on stderr, not judged as QEMU's complaints
     kernel_flavor: str = "cloud"  # "full" for guests that drive passthrough NVMe/igb devices
     user_image: Path | None = None  # a cloud image booted with a generated NoCloud seed instead
     cmdline: tuple[str, ...] = ()  # more guest kernel args, e.g. cpr.net1=<guest PCI addr>,<ip/prefix>
@@ -170,8 +172,9 @@ class Machine:
     def _spec(self, nic: Nic, **disk: object) -> VmSpec:
         c = self.config
         return VmSpec(name=c.name, accel=c.accel, memory_mib=c.memory_mib, cpus=c.cpus,
-                      machine=c.source.q35_machine, nics=(nic,), extra_args=c.extra_args,
-                      ram_share=c.ram_share, anonymous_ram=c.anonymous_ram, aux_ram_share=c.aux_ram_share,
+                      machine=c.source.q35_machine, nics=(nic,), extra_args=c.extra_args, viommu=c.viommu,
+                      trace_events=c.trace_events, ram_share=c.ram_share, anonymous_ram=c.anonymous_ram,
+                      aux_ram_share=c.aux_ram_share,
                       s3=c.suspends_for_reboot,
                       **self._reboot_ram(), **disk)  # type: ignore[arg-type]
 

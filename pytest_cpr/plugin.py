@@ -47,6 +47,8 @@ MARKERS = (
     "lose during a transfer (override --cpr-max-blackout-ms / --cpr-max-lost-probes)",
     "vfio(role='nic', backend=None, count=1): needs `count` passthrough devices of `role` from the host "
     "config, on `backend` (legacy or iommufd; default: every backend the host supports)",
+    "viommu: the passthrough guest gets a vIOMMU (intel-iommu, caching mode): each device in its own "
+    "address space, so in its own legacy VFIO container / iommufd IOAS",
     "iommufd: needs the iommufd backend (/dev/iommu and a QEMU with iommufd objects)",
     "virtual_host: runs inside the virtual hardware host (nested L1 VM with emulated VT-d)",
     "slow: takes minutes; deselect with -m 'not slow'",

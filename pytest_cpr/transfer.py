@@ -72,7 +72,7 @@ class TransferRunner:
         said = stderr.lines_since(source.stderr_path, source_said)
         if m.current.stderr_path != source.stderr_path:  # cpr-exec: one process, one stderr file
             said += stderr.lines_since(m.current.stderr_path)
-        result.qemu_messages = stderr.news(said, m.known_stderr)
+        result.qemu_messages = stderr.news(said, m.known_stderr, m.config.trace_events)
         self.observers.on_result(result)
         # a paused source leaves the target paused; a guest only launched (not booted) has no SSH session
         if Phase.TARGET_RUNNING in result.timeline and m.ssh is not None:

@@ -37,6 +37,8 @@ from pytest_cpr.vm import CprVM
 __all__ = ["NO_MDEV", "CprHost", "HostWatch", "NvmeDma", "PassthroughGuest", "VfioDevices", "_mdev_unavailable",
            "cpr_host", "cpr_mdev", "cpr_mdev_guest", "cpr_vfio", "cpr_vfio_backend", "cpr_vfio_guest"]
 _mdev_unavailable = mdev_unavailable  # the name tests/unit/test_mdev.py knows
+VIOMMU_CMDLINE = ("intel_iommu=on", "iommu.passthrough=0")  # the guest translates its devices' DMA
+VIOMMU_TRACE = ("iommufd_cdev_alloc_ioas", "iommufd_backend_alloc_ioas", "vfio_cpr_find_device")
 
 
 @dataclass
@@ -103,14 +105,18 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
 
 
 @pytest.fixture
-def cpr_vfio_guest(cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
+def cpr_vfio_guest(request: pytest.FixtureRequest, cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
                    cpr_settings: CprSettings) -> PassthroughGuest:
     """A booted guest (full kernel, memory from the host config) with the test's VFIO devices on fixed
     guest PCI slots and its NICs addressed from the host config. cpr_vfio is set up first, so the
-    guest is shut down before the devices go back to their drivers."""
+    guest is shut down before the devices go back to their drivers. With the `viommu` marker the
+    guest has an intel-iommu (its kernel translating DMA) and QEMU traces its IOAS allocations."""
     host = cpr_vfio.host
+    viommu = request.node.get_closest_marker("viommu") is not None
     vm = cpr_vm_factory(extra_args=cpr_vfio.qemu_args(), kernel_flavor="full",
-                        memory_mib=host.memory_mib or cpr_settings.memory, cmdline=cpr_vfio.kernel_args())
+                        memory_mib=host.memory_mib or cpr_settings.memory,
+                        cmdline=(*cpr_vfio.kernel_args(), *(VIOMMU_CMDLINE if viommu else ())),
+                        viommu=viommu, trace_events=VIOMMU_TRACE if viommu else ())
     vm.boot()
     return PassthroughGuest(vm, cpr_vfio)
 

@@ -140,6 +140,10 @@ class VmSpec:
     # more environment for the QEMU processes the harness starts from this spec (e.g. LD_PRELOAD of a
     # fault shim); a cpr-exec'd QEMU inherits its predecessor's environment instead
     env: tuple[tuple[str, str], ...] = ()
+    # a guest vIOMMU (intel-iommu, caching mode for vfio): each passed-through device gets its own
+    # address space, so QEMU gives it its own legacy container / iommufd IOAS
+    viommu: bool = False
+    trace_events: tuple[str, ...] = ()  # QEMU trace events to print on stderr (the log trace backend)
 
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(n.tap_fd for n in self.nics) + self.extra_fds
@@ -182,6 +186,9 @@ class VmSpec:
             binary, "-name", f"{self.name},debug-threads=on",
             "-accel", accel, "-cpu", cpu,
             *self.machine_args(),
+            # before any PCI device; without interrupt remapping, so KVM's in-kernel irqchip stays (a split
+            # irqchip's userspace PIT made the L2 kernel's early boot crawl: 90 s to SSH in the virtual host)
+            *(["-device", "intel-iommu,caching-mode=on"] if self.viommu else []),
             "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             *self.boot_args(),
@@ -196,6 +203,8 @@ class VmSpec:
         for nic in self.nics:
             args += nic.args()
         args += list(self.extra_args)
+        for event in self.trace_events:
+            args += ["-trace", event]
         if incoming is not None:
             args += incoming.args()
         elif paused:

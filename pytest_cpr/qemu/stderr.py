@@ -47,12 +47,20 @@ def _shape(line: str) -> str:
     return _PCI.sub("<pci>", _NUMBER.sub("0x_", line))
 
 
-def news(lines: list[str], startup: set[str]) -> list[str]:
+def traced(lines: list[str], event: str) -> list[str]:
+    """The arguments of each line that trace `event` printed (QEMU's log trace backend: `event args`)."""
+    return [line[len(event):].strip() for line in lines if line.split(" ", 1)[0] == event]
+
+
+def news(lines: list[str], startup: set[str], trace_events: tuple[str, ...] = ()) -> list[str]:
     """The noteworthy lines that are not start-up noise (compared with their addresses blanked: a new
-    QEMU maps at other addresses), in order, each once."""
+    QEMU maps at other addresses), in order, each once. Lines of the trace events the harness asked
+    for are its instruments, not QEMU's complaints."""
     seen = {_shape(line) for line in startup}
     out = []
     for line in lines:
+        if line.split(" ", 1)[0] in trace_events:
+            continue
         if NOTEWORTHY.search(line) and _shape(line) not in seen:
             seen.add(_shape(line))
             out.append(line)

@@ -56,3 +56,13 @@ def test_qemu_quiet_check_names_the_lines_and_known_bugs() -> None:
     bug = replace(KVM_STATE_NULL_AFTER_CPR, stderr=r"dma_map.*File exists")
     checks.assert_qemu_quiet(result, [bug])
     assert result.notes == [f"QEMU said {result.qemu_messages[0]!r}: {bug.key} ({bug.summary})"]
+
+
+def test_news_leaves_out_the_trace_events_asked_for() -> None:
+    """The harness's own trace events (e.g. IOAS allocations counted in the vIOMMU test) are not
+    QEMU's complaints; an event not asked for, or a real complaint beside them, still is."""
+    lines = ["iommufd_backend_alloc_ioas  iommufd=12 ioas=2", "iommufd_cdev_alloc_ioas  iommufd=12 ioas=3",
+             "VFIO_MAP_DMA failed: Bad address"]
+    events = ("iommufd_backend_alloc_ioas",)
+    assert stderr.news(lines, set(), events) == lines[1:]
+    assert stderr.traced(lines, "iommufd_backend_alloc_ioas") == ["iommufd=12 ioas=2"]

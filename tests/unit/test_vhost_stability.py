@@ -15,6 +15,9 @@ from pytest_cpr.errors import CprError
     ("virtual host stopped answering: a long command was quiet", "L1 freeze"),
     ("virtual host exited while waiting for the L1 agent: exit 0, after SHUTDOWN by the guest: guest-reset",
      "L1 reset"),
+    ("virtual host agent socket closed while waiting for the L1 agent (boot): L1 kernel panic: timer doesn't work "
+     "through Interrupt-remapped IO-APIC; QEMU vhost exited (exit code 0, after SHUTDOWN by the guest: "
+     "guest-reset)", "L1 panic"),
     ("CprTimeout: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s", "L2 boot hang"),
     ("BootHung: console: the guest's SSH host key (CPR-HOSTKEY line) not seen within 120s; QEMU internal-error, "
      "serial console silent", "L2 KVM internal error"),
@@ -71,15 +74,17 @@ def test_unknown_config_and_workload_are_named(tmp_path: Path) -> None:
     assert runner._pytest_args()[:3] == [st.CONTROLS, "-k", "nvme_dma and iommufd"]
 
 
-def test_table_counts_rounds_and_classes() -> None:
-    def row(outcome: str, cls: str = "", control: bool = False) -> dict[str, object]:
+def test_table_counts_rounds_and_classes_per_load_band() -> None:
+    def row(outcome: str, cls: str = "", control: bool = False, load: float = 2.1) -> dict[str, object]:
         return {"config": "default", "workload": "two_groups[legacy]", "control": control, "outcome": outcome,
-                "failure_class": cls, "load1": 2.1}
+                "failure_class": cls, "load1": load}
     rows = [row("passed"), row("failed", "L2 reset"), row("failed", "L2 reset"), row("failed", "L1 freeze"),
-            row("passed", control=True)]
+            row("passed", control=True), row("failed", "L2 boot hang", load=17.6), row("passed", load=5.0)]
     text = st.table(rows)
-    assert "| default | two_groups[legacy] | yes | 4 | 1 | L2 reset 2, L1 freeze 1 | 2.1-2.1 |" in text
-    assert "| default | two_groups[legacy] | no (control) | 1 | 1 | none | 2.1-2.1 |" in text
+    assert "| default | two_groups[legacy] | yes | <= 4 | 4 | 1 | L2 reset 2, L1 freeze 1 |" in text
+    assert "| default | two_groups[legacy] | yes | > 8 | 1 | 0 | L2 boot hang 1 |" in text
+    assert "| default | two_groups[legacy] | yes | 4-8 | 1 | 1 | none |" in text
+    assert "| default | two_groups[legacy] | no (control) | <= 4 | 1 | 1 | none |" in text
 
 
 def test_round_message_keeps_the_why_not_the_inner_command() -> None:
