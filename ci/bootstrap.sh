@@ -26,7 +26,7 @@ log "apt: QEMU and image tools"
 apt-get update -q >/dev/null || log "apt-get update reported errors (continuing with the lists it has)"
 apt-get install -y -q --no-install-recommends "${QEMU_SUITE[@]}" qemu-system-x86 qemu-utils >/dev/null
 apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd \
-  e2fsprogs iproute2 ca-certificates >/dev/null
+  e2fsprogs iproute2 ca-certificates mmdebstrap gdisk mount >/dev/null
 if [ "${CPR_VHOST:-1}" != 0 ]; then
   log "apt: kernel build tools (the virtual host's iommufd-capable kernel, images/vhost-kernel)"
   apt-get install -y -q --no-install-recommends build-essential bc bison flex libelf-dev libssl-dev >/dev/null
@@ -49,7 +49,7 @@ trap - EXIT
 for recipe in images/*/; do
   name=$(basename "$recipe")
   [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] && continue
-  case "$name" in vhost* | qemu-next)
+  case "$name" in vhost* | qemu-next | cloud)
     if [ "${CPR_VHOST:-1}" = 0 ]; then  # the demo needs only the guest; ci/test.sh builds these when it needs them
       log "skipping the $name image (CPR_VHOST=0); ci/test.sh builds it when it first needs it (cached)"; continue
     fi ;;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +65,14 @@ def user_data(authorized_key: str, host_key: HostKey) -> str:
 
 
 def network_config(nics: list[tuple[str, str]]) -> str:
+    """Static addresses, each NIC matched by MAC and renamed cpr<i>: the name the image's kernel and udev
+    would give (ens2, enp0s2, eth0) depends on the image and the PCI slot, and cloud-init's ifupdown
+    (ENI) renderer configures interfaces by name, so without set-name it writes a stanza for an
+    interface that does not exist. With set-name cloud-init renames the NIC before configuring it."""
     lines = ["version: 2", "ethernets:"]
     for i, (mac, cidr) in enumerate(nics):
-        lines += [f"  cpr{i}:", f"    match: {{macaddress: {json.dumps(mac)}}}", f"    addresses: [{json.dumps(cidr)}]"]
+        lines += [f"  cpr{i}:", f"    match: {{macaddress: {json.dumps(mac)}}}", f"    set-name: cpr{i}",
+                  f"    addresses: [{json.dumps(cidr)}]"]
     return "\n".join(lines) + "\n"
 
 
@@ -114,3 +120,31 @@ def make_overlay(image: Path, overlay: Path) -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(image.resolve()),
                     str(overlay)], check=True)
     return overlay
+
+
+# What a distribution cloud image prints on its serial console on the way to SSH, in order: how far a
+# boot got, named when it does not answer in time (a first boot under TCG is slow: cloud-init is Python)
+BOOT_MILESTONES = (
+    ("the kernel started (firmware and bootloader done)", r"Linux version \d"),
+    ("init (systemd) started", r"systemd\[1\]: |Welcome to "),
+    ("cloud-init looked for its datasource (init-local)", r"Cloud-init v\. \S+ running 'init-local'"),
+    ("cloud-init applied the seed (users, SSH keys, network)", r"Cloud-init v\. \S+ running 'init' "),
+    ("sshd started", r"OpenBSD Secure Shell server|Started ssh\.service|Starting ssh\.service"),
+)
+
+
+def boot_progress(console_text: str) -> tuple[str | None, str | None]:
+    """(last milestone the console shows, the next one it does not), each None at either end."""
+    last = None
+    for name, pattern in BOOT_MILESTONES:
+        if not re.search(pattern, console_text):
+            return last, name
+        last = name
+    return last, None
+
+
+def describe_boot_progress(console_text: str) -> str:
+    last, missing = boot_progress(console_text)
+    if last is None:
+        return "its console shows nothing of a boot (firmware or bootloader: is the image bootable by SeaBIOS?)"
+    return f"its console shows {last}" + (f", not yet: {missing}" if missing else "")

@@ -288,13 +288,28 @@ class Machine:
         self.ssh = GuestSSH(self.guest_ip, self.key, host_key,
                             lambda to: self.network.connect_tcp(self.guest_ip, 22, to),
                             self.config.command_timeout, alive=lambda: self.current.exit_reason())
-        self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
+        try:
+            self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
+        except CprTimeout as exc:
+            if self.config.user_image is None or proc.exit_reason() is not None:
+                raise
+            raise CprTimeout(self._cloud_boot_timeout(exc, proc)) from None
         self.ssh.run("true")
         self.ssh_ready_seconds = time.monotonic() - t0
         self.known_stderr = set(stderr.lines_since(proc.stderr_path))
         self._transition(MachineState.RUNNING, MachineState.BOOTING)
         log.info("guest %s: SSH ready %.2fs after QEMU started", self.config.name, self.ssh_ready_seconds)
         return self.ssh_ready_seconds
+
+    def _cloud_boot_timeout(self, exc: CprTimeout, proc: QemuProcess) -> str:
+        """Why a cloud image did not answer SSH in time: how far its boot got, from its console."""
+        try:
+            text = proc.console_log.read_text(errors="replace")
+        except OSError:
+            text = ""
+        return (f"{exc}; the cloud image {self.config.user_image}: {cloudinit.describe_boot_progress(text)} "
+                f"(console log: {proc.console_log}); a first boot runs cloud-init, slow under TCG: raise "
+                "--cpr-boot-timeout / CPR_BOOT_TIMEOUT if it was on its way")
 
     def _await_host_key(self, proc: QemuProcess, console: Console) -> str:
         """Our image prints the host key it made at boot; a boot that never gets there hung."""

@@ -45,7 +45,7 @@ def test_seed_has_key_pinned_host_key_and_static_network(tmp_path: Path) -> None
     assert user["ssh_keys"]["ed25519_private"].strip() == host_key.private_openssh.strip()
     net = yaml.safe_load(files["network-config"])
     assert net == {"version": 2, "ethernets": {"cpr0": {"match": {"macaddress": "52:54:00:77:00:02"},
-                                                        "addresses": ["10.77.0.2/24"]}}}
+                                                        "set-name": "cpr0", "addresses": ["10.77.0.2/24"]}}}
     assert yaml.safe_load(files["meta-data"]) == {"instance-id": "cpr-1", "local-hostname": "cprguest"}
 
 
@@ -84,3 +84,17 @@ def test_without_pycdlib_the_error_names_the_extra(tmp_path: Path, monkeypatch: 
         cloudinit.write_seed(tmp_path / "seed.iso", instance_id="cpr-1", hostname="cprguest",
                              authorized_key="ssh-ed25519 AAAA", host_key=cloudinit.generate_host_key(), nics=[])
     assert "pip install 'pytest-cpr[cloud]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_boot_progress_names_how_far_a_cloud_image_got() -> None:
+    assert cloudinit.boot_progress("") == (None, "the kernel started (firmware and bootloader done)")
+    assert "nothing of a boot" in cloudinit.describe_boot_progress("SeaBIOS noise\n")
+    console = ("[    0.000000] Linux version 6.1.0-28-cloud-amd64 (debian-kernel@lists.debian.org)\n"
+               "[    1.9] systemd[1]: systemd 252 running in system mode\n"
+               "[   12.3] cloud-init[201]: Cloud-init v. 22.4.2 running 'init-local' at Thu, 26 Nov 2026\n")
+    last, missing = cloudinit.boot_progress(console)
+    assert last == "cloud-init looked for its datasource (init-local)"
+    assert missing == "cloud-init applied the seed (users, SSH keys, network)"
+    done = console + "cloud-init[230]: Cloud-init v. 22.4.2 running 'init' at Thu\n[  OK  ] Started ssh.service\n"
+    assert cloudinit.boot_progress(done) == ("sshd started", None)
+    assert cloudinit.describe_boot_progress(done) == "its console shows sshd started"

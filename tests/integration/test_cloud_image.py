@@ -1,0 +1,56 @@
+"""A distribution cloud image through --cpr-user-image, end to end: the image (`cpr-image build cloud`,
+images/cloud) is built the way a distribution builds one, from Debian's packages (GPT disk, GRUB,
+Debian's cloud kernel and initramfs, cloud-init with the NoCloud datasource, no user, key or network
+in it). The guest boots through firmware, cloud-init configures it from the plugin's NoCloud seed,
+and it then goes through three checked transfers like the default guest.
+
+Run with the image: CPR_USER_IMAGE=$(cpr-image path cloud)/disk.qcow2 (ci/test.sh does, with its own
+JUnit file); without a user image the test skips, naming that command.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_cpr import checks
+from pytest_cpr.settings import CprSettings
+from pytest_cpr.vm import CprVM
+
+pytestmark = pytest.mark.cpr(mode="cpr-transfer")
+
+
+@pytest.fixture
+def cloud_vm(cpr_settings: CprSettings, request: pytest.FixtureRequest) -> CprVM:
+    """The booted guest of --cpr-user-image (skip without one)."""
+    if not cpr_settings.user_image:
+        pytest.skip("no cloud image: build it with `cpr-image build cloud` and run with "
+                    "CPR_USER_IMAGE=$(cpr-image path cloud)/disk.qcow2 (--cpr-user-image)")
+    vm: CprVM = request.getfixturevalue("cpr_vm")
+    return vm
+
+
+def test_cloud_image_configured_by_seed_keeps_ssh_stream_and_boot_through_three_transfers(
+        cloud_vm: CprVM, cpr_thresholds: dict) -> None:
+    """cloud-init took the plugin's seed (NoCloud, no errors, our key and pinned host key: the SSH
+    session exists; the NIC renamed cpr0 by MAC), the kernel came through the image's bootloader;
+    then three transfers under probe + TCP traffic with the default guest's checks."""
+    vm = cloud_vm
+    result = json.loads(vm.run("cat /run/cloud-init/result.json").stdout)["v1"]
+    assert result["datasource"].startswith("DataSourceNoCloud"), result
+    assert result["errors"] == [], f"cloud-init reported errors: {result['errors']}"
+    assert vm.run(f"ip -o addr show to {vm.guest_ip}").stdout.split()[1] == "cpr0", \
+        "the seed's set-name must rename the NIC cpr0"
+    cmdline = vm.run("cat /proc/cmdline").stdout
+    assert "BOOT_IMAGE=" in cmdline, f"the kernel was not loaded by the image's GRUB: {cmdline}"
+    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    with vm.traffic() as traffic:
+        results = [vm.live_update(traffic, **cpr_thresholds) for _ in range(3)]
+    checks.assert_stream_intact(traffic.stream_result, vm.artifacts)
+    checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
+    assert [r.status for r in results] == ["completed"] * 3
+    assert vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
+    for r in results:
+        assert r.qemu_downtime_ms is not None and r.blackout_ms is not None
+        assert r.interrupts is not None and r.interrupts["after"], "NIC vectors must fire after transfer"
