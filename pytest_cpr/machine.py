@@ -39,6 +39,7 @@ from pytest_cpr.waits import (
     DMESG_CONSOLE_TIMEOUT_S,
     DMESG_SSH_TIMEOUT_S,
     FAILED_GENERATION_SHUTDOWN_S,
+    GUEST_SHELL_MARGIN_S,
 )
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Machine:
         self.host_key: str | None = None
         self.boot_seconds: float | None = None
         self.ssh_ready_seconds: float | None = None
+        self.cloud_init_seconds: float | None = None  # a cloud image: QEMU start to cloud-init done
         self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
         self.known_stderr: set[str] = set()  # what the QEMUs said outside any transfer (qemu/stderr.py)
         self.ram_fd: int | None = None  # cpr-reboot: the guest RAM memfd the harness holds across QEMUs
@@ -270,11 +272,12 @@ class Machine:
         self.spec = self._build_spec()
         return self._start_guest(self.config.boot_timeout)[0]
 
-    def _start_guest(self, timeout: float) -> tuple[QemuProcess, Console]:
-        """Generation 0 started paused, QMP and console connected, then told to run."""
+    def _start_guest(self, timeout: float) -> tuple[QemuProcess, Console | None]:
+        """Generation 0 started paused, QMP and console connected (not a cloud image's: see console()),
+        then told to run."""
         proc = self.start_generation(0, self.config.source, None)
         proc.connect_qmp(timeout)
-        console = proc.connect_console(timeout)
+        console = None if self.config.user_image is not None else proc.connect_console(timeout)
         proc.qmp.execute("cont")
         return proc, console
 
@@ -282,7 +285,8 @@ class Machine:
         t0 = time.monotonic()
         timeout = self.config.boot_timeout
         proc, console = self._start_guest(timeout)
-        host_key = self.host_key if self.config.user_image is not None else self._await_host_key(proc, console)
+        # a cloud image's console stays unconnected (see console()); its host key is the seed's
+        host_key = self.host_key if console is None else self._await_host_key(proc, console)
         assert host_key is not None  # the cloud-image spec made it
         self.boot_seconds = time.monotonic() - t0
         self.ssh = GuestSSH(self.guest_ip, self.key, host_key,
@@ -296,10 +300,28 @@ class Machine:
             raise CprTimeout(self._cloud_boot_timeout(exc, proc)) from None
         self.ssh.run("true")
         self.ssh_ready_seconds = time.monotonic() - t0
+        if self.config.user_image is not None:
+            self.cloud_init_seconds = self._await_cloud_init(self.ssh, proc, timeout - (time.monotonic() - t0)) - t0
         self.known_stderr = set(stderr.lines_since(proc.stderr_path))
         self._transition(MachineState.RUNNING, MachineState.BOOTING)
-        log.info("guest %s: SSH ready %.2fs after QEMU started", self.config.name, self.ssh_ready_seconds)
+        log.info("guest %s: SSH ready %.2fs after QEMU started%s", self.config.name, self.ssh_ready_seconds,
+                 "" if self.cloud_init_seconds is None else f", cloud-init done after {self.cloud_init_seconds:.2f}s")
         return self.ssh_ready_seconds
+
+    def _await_cloud_init(self, ssh: GuestSSH, proc: QemuProcess, timeout: float) -> float:
+        """sshd answers in cloud-init's network stage; its last stage (final) runs on. A cloud guest is
+        booted once cloud-init is done, so no first-boot work overlaps the test. Returns the time then."""
+        budget = max(1, int(timeout))
+        ssh.run(f"timeout {budget} cloud-init status --wait >/dev/null", timeout=budget + GUEST_SHELL_MARGIN_S,
+                check=False)
+        result = ssh.run("cat /run/cloud-init/result.json", check=False)
+        if result.exit_code != 0:
+            status = ssh.run("cloud-init status --long", check=False).stdout.strip().replace("\n", "; ")
+            raise CprTimeout(f"cloud-init in the cloud image {self.config.user_image} did not finish within "
+                             f"--cpr-boot-timeout {self.config.boot_timeout:g}s ({status}; console log: "
+                             f"{proc.console_log}): raise --cpr-boot-timeout / CPR_BOOT_TIMEOUT")
+        (self.artifacts / "cloud-init-result.json").write_text(result.stdout)
+        return time.monotonic()
 
     def _cloud_boot_timeout(self, exc: CprTimeout, proc: QemuProcess) -> str:
         """Why a cloud image did not answer SSH in time: how far its boot got, from its console."""
@@ -324,7 +346,13 @@ class Machine:
 
     # ---- access and diagnosis
     def console(self) -> Console:
+        """The serial console's root shell (the built guest's). A cloud image has none (a login
+        prompt), and a console socket connected but unread stalls its serial output, the kernel's
+        with it, after a few hundred bytes: its console is read from the log QEMU writes."""
         proc = self.current
+        if self.config.user_image is not None:
+            raise CprError(f"a cloud image (--cpr-user-image) has no shell on its serial console; its "
+                           f"console log: {proc.console_log}")
         return proc.console if proc.console is not None else proc.connect_console(CONSOLE_CONNECT_TIMEOUT_S)
 
     def diagnose(self, why: str) -> str:

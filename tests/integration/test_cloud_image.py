@@ -15,28 +15,35 @@ import json
 import pytest
 
 from pytest_cpr import checks
+from pytest_cpr.errors import CprTimeout
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
 
 
+def _need_cloud_image(settings: CprSettings) -> None:
+    if not settings.user_image:
+        pytest.skip("no cloud image: build it with `cpr-image build cloud` and run with "
+                    "CPR_USER_IMAGE=$(cpr-image path cloud)/disk.qcow2 (--cpr-user-image)")
+
+
 @pytest.fixture
 def cloud_vm(cpr_settings: CprSettings, request: pytest.FixtureRequest) -> CprVM:
     """The booted guest of --cpr-user-image (skip without one)."""
-    if not cpr_settings.user_image:
-        pytest.skip("no cloud image: build it with `cpr-image build cloud` and run with "
-                    "CPR_USER_IMAGE=$(cpr-image path cloud)/disk.qcow2 (--cpr-user-image)")
+    _need_cloud_image(cpr_settings)
     vm: CprVM = request.getfixturevalue("cpr_vm")
     return vm
 
 
 def test_cloud_image_configured_by_seed_keeps_ssh_stream_and_boot_through_three_transfers(
-        cloud_vm: CprVM, cpr_thresholds: dict) -> None:
+        cloud_vm: CprVM, cpr_thresholds: dict, record_property) -> None:
     """cloud-init took the plugin's seed (NoCloud, no errors, our key and pinned host key: the SSH
     session exists; the NIC renamed cpr0 by MAC), the kernel came through the image's bootloader;
     then three transfers under probe + TCP traffic with the default guest's checks."""
     vm = cloud_vm
+    assert vm.machine.cloud_init_seconds is not None, "the boot of a cloud image waits for cloud-init to finish"
+    record_property("cpr_cloud_init_done_s", round(vm.machine.cloud_init_seconds, 3))
     result = json.loads(vm.run("cat /run/cloud-init/result.json").stdout)["v1"]
     assert result["datasource"].startswith("DataSourceNoCloud"), result
     assert result["errors"] == [], f"cloud-init reported errors: {result['errors']}"
@@ -54,3 +61,15 @@ def test_cloud_image_configured_by_seed_keeps_ssh_stream_and_boot_through_three_
     for r in results:
         assert r.qemu_downtime_ms is not None and r.blackout_ms is not None
         assert r.interrupts is not None and r.interrupts["after"], "NIC vectors must fire after transfer"
+
+
+def test_cloud_image_boot_timeout_names_how_far_the_boot_got(cpr_settings: CprSettings, cpr_vm_factory) -> None:
+    """Control of the bounded first-boot wait: a boot timeout far too short for a first boot ends in
+    one error naming the cloud image, how far its console shows the boot got, and the setting to raise."""
+    _need_cloud_image(cpr_settings)
+    vm: CprVM = cpr_vm_factory(boot_timeout=8.0)
+    with pytest.raises(CprTimeout) as err:
+        vm.boot()
+    message = str(err.value)
+    assert f"the cloud image {cpr_settings.user_image}: its console shows" in message, message
+    assert "raise --cpr-boot-timeout" in message, message
