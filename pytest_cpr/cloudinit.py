@@ -130,6 +130,7 @@ BOOT_MILESTONES = (
     ("cloud-init looked for its datasource (init-local)", r"Cloud-init v\. \S+ running 'init-local'"),
     ("cloud-init applied the seed (users, SSH keys, network)", r"Cloud-init v\. \S+ running 'init' "),
     ("sshd started", r"OpenBSD Secure Shell server|Started ssh\.service|Starting ssh\.service"),
+    ("cloud-init finished (final stage)", r"Cloud-init v\. \S+ finished at"),
 )
 
 

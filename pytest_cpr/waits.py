@@ -36,6 +36,7 @@ DMESG_SSH_TIMEOUT_S = 20.0
 DMESG_CONSOLE_TIMEOUT_S = 30.0
 SNAPSHOT_CONSOLE_TIMEOUT_S = 60.0
 CONSOLE_CONNECT_TIMEOUT_S = 10.0
+CLOUD_INIT_POLL_S = 2.0  # a cloud image's boot: how often to look for cloud-init's result (within the boot timeout)
 
 # Passthrough devices in the guest: the driver probes asynchronously; the DMA stream's log is read
 # over SSH; at stop it reads every slot back.

@@ -44,6 +44,11 @@ install -m 0644 /dev/stdin "$R/etc/cloud/cloud.cfg.d/90_dpkg.cfg" <<'EOF'
 # the datasources cloud-init looks for (Debian's debconf question cloud-init/datasources)
 datasource_list: [ NoCloud, None ]
 EOF
+install -m 0644 /dev/stdin "$R/etc/cloud/cloud.cfg.d/91_locale.cfg" <<'EOF'
+# the system locale stays C.UTF-8 (built into glibc): cc_locale's en_US.UTF-8 default runs locale-gen
+# at first boot (slow under TCG) and failed here (update-locale: invalid locale settings)
+locale: false
+EOF
 install -m 0644 /dev/stdin "$R/etc/fstab" <<'EOF'
 LABEL=cloudroot / ext4 rw,discard,errors=remount-ro 0 1
 EOF

@@ -67,7 +67,7 @@ def test_cloud_image_boot_timeout_names_how_far_the_boot_got(cpr_settings: CprSe
     """Control of the bounded first-boot wait: a boot timeout far too short for a first boot ends in
     one error naming the cloud image, how far its console shows the boot got, and the setting to raise."""
     _need_cloud_image(cpr_settings)
-    vm: CprVM = cpr_vm_factory(boot_timeout=8.0)
+    vm: CprVM = cpr_vm_factory(boot_timeout=15.0)
     with pytest.raises(CprTimeout) as err:
         vm.boot()
     message = str(err.value)

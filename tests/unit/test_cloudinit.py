@@ -96,5 +96,6 @@ def test_boot_progress_names_how_far_a_cloud_image_got() -> None:
     assert last == "cloud-init looked for its datasource (init-local)"
     assert missing == "cloud-init applied the seed (users, SSH keys, network)"
     done = console + "cloud-init[230]: Cloud-init v. 22.4.2 running 'init' at Thu\n[  OK  ] Started ssh.service\n"
-    assert cloudinit.boot_progress(done) == ("sshd started", None)
-    assert cloudinit.describe_boot_progress(done) == "its console shows sshd started"
+    assert cloudinit.boot_progress(done) == ("sshd started", "cloud-init finished (final stage)")
+    done += "cloud-init[300]: Cloud-init v. 22.4.2 finished at Thu, 26 Nov 2026 16:44:12 +0000.\n"
+    assert cloudinit.describe_boot_progress(done) == "its console shows cloud-init finished (final stage)"
