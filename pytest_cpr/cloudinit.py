@@ -55,7 +55,8 @@ def user_data(authorized_key: str, host_key: HostKey) -> str:
         "  - name: root",
         f"    ssh_authorized_keys: [{json.dumps(authorized_key)}]",
         "ssh_deletekeys: true",
-        "ssh_genkeytypes: []",
+        # cloud-init makes only the missing ones: none (an empty list fails its schema, a warning on the console)
+        "ssh_genkeytypes: [ed25519]",
         "ssh_keys:",
         "  ed25519_private: |",
         _block(host_key.private_openssh, 4),

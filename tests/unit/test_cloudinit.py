@@ -40,7 +40,7 @@ def test_seed_has_key_pinned_host_key_and_static_network(tmp_path: Path) -> None
     user = yaml.safe_load(files["user-data"])
     assert files["user-data"].startswith("#cloud-config\n")
     assert user["users"][0] == {"name": "root", "ssh_authorized_keys": ["ssh-ed25519 AAAAC3Nza pytest-cpr"]}
-    assert user["ssh_pwauth"] is False and user["ssh_genkeytypes"] == []
+    assert user["ssh_pwauth"] is False and user["ssh_genkeytypes"] == ["ed25519"]
     assert user["ssh_keys"]["ed25519_public"] == host_key.public_line
     assert user["ssh_keys"]["ed25519_private"].strip() == host_key.private_openssh.strip()
     net = yaml.safe_load(files["network-config"])
