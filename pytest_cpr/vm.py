@@ -132,9 +132,10 @@ class CprVM:
     def console(self) -> Console:
         return self.machine.console()
 
-    def nic_irq_pattern(self, ifname: str = "eth0") -> str:
-        """Regex of the guest interrupt lines of a NIC (virtio-net: virtioN-input/output)."""
-        dev = self.run(f"basename $(readlink /sys/class/net/{ifname}/device)").stdout.strip()
+    def nic_irq_pattern(self, ifname: str | None = None) -> str:
+        """Regex of the guest interrupt lines of a NIC (virtio-net: virtioN-input/output); default: the
+        NIC holding the guest's address (eth0 in the built guest, cpr0 in a cloud image)."""
+        dev = self.run(f"basename $(readlink /sys/class/net/{ifname or self.ifname_of()}/device)").stdout.strip()
         return rf"^{dev}-(input|output)"
 
     def ifname_of(self, ip: str | None = None) -> str:
