@@ -45,9 +45,10 @@ install -m 0644 /dev/stdin "$R/etc/cloud/cloud.cfg.d/90_dpkg.cfg" <<'EOF'
 datasource_list: [ NoCloud, None ]
 EOF
 install -m 0644 /dev/stdin "$R/etc/cloud/cloud.cfg.d/91_locale.cfg" <<'EOF'
-# the system locale stays C.UTF-8 (built into glibc): cc_locale's en_US.UTF-8 default runs locale-gen
-# at first boot (slow under TCG) and failed here (update-locale: invalid locale settings)
-locale: false
+# C.UTF-8 (built into glibc, nothing to generate) as the system locale: cc_locale's en_US.UTF-8
+# default runs locale-gen at first boot (slow under TCG) and failed here (update-locale: invalid
+# locale settings)
+locale: C.UTF-8
 EOF
 install -m 0644 /dev/stdin "$R/etc/fstab" <<'EOF'
 LABEL=cloudroot / ext4 rw,discard,errors=remount-ro 0 1

@@ -37,13 +37,13 @@ def cloud_vm(cpr_settings: CprSettings, request: pytest.FixtureRequest) -> CprVM
 
 
 def test_cloud_image_configured_by_seed_keeps_ssh_stream_and_boot_through_three_transfers(
-        cloud_vm: CprVM, cpr_thresholds: dict, record_property) -> None:
+        cloud_vm: CprVM, cpr_thresholds: dict, request: pytest.FixtureRequest) -> None:
     """cloud-init took the plugin's seed (NoCloud, no errors, our key and pinned host key: the SSH
     session exists; the NIC renamed cpr0 by MAC), the kernel came through the image's bootloader;
     then three transfers under probe + TCP traffic with the default guest's checks."""
     vm = cloud_vm
     assert vm.machine.cloud_init_seconds is not None, "the boot of a cloud image waits for cloud-init to finish"
-    record_property("cpr_cloud_init_done_s", round(vm.machine.cloud_init_seconds, 3))
+    request.node.user_properties.append(("cpr_cloud_init_done_s", round(vm.machine.cloud_init_seconds, 3)))
     result = json.loads(vm.run("cat /run/cloud-init/result.json").stdout)["v1"]
     assert result["datasource"].startswith("DataSourceNoCloud"), result
     assert result["errors"] == [], f"cloud-init reported errors: {result['errors']}"
