@@ -45,9 +45,9 @@ def _guest_translates(guest: PassthroughGuest) -> dict[str, str]:
 
 
 # Measured in the virtual host (2026-11-26, host load ~9): blackouts 1.1-4.3 s and 400-1400 lost
-# 5 ms probes per transfer, against 0.1-1 s without a vIOMMU (the new QEMU replays the guest's IOMMU
-# mappings before the guest runs again: vfio_cpr_giommu_remap); bounded here at about twice that
-# until the cause of the difference is known, so a hang still fails.
+# 5 ms probes per transfer, against 0.1-1 s without a vIOMMU (the new QEMU also replays the guest's
+# IOMMU mappings, vfio_cpr_giommu_remap; why the blackout grows is not known yet). Bounded at about
+# twice that, so a hang still fails.
 @pytest.mark.cpr_thresholds(max_blackout_ms=10000, max_lost_probes=3000)
 @pytest.mark.viommu
 @pytest.mark.vfio(role="nic")
