@@ -154,6 +154,14 @@ def assert_clean_dmesg(text: str, logs: object = None, link_settled_s: float | N
         raise CheckFailed("guest kernel log reports driver trouble:\n  " + "\n  ".join(bad[:10]) + _where(logs))
 
 
+def assert_dma_stall(result: TransferResult, max_dma_stall_ms: float | None, logs: object = None) -> None:
+    """The guest's DMA stream stalled no longer than `max_dma_stall_ms` across the transfer (None: no
+    bound; a stall not measured fails a bound)."""
+    if max_dma_stall_ms is not None and (result.dma_stall_ms is None or result.dma_stall_ms > max_dma_stall_ms):
+        raise CheckFailed(f"transfer {result.index}: DMA stalled {result.dma_stall_ms} ms across it, more than "
+                          f"{max_dma_stall_ms:g} ms (max_dma_stall_ms){_where(logs)}")
+
+
 def assert_thresholds(result: TransferResult, max_blackout_ms: float | None,
                       max_lost_probes: float | None, logs: object = None) -> None:
     probe = result.probe or {}

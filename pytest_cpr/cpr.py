@@ -76,6 +76,9 @@ class TransferResult:
     # carrier changes of the checked guest NICs across the transfer (0 expected: no reset, no flap;
     # None: not read)
     carrier_changes: int | None = None
+    # locked/pinned memory in KiB of the old and new QEMU around a passthrough transfer, keyed
+    # "<old|new>_qemu_<vmlck|vmpin>_<before|after|exit>" (passthrough.HostWatch; empty: not read)
+    pinned_kib: dict[str, int] = field(default_factory=dict)
     # noteworthy lines the old and new QEMU printed on stderr during the transfer (qemu/stderr.py)
     qemu_messages: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # artifacts: probe series, timeline, plots
@@ -142,6 +145,7 @@ class TransferResult:
             "lost_after_resume": probe.get("lost_after_resume"),
             "state_file_bytes": self.state_file_bytes,
             "suspended_ms": self.ms(Phase.GUEST_SUSPENDED, Phase.GUEST_WOKEN),
+            **{f"{key}_kib": value for key, value in self.pinned_kib.items()},
         }
 
     def as_dict(self) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from pytest_cpr.guest.ssh import SessionKey
 from pytest_cpr.images import GuestImage, cached_path, verify, verify_binary
 from pytest_cpr.kinds import Accel, Mode, values
 from pytest_cpr.once import computed_once, worker_tag
+from pytest_cpr.passthrough import PASSTHROUGH_THRESHOLDS
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
-from pytest_cpr.settings import CprSettings
+from pytest_cpr.settings import CprSettings, thresholds_in_force
 from pytest_cpr.vm import CprVM, VmConfig, record_private_dir
 
 SETTINGS_KEY = pytest.StashKey[CprSettings]()
@@ -237,17 +238,27 @@ def cpr_vm(cpr_vm_factory: Callable[..., CprVM]) -> CprVM:
     return vm
 
 
+def _thresholds(request: pytest.FixtureRequest, settings: CprSettings) -> dict[str, float | None]:
+    marker = request.node.get_closest_marker("cpr_thresholds")
+    defaults = PASSTHROUGH_THRESHOLDS if request.node.get_closest_marker("vfio") is not None else {}
+    try:
+        return thresholds_in_force(marker.kwargs if marker else {}, settings, defaults)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 @pytest.fixture
 def cpr_thresholds(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> dict[str, float | None]:
-    """max_blackout_ms / max_lost_probes in force: the cpr_thresholds marker, else the settings."""
-    values: dict[str, float | None] = {"max_blackout_ms": cpr_settings.max_blackout_ms,
-                                       "max_lost_probes": cpr_settings.max_lost_probes}
-    marker = request.node.get_closest_marker("cpr_thresholds")
-    if marker is not None:
-        for key, value in marker.kwargs.items():
-            if key not in values:
-                raise pytest.UsageError(f"cpr_thresholds marker: unknown key {key!r}; use {sorted(values)}")
-            values[key] = value
-    return values
+    """max_blackout_ms / max_lost_probes in force: the cpr_thresholds marker, else the settings, else
+    (tests with passthrough devices) the passthrough defaults; keyword arguments of vm.live_update."""
+    values = _thresholds(request, cpr_settings)
+    return {"max_blackout_ms": values["max_blackout_ms"], "max_lost_probes": values["max_lost_probes"]}
+
+
+@pytest.fixture
+def cpr_max_dma_stall_ms(request: pytest.FixtureRequest, cpr_settings: CprSettings) -> float | None:
+    """The longest stall of a DMA stream across a transfer a test allows (None: record only), by the
+    precedence of cpr_thresholds."""
+    return _thresholds(request, cpr_settings)["max_dma_stall_ms"]
 
 

@@ -5,6 +5,9 @@ that runs on a passthrough NVMe (NvmeDma), and the host side of a transfer (Host
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,15 +15,16 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
-from pytest_cpr.errors import CprError, CprTimeout
+from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
 from pytest_cpr.host import procfds, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
-from pytest_cpr.kinds import Accel, Backend, Role
+from pytest_cpr.kinds import Accel, Backend, Phase, Role
 from pytest_cpr.observers import Observer
-from pytest_cpr.procfs import IrqLine
+from pytest_cpr.procfs import IrqLine, LockedMemory
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.process import QemuProcess
+from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.waits import (
     DEVICE_APPEAR_TIMEOUT_S,
     DMA_LOG_READ_TIMEOUT_S,
@@ -31,6 +35,15 @@ from pytest_cpr.waits import (
 if TYPE_CHECKING:
     from pytest_cpr.probing import Traffic
     from pytest_cpr.vm import CprVM
+
+
+# Default bounds of tests with passthrough devices ("no loss of guest connectivity", DMA that goes on),
+# from the virtual host (TCG L1, KVM L2, 2-core machine under load), README "Passthrough defaults":
+# blackout: 969 ms the most in 79 transfers over a passthrough NIC, x2; lost probes: none in those 79
+# (a frame the NIC received while the guest was paused is DMA'd into its ring, answered late, not
+# lost); DMA stall: see max_dma_stall_ms in the README's table.
+PASSTHROUGH_THRESHOLDS: dict[str, float] = {"max_blackout_ms": 2000.0, "max_lost_probes": 0.0,
+                                            "max_dma_stall_ms": 10000.0}
 
 
 @dataclass(frozen=True)
@@ -131,10 +144,11 @@ while [ ! -e $w.stop ]; do
   want=$(sha256sum < $w/data | cut -d' ' -f1)
   if ! dd if=$w/data of=$dev bs=1M seek=$s count=1 oflag=direct conv=notrunc status=none 2>$w/err; then
     echo "FAIL write i=$i slot=$s: $(cat $w/err)"; break; fi
+  echo "W $i $s $EPOCHREALTIME"
   got=$(dd if=$dev bs=1M skip=$s count=1 iflag=direct status=none 2>$w/err | sha256sum | cut -d' ' -f1)
   if [ "$got" != "$want" ]; then echo "FAIL read i=$i slot=$s want=$want got=$got $(cat $w/err)"; break; fi
   echo $want > $w/slot.$s
-  echo "OK $i $s"
+  echo "OK $i $s $EPOCHREALTIME"
   i=$((i + 1))
 done
 for f in $w/slot.*; do
@@ -146,10 +160,44 @@ echo "DONE $i"
 """
 
 
+class DmaMark(NamedTuple):
+    """Where the guest's DMA stream stood at a moment: the guest clock then, and the host clock minus
+    the guest clock (kvmclock stands still while the VM is paused, so the offset grows by the pause)."""
+
+    guest_time: float
+    offset_s: float
+
+
+def dma_completions(log: str) -> list[float]:
+    """Guest times of the completed I/Os in the DMA script's log (a write done: W, its read-back
+    compared: OK), in log order."""
+    times = []
+    for line in log.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[0] in ("W", "OK"):
+            times.append(float(fields[3].replace(",", ".")))  # $EPOCHREALTIME follows the locale
+    return times
+
+
+def dma_stall_ms(log: str, before: DmaMark, after: DmaMark, stopped_at: float | None) -> float:
+    """The longest gap in host time between completed I/Os from `before` to `after` (a transfer between
+    them): guest times before the VM stopped (host time `stopped_at`) shift by the offset before, the
+    rest by the offset after, so the pause the guest's clock did not see counts."""
+    switch = None if stopped_at is None else stopped_at - before.offset_s  # guest time at the pause
+    host = [t + (before.offset_s if switch is None or t <= switch else after.offset_s)
+            for t in dma_completions(log) if before.guest_time <= t <= after.guest_time]
+    if len(host) < 2:
+        raise CprError(f"the NVMe DMA log has {len(host)} completed I/O(s) between the marks around the "
+                       "transfer: no stall to measure (the stream had not started, or stopped)")
+    return round(max(b - a for a, b in itertools.pairwise(host)) * 1000, 3)
+
+
 class NvmeDma:
     """DMA traffic on a passthrough NVMe in the guest: 1 MiB writes of random data with O_DIRECT over
     the test area, each read back and compared by SHA-256; at the end every slot is read back again
-    (data written before a transfer is read after it)."""
+    (data written before a transfer is read after it). Each completed write and read-back is logged
+    with the guest's time, so the longest I/O stall across a transfer can be measured (mark() before
+    and after it, then measure_stall)."""
 
     # controller name c, then its namespace's block device ns: the path device itself, or (native NVMe
     # multipath) the head /sys/block/nvmeXnY whose multipath/ lists the controller's nvmeXcYnZ
@@ -220,6 +268,20 @@ class NvmeDma:
                                  f"{timeout:.0f}s (I/O stalled?); logs: {self.vm.artifacts}")
             time.sleep(0.2)
 
+    def mark(self) -> DmaMark:
+        """The guest clock and its offset to the host clock, now (the SSH round trip bounds the error)."""
+        t0 = time.time()
+        guest = float(self.vm.run("echo $EPOCHREALTIME").stdout.strip().replace(",", "."))
+        return DmaMark(guest, (t0 + time.time()) / 2 - guest)
+
+    def measure_stall(self, result: TransferResult, before: DmaMark, after: DmaMark) -> float:
+        """The transfer's I/O stall (dma_stall_ms): the longest gap between completed I/Os from the
+        mark `before` the transfer to the mark `after` it; set on the result and recorded."""
+        log = self.vm.run("cat /tmp/cpr-dma.log", timeout=DMA_LOG_READ_TIMEOUT_S).stdout
+        result.dma_stall_ms = dma_stall_ms(log, before, after, result.timeline.get(Phase.SOURCE_STOPPED))
+        self.vm.write_transfers(result)
+        return result.dma_stall_ms
+
     def stop(self, timeout: float = DMA_VERIFY_TIMEOUT_S) -> int:
         """Stop, verify every slot, and return the rounds done; raises CheckFailed on any mismatch."""
         self.vm.run("touch /tmp/cpr-dma.stop")
@@ -237,6 +299,41 @@ class NvmeDma:
         return int(text.split("DONE")[-1].split()[0])
 
 
+def pinned_numbers(pinned: dict[str, LockedMemory]) -> dict[str, int]:
+    """The figures for the report: {"old_qemu_vmlck_before": KiB, ...}."""
+    out = {}
+    for key, memory in pinned.items():
+        who, when = key.split("_")
+        out[f"{who}_qemu_vmlck_{when}"] = memory.vmlck_kib
+        out[f"{who}_qemu_vmpin_{when}"] = memory.vmpin_kib
+    return out
+
+
+def pinned_problems(pinned: dict[str, LockedMemory]) -> list[str]:
+    """What breaks the promise that a transfer moves the DMA pins' accounting to the new QEMU, given
+    the old QEMU's locked+pinned memory before the transfer (old_before), both QEMUs' once it completed
+    (old_after, new_after) and the new one's once the old one exited (new_exit): the old one held some
+    before (else there is nothing to check), holds none after (not counted twice), the new one holds
+    exactly what the old one held, and keeps it when the old one exits (nothing released or leaked)."""
+    need = ("old_before", "old_after", "new_after", "new_exit")
+    if missing := [k for k in need if k not in pinned]:
+        return [f"figures missing: {', '.join(missing)} (the transfer did not complete, or the watch did "
+                "not see it)"]
+    before, old, new, new_exit = (pinned[k] for k in need)
+    if not before.total_kib:
+        return ["the old QEMU had no locked or pinned memory before the transfer (VFIO pins guest RAM for "
+                "DMA: VmLck with a legacy container, VmPin with iommufd): nothing to check"]
+    problems = []
+    if old.total_kib:
+        problems.append(f"the old QEMU still accounts {old} after the transfer (counted twice: the new one "
+                        f"accounts {new})")
+    if new.total_kib != before.total_kib:
+        problems.append(f"the new QEMU accounts {new}, the old one held {before} before the transfer")
+    if new_exit != new:
+        problems.append(f"the new QEMU's accounting changed when the old one exited: {new} -> {new_exit}")
+    return problems
+
+
 class HostWatch(Observer):
     """Host side of a transfer: the kernel log, the devices' vfio interrupt lines and the old QEMU's
     open files. As an observer of a transfer it samples the lines right after the target started and
@@ -244,13 +341,15 @@ class HostWatch(Observer):
 
     KVM_CLOSE_WAIT_S = 5.0  # the old QEMU closes KVM as the migration completes: a moment's grace
 
-    def __init__(self, addresses: list[str], dev: Path = Path("/dev")) -> None:
-        self.addresses = addresses
+    def __init__(self, addresses: list[str], dev: Path = Path("/dev"), proc: Path = Path("/proc")) -> None:
+        self.addresses, self.proc = addresses, proc
         self.log = HostKernelLog(dev)
         self.irqs: list[dict[str, IrqLine]] = []
         self.notes: list[str] = []
         self.old_qemu_kvm_files: list[str] = []
         self._old_qemu_containers: int | None = None
+        self._target: QemuProcess | None = None
+        self.pinned: dict[str, LockedMemory] = {}  # "<old|new>_<before|after|exit>" of the last transfer
 
     def __enter__(self) -> HostWatch:
         self.log.start()
@@ -263,18 +362,37 @@ class HostWatch(Observer):
     def sample(self) -> None:
         self.irqs.append(vfio.host_vfio_irqs(self.addresses))
 
+    def before_transfer(self, source_pid: int) -> None:
+        """Read the old QEMU's locked and pinned memory before a transfer (the figures it must hand on)."""
+        self.pinned = {"old_before": procfds.locked_memory(source_pid, self.proc)}
+
     def on_spawned(self, target: QemuProcess) -> None:
+        self._target = target
         self.sample()
 
     def on_before_retire(self, source: QemuProcess) -> None:
-        self.old_qemu_kvm_files = procfds.wait_kvm_closed(source.pid, self.KVM_CLOSE_WAIT_S)
-        self._old_qemu_containers = procfds.vfio_containers(procfds.open_files(source.pid))
+        self.old_qemu_kvm_files = procfds.wait_kvm_closed(source.pid, self.KVM_CLOSE_WAIT_S, self.proc)
+        self._old_qemu_containers = procfds.vfio_containers(procfds.open_files(source.pid, self.proc))
+        if "old_before" in self.pinned and self._target is not None:
+            self.pinned["old_after"] = procfds.locked_memory(source.pid, self.proc)
+            self.pinned["new_after"] = procfds.locked_memory(self._target.pid, self.proc)
 
     def on_result(self, result: TransferResult) -> None:
         if result.status == "completed":
             self.sample()
             result.old_qemu_kvm_fds = len(self.old_qemu_kvm_files)
             result.vfio_containers = self._old_qemu_containers
+            if "new_after" in self.pinned and self._target is not None:  # the old QEMU has exited now
+                self.pinned["new_exit"] = procfds.locked_memory(self._target.pid, self.proc)
+            result.pinned_kib = pinned_numbers(self.pinned)
+
+    def check_pinned_moved(self, result: TransferResult, logs: object = None) -> None:
+        """VFIO CPR's accounting promise (VFIO_DMA_MAP_FLAG_VADDR / IOMMU_IOAS_CHANGE_PROCESS): see
+        pinned_problems."""
+        problems = pinned_problems(self.pinned)
+        if problems:
+            raise checks.CheckFailed(f"transfer {result.index}: locked/pinned memory did not move to the new "
+                                     f"QEMU: " + "; ".join(problems) + f" (logs: {logs})")
 
     def check_kvm_closed(self, result: TransferResult, logs: object = None) -> None:
         """The irq bypass -16 fix (QEMU 7ed0919119): after a completed VFIO cpr-transfer the old QEMU
@@ -387,6 +505,7 @@ class PassthroughGuest:
         and neither the main NIC nor a passthrough NIC was reset or flapped (carrier_changes)."""
         links = (self.vm.ifname_of(), *(self.guest_ifname(dev) for _, dev in self.nics))
         watch.sample()
+        watch.before_transfer(self.vm.current.pid)
         with self.vm.observing(watch):  # samples inside live_update's windows, around the transfer
             result = self.vm.live_update(traffic, irq_pattern=irq_pattern, max_blackout_ms=max_blackout_ms,
                                          max_lost_probes=max_lost_probes, links=links)
@@ -394,7 +513,44 @@ class PassthroughGuest:
         result.notes += watch.notes
         if self.vm.config.accel == Accel.KVM:
             watch.check_kvm_closed(result, self.vm.artifacts)
+        watch.check_pinned_moved(result, self.vm.artifacts)
         return result
+
+
+def refusal_problem(error: TransferFailed, blocked_reasons: list[str]) -> str | None:
+    """Why a refused transfer was not refused for a migration blocker, or None: `migrate` itself must
+    be answered with an error naming one of QEMU's blocked-reasons (query-migrate), not fail later."""
+    cause = error.__cause__
+    if not (isinstance(cause, QmpError) and cause.command == "migrate"):
+        return f"the transfer failed, but not as the answer to `migrate` (a blocker's refusal): {error}"
+    if not blocked_reasons:
+        return f"`migrate` was refused, but QEMU lists no blocked-reasons: {error}"
+    if not any(reason in str(error) for reason in blocked_reasons):
+        return f"`migrate` was refused for another reason than its blockers {blocked_reasons}: {error}"
+    return None
+
+
+MEMLOCK_WRAPPER = """#!{python}
+# {qemu} without CAP_IPC_LOCK (the pins are charged to RLIMIT_MEMLOCK) and with RLIMIT_MEMLOCK {limit}
+import ctypes, os, resource, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(24, 14, 0, 0, 0):  # PR_CAPBSET_DROP, CAP_IPC_LOCK: exec then grants root no ipc_lock
+    sys.exit("memlock wrapper: PR_CAPBSET_DROP CAP_IPC_LOCK: " + os.strerror(ctypes.get_errno()))
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+if any(int(status.get(k, "0"), 16) & (1 << 14) for k in ("CapInh", "CapAmb")):
+    sys.exit("memlock wrapper: CAP_IPC_LOCK is inheritable or ambient here: exec would keep it")
+resource.setrlimit(resource.RLIMIT_MEMLOCK, ({limit}, {limit}))
+os.execv({qemu!r}, [{qemu!r}] + sys.argv[1:])
+"""
+
+
+def memlock_limited(build: QemuBuild, limit_bytes: int, folder: Path) -> QemuBuild:
+    """`build` run through a wrapper (same PID: it execs QEMU) that drops CAP_IPC_LOCK and sets
+    RLIMIT_MEMLOCK to `limit_bytes`, so the kernel charges the DMA pins QEMU takes over to that limit."""
+    wrapper = folder / f"qemu-memlock-{limit_bytes}"
+    wrapper.write_text(MEMLOCK_WRAPPER.format(python=sys.executable, qemu=build.binary, limit=limit_bytes))
+    wrapper.chmod(0o755)
+    return dataclasses.replace(build, binary=str(wrapper))
 
 
 NO_MDEV = ("host config {path} names no [[mdev]]; to run the mdev tests, load a parent driver (e.g. "

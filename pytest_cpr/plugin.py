@@ -21,6 +21,7 @@ from pytest_cpr.fixtures import (  # noqa: F401 - fixtures are registered by imp
     cpr_accel,
     cpr_artifacts,
     cpr_image,
+    cpr_max_dma_stall_ms,
     cpr_session_key,
     cpr_settings,
     cpr_source_build,
@@ -43,8 +44,9 @@ from pytest_cpr.vfio_fixtures import (  # noqa: F401 - fixtures are registered b
 
 MARKERS = (
     "cpr(mode='cpr-transfer'): the test performs CPR in `mode`; skipped where a QEMU build lacks it",
-    "cpr_thresholds(max_blackout_ms=None, max_lost_probes=None): per-test limits on what the guest may "
-    "lose during a transfer (override --cpr-max-blackout-ms / --cpr-max-lost-probes)",
+    "cpr_thresholds(max_blackout_ms=None, max_lost_probes=None, max_dma_stall_ms=None): per-test limits "
+    "on what the guest may lose during a transfer (override --cpr-max-blackout-ms / --cpr-max-lost-probes "
+    "/ --cpr-max-dma-stall-ms and the passthrough defaults)",
     "vfio(role='nic', backend=None, count=1): needs `count` passthrough devices of `role` from the host "
     "config, on `backend` (legacy or iommufd; default: every backend the host supports)",
     "viommu: the passthrough guest gets a vIOMMU (intel-iommu, caching mode): each device in its own "

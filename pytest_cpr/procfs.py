@@ -43,3 +43,30 @@ def parse_interrupts(text: str) -> dict[str, IrqLine]:
         key = f"{irq.strip()}:{name}"
         out[key] = IrqLine(irq.strip(), tuple(counts), chip, name)
     return out
+
+
+@dataclass(frozen=True)
+class LockedMemory:
+    """A process's locked and pinned memory in KiB, from /proc/<pid>/status: VmLck (mm->locked_vm:
+    mlock, and the legacy VFIO type1 container's pins) and VmPin (mm->pinned_vm: iommufd's pins)."""
+
+    vmlck_kib: int
+    vmpin_kib: int
+
+    @property
+    def total_kib(self) -> int:
+        return self.vmlck_kib + self.vmpin_kib
+
+    def __str__(self) -> str:
+        return f"VmLck {self.vmlck_kib} kB, VmPin {self.vmpin_kib} kB"
+
+
+def parse_locked_memory(status: str) -> LockedMemory:
+    """VmLck and VmPin of a /proc/<pid>/status text (a kernel without one of them: 0)."""
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+
+    def kib(name: str) -> int:
+        value = fields.get(name, "0 kB").split()
+        return int(value[0]) if value else 0
+
+    return LockedMemory(kib("VmLck"), kib("VmPin"))

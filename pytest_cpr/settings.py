@@ -167,6 +167,8 @@ SETTINGS: tuple[Setting, ...] = (
             "only)", None, parse_optional_float, fix="a number of milliseconds >= 0, or none"),
     Setting("max_lost_probes", "fail a transfer that loses more probes than this (none: record only)",
             None, parse_optional_float, fix="a count >= 0, or none"),
+    Setting("max_dma_stall_ms", "fail a transfer whose longest stall of the NVMe DMA stream exceeds this "
+            "(none: record only)", None, parse_optional_float, fix="a number of milliseconds >= 0, or none"),
     Setting("host_config", "host config file (TOML) describing passthrough devices", None,
             fix="the path of a TOML host config file"),
     Setting("strict", "turn 'host cannot serve this test' skips into failures (hardware CI)", "off",
@@ -215,6 +217,7 @@ class CprSettings:
     probe_interval_ms: float
     max_blackout_ms: float | None
     max_lost_probes: float | None
+    max_dma_stall_ms: float | None
     host_config: str | None
     strict: bool
     ioctl_shim: str | None
@@ -236,6 +239,21 @@ class CprSettings:
 
     def header_lines(self) -> list[str]:
         return [f"  {s.key} = {_shown(self.value(s.key))!r} ({self.source[s.key]})" for s in SETTINGS]
+
+
+THRESHOLDS = ("max_blackout_ms", "max_lost_probes", "max_dma_stall_ms")
+
+
+def thresholds_in_force(marker: Mapping[str, object], settings: CprSettings,
+                        defaults: Mapping[str, float]) -> dict[str, float | None]:
+    """Each threshold from the first of: the test's cpr_thresholds marker, the setting (CLI, env, ini;
+    `none` there switches a default off), `defaults` (passthrough tests have some), none."""
+    if unknown := sorted(set(marker) - set(THRESHOLDS)):
+        raise ValueError(f"cpr_thresholds marker: unknown key {unknown[0]!r}; use {list(THRESHOLDS)}")
+    values: dict[str, float | None] = {
+        key: defaults.get(key) if settings.source.get(key, "default") == "default" else settings.value(key)  # type: ignore[misc]
+        for key in THRESHOLDS}
+    return {**values, **marker}  # type: ignore[dict-item]
 
 
 def _shown(value: object) -> object:

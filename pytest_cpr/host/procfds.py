@@ -1,6 +1,7 @@
-"""What a process holds open, read from /proc/<pid>/fd: the facts behind CPR's promises about file
-descriptors (the old QEMU closes KVM after a transfer; each legacy VFIO container is one open
-/dev/vfio/vfio)."""
+"""What a process holds open, read from /proc/<pid>/fd, and the memory it has locked or pinned
+(/proc/<pid>/status): the facts behind CPR's promises about file descriptors (the old QEMU closes KVM
+after a transfer; each legacy VFIO container is one open /dev/vfio/vfio) and about DMA pins (they
+move to the new QEMU)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import re
 import time
 from pathlib import Path
+
+from pytest_cpr.procfs import LockedMemory, parse_locked_memory
 
 KVM_FILE = re.compile(r"^(/dev/kvm|anon_inode:kvm-vm|anon_inode:kvm-vcpu(:\d+)?)$")
 
@@ -42,3 +45,8 @@ def wait_kvm_closed(pid: int, timeout: float, proc: Path = Path("/proc")) -> lis
         if not held or time.monotonic() > deadline:
             return held
         time.sleep(0.1)
+
+
+def locked_memory(pid: int, proc: Path = Path("/proc")) -> LockedMemory:
+    """The process's VmLck and VmPin (/proc/<pid>/status)."""
+    return parse_locked_memory((proc / str(pid) / "status").read_text())

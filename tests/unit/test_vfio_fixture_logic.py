@@ -34,6 +34,7 @@ from pytest_cpr.passthrough import (
     Want,
     after_bind,
     build_reasons,
+    dma_completions,
     kernel_blockers,
     select,
 )
@@ -385,7 +386,9 @@ def test_nvme_dma_script_writes_reads_back_and_verifies_every_slot(local_dma: Nv
     assert rounds >= 6
     done, failed = local_dma.progress()
     assert failed == [] and done == rounds
-    assert local_dma.log.splitlines()[:2] == ["OK 0 0", "OK 1 1"]
+    lines = local_dma.log.splitlines()  # each write, then its read-back, with the guest's time
+    assert [ln.rsplit(" ", 1)[0] for ln in lines[:4]] == ["W 0 0", "OK 0 0", "W 1 1", "OK 1 1"]
+    assert len(dma_completions(local_dma.log)) == 2 * rounds
     assert local_dma.log.splitlines()[-1] == f"DONE {rounds}"
     assert (Path(str(local_dma.vm.artifacts)) / "nvme-dma.log").read_text() == local_dma.log
 
@@ -673,6 +676,15 @@ class FakeGuestVM:
         self.config = SimpleNamespace(accel="tcg")
         self.live_update_kwargs: dict[str, Any] = {}
         self.dmesg = ""
+        self.current = SimpleNamespace(pid=100)  # /proc/100: the old QEMU, /proc/200: the new one
+        self.proc = artifacts / "proc"
+        self.status(100, 4096)
+        self.status(200, 0)
+        self.observer: Any = None
+
+    def status(self, pid: int, vmlck_kib: int) -> None:
+        (self.proc / str(pid) / "fd").mkdir(parents=True, exist_ok=True)
+        (self.proc / str(pid) / "status").write_text(f"VmLck:\t{vmlck_kib} kB\nVmPin:\t0 kB\n")
 
     def ifname_of(self) -> str:
         return "eth0"
@@ -682,12 +694,20 @@ class FakeGuestVM:
 
     def observing(self, observer: object) -> Any:
         from contextlib import nullcontext
+        self.observer = observer
         return nullcontext(observer)
 
     def live_update(self, traffic: object, **kwargs: Any) -> Any:
+        """A transfer as the watch sees it: the pins move from the old QEMU to the new one."""
         from pytest_cpr.cpr import ProcessRef, TransferResult
         self.live_update_kwargs = kwargs
-        return TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+        self.observer.on_spawned(SimpleNamespace(pid=200))
+        self.status(100, 0)
+        self.status(200, 4096)
+        self.observer.on_before_retire(SimpleNamespace(pid=100))
+        result = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+        self.observer.on_result(result)
+        return result
 
     def collect_dmesg(self) -> str:
         return self.dmesg
@@ -701,7 +721,7 @@ def test_transfer_checked_checks_the_carrier_of_the_main_and_the_passthrough_nic
                           VfioBinding([NIC], HostPaths()))
     vm = FakeGuestVM(tmp_path)
     guest = passthrough.PassthroughGuest(vm, devices)  # type: ignore[arg-type]
-    guest.transfer_checked(object(), "^eth1", HostWatch([NIC], tmp_path))  # type: ignore[arg-type]
+    guest.transfer_checked(object(), "^eth1", HostWatch([NIC], tmp_path, vm.proc))  # type: ignore[arg-type]
     assert vm.live_update_kwargs["links"] == ("eth0", "eth1")
 
 
