@@ -41,9 +41,11 @@ if TYPE_CHECKING:
 # from the virtual host (TCG L1, KVM L2, 2-core machine under load), README "Passthrough defaults":
 # blackout: 969 ms the most in 79 transfers over a passthrough NIC, x2; lost probes: none in those 79
 # (a frame the NIC received while the guest was paused is DMA'd into its ring, answered late, not
-# lost); DMA stall: see max_dma_stall_ms in the README's table.
+# lost); DMA stall: under the NVMe driver's 30 s I/O timeout (a completion lost and recovered only by
+# that timeout fails), above the longest gap between completed I/Os seen in the virtual host under
+# load, transfer or not (17.4 s; 14.3 s across the transfer).
 PASSTHROUGH_THRESHOLDS: dict[str, float] = {"max_blackout_ms": 2000.0, "max_lost_probes": 0.0,
-                                            "max_dma_stall_ms": 10000.0}
+                                            "max_dma_stall_ms": 25000.0}
 
 
 @dataclass(frozen=True)
