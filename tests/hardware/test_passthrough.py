@@ -217,15 +217,27 @@ def test_mdev_blocks_cpr_transfer(cpr_mdev_guest: tuple[CprVM, Mdev]) -> None:
     print(f"refused as expected: {refused.value}")
 
 
+# Found in the virtual host (QEMU 11.1.3, legacy container): the new QEMU's VFIO_DMA_MAP_FLAG_VADDR
+# fails with ENOMEM only after the old QEMU reported the migration completed (postmigrate, vaddrs
+# given up), so the new QEMU aborts ("vfio: DMA mapping failed, unable to continue") and nobody runs
+# the guest. docs/hardware-runners.md, "Memlock".
+MEMLOCK_AFTER_SWITCHOVER = ("QEMU >= 10.1, legacy container: a target whose RLIMIT_MEMLOCK cannot hold the DMA "
+                            "pins fails its VFIO_DMA_MAP_FLAG_VADDR (ENOMEM) after the switchover: the new QEMU "
+                            "aborts and the old one stays in postmigrate, the guest is lost (no clean refusal)")
+
+
 @pytest.mark.vfio(role="nic")
-def test_memlock_limited_target_and_pinned_accounting(cpr_vfio_guest: PassthroughGuest,
-                                                      cpr_target_build: QemuBuild) -> None:
+def test_memlock_limited_target_fails_for_memlock_and_pinned_accounting(
+        cpr_vfio_guest: PassthroughGuest, cpr_source_build: QemuBuild, cpr_target_build: QemuBuild,
+        request: pytest.FixtureRequest) -> None:
     """A target QEMU without CAP_IPC_LOCK whose RLIMIT_MEMLOCK (prlimit) cannot hold the guest's DMA
     pins. Legacy container: the new QEMU's VFIO_DMA_MAP_FLAG_VADDR charges the pins to its
-    RLIMIT_MEMLOCK (type1 moves locked_vm to the new mm), so the kernel refuses it (ENOMEM): the
-    transfer fails with that reason in the new QEMU's words, and the old QEMU keeps the guest and its
-    NIC. iommufd: pages an old QEMU with CAP_IPC_LOCK mapped are charged to no limit, and
-    IOMMU_IOAS_CHANGE_PROCESS moves only their VmPin: the transfer completes, the pins move."""
+    RLIMIT_MEMLOCK (type1 moves locked_vm to the new mm), so the kernel refuses it: the transfer
+    fails, and the new QEMU names the reason (`vfio_container_dma_map ... Cannot allocate memory`);
+    the old QEMU must then keep the guest and its NIC (a strict expected failure where QEMU meets the
+    limit only after the switchover, MEMLOCK_AFTER_SWITCHOVER). iommufd: pages an old QEMU with
+    CAP_IPC_LOCK mapped are charged to no limit, and IOMMU_IOAS_CHANGE_PROCESS moves only their
+    VmPin: the transfer completes and the pins move."""
     guest = cpr_vfio_guest
     vm = guest.vm
     held = procfds.locked_memory(vm.current.pid)
@@ -235,19 +247,23 @@ def test_memlock_limited_target_and_pinned_accounting(cpr_vfio_guest: Passthroug
     boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     print(f"source QEMU holds {held}; target RLIMIT_MEMLOCK {limit} bytes, no CAP_IPC_LOCK")
     if guest.devices.backend == "legacy":
-        with guest.nic_traffic(tcp=False) as traffic:
-            with pytest.raises(TransferFailed) as refused:
-                vm.transfer(target=target)
-            assert vm.current.qmp.execute("query-status")["status"] == "running", \
-                f"the old QEMU must keep running the guest after the refused target: {refused.value}"
-            traffic.wait_answers(50, 60.0)
+        if cpr_source_build.version >= (10, 1, 0):
+            request.applymarker(pytest.mark.xfail(strict=True, raises=CheckFailed, reason=MEMLOCK_AFTER_SWITCHOVER))
+        with pytest.raises(TransferFailed) as refused:
+            vm.transfer(target=target)
         said = "".join(p.read_text(errors="replace") for p in sorted(vm.artifacts.glob("qemu-g*.stderr"))
                        if p.name != "qemu-g0.stderr")
-        assert "Cannot allocate memory" in said, \
-            (f"the memlock-limited target did not fail for want of memlock (ENOMEM): {refused.value}; "
-             f"its stderr: {said[-2000:]!r}")
+        assert re.search(r"vfio_container_dma_map\(.*\) = -12 \(Cannot allocate memory\)", said), \
+            (f"the memlock-limited target did not fail for want of memlock (ENOMEM on its DMA map): "
+             f"{refused.value}; its stderr: {said[:2000]!r}")
+        print(f"the target failed for memlock: {refused.value}")
+        status = vm.current.qmp.execute("query-status")["status"]
+        if status != "running":
+            raise CheckFailed(f"the old QEMU does not run the guest after the memlock-limited target failed: "
+                              f"{status} (logs: {vm.artifacts})")
+        with guest.nic_traffic(tcp=False) as traffic:
+            traffic.wait_answers(50, 60.0)
         assert len(vm.generations) == 1, "the refused target QEMU must be gone"
-        print(f"refused as expected: {refused.value}")
     else:
         with guest.host_watch() as watch, vm.observing(watch):
             watch.before_transfer(vm.current.pid)
