@@ -52,6 +52,7 @@ class LockedMemory:
 
     vmlck_kib: int
     vmpin_kib: int
+    ipc_lock: bool = False  # CAP_IPC_LOCK effective: the kernel charges its pins to no limit
 
     @property
     def total_kib(self) -> int:
@@ -59,6 +60,9 @@ class LockedMemory:
 
     def __str__(self) -> str:
         return f"VmLck {self.vmlck_kib} kB, VmPin {self.vmpin_kib} kB"
+
+
+CAP_IPC_LOCK = 14
 
 
 def parse_locked_memory(status: str) -> LockedMemory:
@@ -69,4 +73,5 @@ def parse_locked_memory(status: str) -> LockedMemory:
         value = fields.get(name, "0 kB").split()
         return int(value[0]) if value else 0
 
-    return LockedMemory(kib("VmLck"), kib("VmPin"))
+    cap_eff = int(fields.get("CapEff", "0").strip() or "0", 16)
+    return LockedMemory(kib("VmLck"), kib("VmPin"), bool(cap_eff & 1 << CAP_IPC_LOCK))

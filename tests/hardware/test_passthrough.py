@@ -236,8 +236,8 @@ def test_memlock_limited_target_fails_for_memlock_and_pinned_accounting(
     fails, and the new QEMU names the reason (`vfio_container_dma_map ... Cannot allocate memory`);
     the old QEMU must then keep the guest and its NIC (a strict expected failure where QEMU meets the
     limit only after the switchover, MEMLOCK_AFTER_SWITCHOVER). iommufd: pages an old QEMU with
-    CAP_IPC_LOCK mapped are charged to no limit, and IOMMU_IOAS_CHANGE_PROCESS moves only their
-    VmPin: the transfer completes and the pins move."""
+    CAP_IPC_LOCK mapped are charged to no limit, so the transfer completes; IOMMU_IOAS_CHANGE_PROCESS
+    leaves their VmPin with the old QEMU (passthrough.IOMMUFD_UNACCOUNTED), which the check holds."""
     guest = cpr_vfio_guest
     vm = guest.vm
     held = procfds.locked_memory(vm.current.pid)
