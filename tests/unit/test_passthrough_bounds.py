@@ -30,6 +30,8 @@ from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.settings import resolve, thresholds_in_force
 
+pytest_plugins = ["pytester"]
+
 # ---- thresholds: marker > setting > passthrough default > none
 
 
@@ -255,3 +257,27 @@ def test_memlock_wrapper_drops_ipc_lock_and_limits_memlock(tmp_path: Path) -> No
     cap_eff = int(out.split("CapEff:")[1].split()[0], 16)
     assert not cap_eff & (1 << 14), f"CAP_IPC_LOCK still effective: {out}"
     assert out.split("Max locked memory")[1].split()[:2] == ["65536", "65536"], out
+
+
+def test_fixtures_apply_marker_over_setting_and_no_passthrough_default_without_vfio(pytester: pytest.Pytester) -> None:
+    """The fixtures' wiring: a test without a vfio marker gets no passthrough default; the marker
+    beats the setting; cpr_thresholds keeps live_update's two keyword arguments."""
+    pytester.makepyfile("""
+        import pytest
+
+        def test_plain(cpr_thresholds, cpr_max_dma_stall_ms):
+            assert cpr_thresholds == {"max_blackout_ms": 300.0, "max_lost_probes": None}
+            assert cpr_max_dma_stall_ms is None
+
+        @pytest.mark.cpr_thresholds(max_blackout_ms=5, max_dma_stall_ms=7)
+        def test_marked(cpr_thresholds, cpr_max_dma_stall_ms):
+            assert cpr_thresholds == {"max_blackout_ms": 5, "max_lost_probes": None}
+            assert cpr_max_dma_stall_ms == 7
+
+        @pytest.mark.cpr_thresholds(max_blackout=5)
+        def test_misspelt(cpr_thresholds):
+            pass
+        """)
+    result = pytester.runpytest("--cpr-max-blackout-ms=300", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*cpr_thresholds marker: unknown key 'max_blackout'*"])
