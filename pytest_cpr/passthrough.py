@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 # Default bounds of tests with passthrough devices ("no loss of guest connectivity", DMA that goes on),
 # from the virtual host (TCG L1, KVM L2, 2-core machine under load), README "Passthrough defaults":
-# blackout: 969 ms the most in 79 transfers over a passthrough NIC, x2; lost probes: none in those 79
+# blackout: 969 ms the most in 78 transfers over a passthrough NIC, x2; lost probes: none in those 78
 # (a frame the NIC received while the guest was paused is DMA'd into its ring, answered late, not
 # lost); DMA stall: under the NVMe driver's 30 s I/O timeout (a completion lost and recovered only by
 # that timeout fails), above the longest gap between completed I/Os seen in the virtual host under
