@@ -313,32 +313,34 @@ def pinned_numbers(pinned: dict[str, LockedMemory]) -> dict[str, int]:
 
 IOMMUFD_UNACCOUNTED = ("iommufd pages mapped by a QEMU with CAP_IPC_LOCK are charged to no limit "
                        "(IOPT_PAGES_ACCOUNT_NONE) but counted in its VmPin; IOMMU_IOAS_CHANGE_PROCESS leaves "
-                       "such pages (and their VmPin) with the old QEMU's mm (the kernel's need_charge_update), "
-                       "so the new QEMU shows none: expected, not a leak")
+                       "such pages (and their VmPin) with the mm of the QEMU that mapped them (the kernel's "
+                       "need_charge_update), so the new QEMU shows none: the kernel's rule, not a leak")
 
 
-def iommufd_unaccounted(before: LockedMemory) -> bool:
-    """The old QEMU's pins are iommufd's (VmPin, no VmLck) and were mapped with CAP_IPC_LOCK."""
-    return before.ipc_lock and before.vmpin_kib > 0 and before.vmlck_kib == 0
+def iommufd_unaccounted(before: LockedMemory, backend: Backend | None) -> bool:
+    """The old QEMU's iommufd pages were mapped with CAP_IPC_LOCK (IOPT_PAGES_ACCOUNT_NONE)."""
+    return backend == Backend.IOMMUFD and before.ipc_lock and before.vmlck_kib == 0
 
 
-def pinned_problems(pinned: dict[str, LockedMemory]) -> list[str]:
+def pinned_problems(pinned: dict[str, LockedMemory], backend: Backend | None = None) -> list[str]:
     """What breaks the promise that a transfer moves the DMA pins' accounting to the new QEMU, given
     the old QEMU's locked+pinned memory before the transfer (old_before), both QEMUs' once it completed
     (old_after, new_after) and the new one's once the old one exited (new_exit): the old one held some
     before (else there is nothing to check), holds none after (not counted twice), the new one holds
     exactly what the old one held, and keeps it when the old one exits (nothing released or leaked).
-    iommufd pages a QEMU with CAP_IPC_LOCK mapped stay with the old QEMU (IOMMUFD_UNACCOUNTED): there
-    the old one keeps exactly what it had and the new one shows none."""
+    iommufd pages a QEMU with CAP_IPC_LOCK mapped stay with the QEMU that mapped them
+    (IOMMUFD_UNACCOUNTED): there the old one keeps what it had (none from the second transfer on:
+    they stayed with the first) and the new one shows none."""
     need = ("old_before", "old_after", "new_after", "new_exit")
     if missing := [k for k in need if k not in pinned]:
         return [f"figures missing: {', '.join(missing)} (the transfer did not complete, or the watch did "
                 "not see it)"]
     before, old, new, new_exit = (pinned[k] for k in need)
-    if not before.total_kib:
+    unaccounted = iommufd_unaccounted(before, backend)
+    if not before.total_kib and not unaccounted:
         return ["the old QEMU had no locked or pinned memory before the transfer (VFIO pins guest RAM for "
                 "DMA: VmLck with a legacy container, VmPin with iommufd): nothing to check"]
-    moved_to, left = (old, new) if iommufd_unaccounted(before) else (new, old)
+    moved_to, left = (old, new) if unaccounted else (new, old)
     problems = []
     if left.total_kib:
         problems.append(f"the {'new' if left is new else 'old'} QEMU accounts {left} after the transfer "
@@ -358,8 +360,9 @@ class HostWatch(Observer):
 
     KVM_CLOSE_WAIT_S = 5.0  # the old QEMU closes KVM as the migration completes: a moment's grace
 
-    def __init__(self, addresses: list[str], dev: Path = Path("/dev"), proc: Path = Path("/proc")) -> None:
-        self.addresses, self.proc = addresses, proc
+    def __init__(self, addresses: list[str], dev: Path = Path("/dev"), proc: Path = Path("/proc"),
+                 backend: Backend | None = None) -> None:
+        self.addresses, self.proc, self.backend = addresses, proc, backend
         self.log = HostKernelLog(dev)
         self.irqs: list[dict[str, IrqLine]] = []
         self.notes: list[str] = []
@@ -402,13 +405,13 @@ class HostWatch(Observer):
             if "new_after" in self.pinned and self._target is not None:  # the old QEMU has exited now
                 self.pinned["new_exit"] = procfds.locked_memory(self._target.pid, self.proc)
             result.pinned_kib = pinned_numbers(self.pinned)
-            if "old_before" in self.pinned and iommufd_unaccounted(self.pinned["old_before"]):
+            if "old_before" in self.pinned and iommufd_unaccounted(self.pinned["old_before"], self.backend):
                 result.notes.append(IOMMUFD_UNACCOUNTED)
 
     def check_pinned_moved(self, result: TransferResult, logs: object = None) -> None:
         """VFIO CPR's accounting promise (VFIO_DMA_MAP_FLAG_VADDR / IOMMU_IOAS_CHANGE_PROCESS): see
         pinned_problems."""
-        problems = pinned_problems(self.pinned)
+        problems = pinned_problems(self.pinned, self.backend)
         if problems:
             raise checks.CheckFailed(f"transfer {result.index}: locked/pinned memory did not move to the new "
                                      f"QEMU: " + "; ".join(problems) + f" (logs: {logs})")
@@ -510,7 +513,7 @@ class PassthroughGuest:
         return NvmeDma(self.vm, dev.guest_address, config.test_area_mib)
 
     def host_watch(self) -> HostWatch:
-        return HostWatch(self.devices.addresses, self.devices.host.paths.dev)
+        return HostWatch(self.devices.addresses, self.devices.host.paths.dev, backend=self.devices.backend)
 
     def check_guest_log(self) -> None:
         """No driver trouble in the guest kernel log: no lost interrupts or DMA, no NIC reset, no link

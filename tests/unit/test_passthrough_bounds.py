@@ -15,7 +15,7 @@ from pytest_cpr import checks
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.cpr import ProcessRef, TransferResult
 from pytest_cpr.errors import CprError, TransferFailed
-from pytest_cpr.kinds import Phase
+from pytest_cpr.kinds import Backend, Phase
 from pytest_cpr.passthrough import (
     PASSTHROUGH_THRESHOLDS,
     DmaMark,
@@ -136,12 +136,13 @@ class FakeProc:
 
 
 def transfer(tmp_path: Path, before: dict[str, Any], old_after: dict[str, Any], new_after: dict[str, Any],
-             new_exit: dict[str, Any] | None = None) -> tuple[HostWatch, TransferResult]:
+             new_exit: dict[str, Any] | None = None, backend: Backend | None = None
+             ) -> tuple[HostWatch, TransferResult]:
     """Drive a HostWatch through one transfer's events with the figures each moment shows."""
     proc = FakeProc(tmp_path / "proc")
     proc.set(proc.OLD, **before)
     proc.set(proc.NEW)
-    watch = HostWatch([], tmp_path, proc.root)
+    watch = HostWatch([], tmp_path, proc.root, backend)
     watch.before_transfer(proc.OLD)
     watch.on_spawned(SimpleNamespace(pid=proc.NEW))  # type: ignore[arg-type]
     proc.set(proc.OLD, **old_after)
@@ -192,15 +193,21 @@ ROOT_CAPS = "000001ffffffffff"  # CapEff of root: CAP_IPC_LOCK (bit 14) among th
 def test_iommufd_pins_of_a_qemu_with_ipc_lock_stay_with_the_old_qemu(tmp_path: Path) -> None:
     """The kernel's rule (IOPT_PAGES_ACCOUNT_NONE: need_charge_update is false): VmPin stays with the
     old QEMU, the new one shows none; noted on the result, and a double count still fails."""
-    root = {"vmpin": GUEST, "cap_eff": ROOT_CAPS}
-    watch, result = transfer(tmp_path, root, root, {"cap_eff": ROOT_CAPS})
+    root, iommufd = {"vmpin": GUEST, "cap_eff": ROOT_CAPS}, Backend.IOMMUFD
+    watch, result = transfer(tmp_path, root, root, {"cap_eff": ROOT_CAPS}, backend=iommufd)
     watch.check_pinned_moved(result)
     assert any("IOMMU_IOAS_CHANGE_PROCESS leaves" in note for note in result.notes)
-    watch, result = transfer(tmp_path, root, root, {"vmpin": GUEST, "cap_eff": ROOT_CAPS})
+    nothing = {"cap_eff": ROOT_CAPS}  # the second transfer: the pins stayed with the first QEMU's mm
+    watch, result = transfer(tmp_path, nothing, nothing, nothing, backend=iommufd)
+    watch.check_pinned_moved(result)
+    watch, result = transfer(tmp_path, root, {}, {"vmpin": GUEST, "cap_eff": ROOT_CAPS})  # backend unknown: moved
+    watch.check_pinned_moved(result)
+    watch, result = transfer(tmp_path, root, root, {"vmpin": GUEST, "cap_eff": ROOT_CAPS}, backend=iommufd)
     with pytest.raises(CheckFailed, match=r"the new QEMU accounts VmLck 0 kB, VmPin 1048576 kB after the transfer "
                                           r"\(counted twice"):
         watch.check_pinned_moved(result)
-    watch, result = transfer(tmp_path, {"vmlck": GUEST, "cap_eff": ROOT_CAPS}, {}, {"vmlck": GUEST})
+    legacy = {"vmlck": GUEST, "cap_eff": ROOT_CAPS}
+    watch, result = transfer(tmp_path, legacy, {}, {"vmlck": GUEST}, backend=Backend.LEGACY)
     watch.check_pinned_moved(result)  # legacy type1 moves VmLck with CAP_IPC_LOCK too (the limit is bypassed)
     assert not result.notes
 
