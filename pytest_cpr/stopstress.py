@@ -284,7 +284,8 @@ def run_stop(work: Path, index: int, point: str, sig: str, seed: int, timeout: f
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rA",
                              "test_stop.py"], cwd=run, env=_inner_env(run, stop), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=as_from_a_terminal)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -408,6 +409,13 @@ def stress(count: int, points: Iterable[str], signals: Iterable[str], work: Path
             with log.open("a") as fh:
                 fh.write(json.dumps(dataclasses.asdict(run)) + "\n")
     return runs
+
+
+def as_from_a_terminal() -> None:
+    """In a child before exec: Ctrl-C acts as at a terminal. A run started in the background
+    (`cmd &` in a script) inherits SIGINT ignored, so a SIGINT stop would never land (seen: the
+    interrupt tests of a CI run started that way found the Ctrl-C ignored and the transfers going on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _names(text: str, allowed: tuple[str, ...], what: str) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_cpr import leftovers
+from pytest_cpr import leftovers, stopstress
 from pytest_cpr.settings import BY_KEY
 
 pytestmark = [pytest.mark.cpr(mode="cpr-transfer"), pytest.mark.timeout(600)]
@@ -117,7 +117,7 @@ def inner(pytester: pytest.Pytester) -> Iterator[Callable[..., Inner]]:
                 "CPR_TEST_MARKS": str(pytester.path / "marks")}
         proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
                                 cwd=pytester.path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True, preexec_fn=stopstress.as_from_a_terminal)
         run = Inner(proc, pytester.path / "marks", pytester.path)
         runs.append(run)
         return run
