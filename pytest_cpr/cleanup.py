@@ -159,8 +159,10 @@ def _recorded_owner_alive(name: str) -> bool:
                for r in leftovers.records())
 
 
-def stale_namespaces(netns_dir: Path = NETNS_DIR, proc: Path = PROC) -> list[str]:
-    """cprt-* namespaces whose harness (the pid in the name) is gone and that no process is in."""
+def stale_namespaces(netns_dir: Path | None = None, proc: Path = PROC) -> list[str]:
+    """cprt-* namespaces whose harness (the pid in the name) is gone and that no process is in (in
+    NETNS_DIR unless told: read at call time, so a test's private folder holds)."""
+    netns_dir = NETNS_DIR if netns_dir is None else netns_dir
     if not netns_dir.is_dir():
         return []
     in_use = _netns_inodes_in_use(proc)

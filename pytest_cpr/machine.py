@@ -159,6 +159,7 @@ class Machine:
     def _build_spec(self) -> VmSpec:
         self.network.create()
         tap_fd = self.network.add_tap(self.config.vnet_hdr)
+        self.network.pin_neighbor(self.guest_ip, GUEST_MAC)
         nic = Nic("n0", GUEST_MAC, tap_fd, f"{self.guest_ip}/{self.network.prefixlen}",
                   vnet_hdr=self.config.vnet_hdr)
         if self.config.user_image is not None:

@@ -34,6 +34,7 @@ T = TypeVar("T")
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 CLONE_NEWNET = 0x40000000
+NUD_PERMANENT = 0x80  # linux/neighbour.h
 NETNS_DIR = Path("/var/run/netns")
 PREFIX = "cprt"
 
@@ -134,6 +135,14 @@ class GuestNetwork:
             br = ns.link_lookup(ifname="br0")[0]
             ns.link("set", index=ns.link_lookup(ifname=tap)[0], master=br, state="up")
         return fd
+
+    def pin_neighbor(self, ip: str, mac: str) -> None:
+        """A permanent neighbour entry for the guest on br0: the probes reach the wire while the guest
+        does not answer ARP (a dead link, a long blackout), so the sender's count stays a count of
+        requests sent, and ARP on our side never adds to a measured blackout."""
+        with NetNS(self.name) as ns:
+            br = ns.link_lookup(ifname="br0")[0]
+            ns.neigh("replace", dst=ip, lladdr=mac, ifindex=br, state=NUD_PERMANENT)
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM,
                proto: int = 0) -> Socket:
