@@ -535,7 +535,12 @@ class PassthroughGuest:
         result.notes += watch.notes
         if self.vm.config.accel == Accel.KVM:
             watch.check_kvm_closed(result, self.vm.artifacts)
-        watch.check_pinned_moved(result, self.vm.artifacts)
+        if self.vm.config.viommu:  # the guest maps and unmaps through its vIOMMU while the transfer runs,
+            # so what is pinned changes on its own: recorded, not compared (in the virtual host the new
+            # QEMU's iommufd VmPin even went below zero, 18446744073709551596 kB, with a vIOMMU)
+            result.notes.append("pinned memory recorded, not compared: the guest has a vIOMMU")
+        else:
+            watch.check_pinned_moved(result, self.vm.artifacts)
         return result
 
 
