@@ -683,6 +683,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code if isinstance(code, int) else 3
 
 
+def failure_of(case: ET.Element) -> ET.Element | None:
+    """A JUnit test case's <failure> (a check failed) or <error> (set-up or teardown broke), or None."""
+    failure = case.find("failure")
+    return failure if failure is not None else case.find("error")
+
+
 def failed_tests(junit: Path) -> list[str]:
     """The node ids (tests/<dir>/<file>.py::<name>) of the test cases a JUnit XML file records as
     failed or errored: what an announced retry runs again. A missing or unreadable file: []."""
@@ -692,7 +698,7 @@ def failed_tests(junit: Path) -> list[str]:
         return []
     out = []
     for case in root.iter("testcase"):
-        if case.find("failure") is None and case.find("error") is None:
+        if failure_of(case) is None:
             continue
         module, name = case.get("classname") or "", case.get("name") or ""
         node = f"{module.replace('.', '/')}.py::{name}" if module else name

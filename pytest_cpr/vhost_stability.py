@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, run_as_cli
+from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, failure_of, run_as_cli
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -111,10 +111,8 @@ def junit_outcome(junit: Path | None) -> tuple[str, str]:
     if not cases:
         return "none", ""
     for case in cases:
-        for tag in ("failure", "error"):
-            bad = case.find(tag)
-            if bad is not None:
-                return "failed", f"{bad.get('message') or ''}\n{bad.text or ''}"
+        if (bad := failure_of(case)) is not None:
+            return "failed", f"{bad.get('message') or ''}\n{bad.text or ''}"
     if all(case.find("skipped") is not None for case in cases):
         return "skipped", "; ".join((c.find("skipped").get("message") or "") for c in cases  # type: ignore[union-attr]
                                     if c.find("skipped") is not None)

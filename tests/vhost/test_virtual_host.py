@@ -228,7 +228,7 @@ def test_inner_passthrough_transfer(l1: VirtualHost) -> None:
     assert run.junit is not None, f"no JUnit XML came back from L1; inner log {run.log}"
     cases = _junit_cases(run.junit)
     passed = [c for c in cases if all(e.tag in ("properties", "system-out", "system-err") for e in c)]
-    failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    failed = [c.get("name") for c in cases if vhost.failure_of(c) is not None]
     assert not failed, f"inner tests failed: {failed}; inner log {run.log}, artifacts {run.artifacts}"
     legacy = [c for c in passed if "legacy" in (c.get("name") or "")]
     assert legacy, f"no legacy-container passthrough test passed in L1: {[c.get('name') for c in cases]}"
