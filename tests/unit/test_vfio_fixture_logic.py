@@ -673,7 +673,7 @@ class FakeGuestVM:
 
     def __init__(self, artifacts: Path) -> None:
         self.artifacts = artifacts
-        self.config = SimpleNamespace(accel="tcg", viommu=False)
+        self.config = SimpleNamespace(accel="tcg")
         self.live_update_kwargs: dict[str, Any] = {}
         self.dmesg = ""
         self.current = SimpleNamespace(pid=100)  # /proc/100: the old QEMU, /proc/200: the new one
