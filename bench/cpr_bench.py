@@ -43,6 +43,7 @@ from pytest_cpr.errors import CprError
 from pytest_cpr.images import GuestImage, default_cache_dir, guest_image_dir
 from pytest_cpr.kinds import Mode, Phase
 from pytest_cpr.net.traffic import LOSS_PHASES
+from pytest_cpr.plot import plot_ram_scaling
 from pytest_cpr.qemu.probe import QemuBuild, choose_accel, probe
 from pytest_cpr.units import parse_mib
 from pytest_cpr.vm import CprVM, Traffic, VmConfig
@@ -540,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     soak = bench_soak(bench)
     ram_scaling = with_ratios(bench_memory(bench))
     s = summary(bench, boots, phases, results, soak, ram_scaling)
+    if ram_scaling and not args.no_plots:
+        plot_ram_scaling(ram_scaling, bench.out / "ram-scaling", f"cost against guest size: QEMU {s['qemu']}, "
+                         f"{s['accel']}, load {s['load_average_start']:.1f} -> {s['load_average_end']:.1f}")
     modes = bench_modes(bench) if args.modes else None
     if modes is not None:
         s["modes"] = modes

@@ -115,8 +115,8 @@ def timeline_document(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_transfer(result: dict[str, Any], series: ProbeSeries, base: Path) -> list[Path]:
-    """Draw `base`.png and `base`.svg; returns them, or [] when matplotlib is missing."""
+def _save_figure(draw: Any, base: Path) -> list[Path]:
+    """`draw(pyplot)` returns a figure, saved as `base`.png and `base`.svg; [] when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
@@ -125,7 +125,7 @@ def plot_transfer(result: dict[str, Any], series: ProbeSeries, base: Path) -> li
     from matplotlib import pyplot
 
     with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG keeps its text as text
-        fig = _Figure(result, series).draw(pyplot)
+        fig = draw(pyplot)
         try:
             paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
             fig.savefig(paths[0], dpi=110)
@@ -133,6 +133,41 @@ def plot_transfer(result: dict[str, Any], series: ProbeSeries, base: Path) -> li
             return paths
         finally:
             pyplot.close(fig)
+
+
+def plot_transfer(result: dict[str, Any], series: ProbeSeries, base: Path) -> list[Path]:
+    """Draw `base`.png and `base`.svg; returns them, or [] when matplotlib is missing."""
+    return _save_figure(_Figure(result, series).draw, base)
+
+
+RAM_SCALING_SERIES = (("blackout_ms", "cpr-transfer guest blackout"),
+                      ("qemu_downtime_ms", "cpr-transfer QEMU downtime"), ("total_ms", "cpr-transfer QEMU total"),
+                      ("normal_total_ms", "normal migration total"),
+                      ("normal_blackout_ms", "normal migration guest blackout"))
+
+
+def plot_ram_scaling(rows: Sequence[dict[str, Any]], base: Path, title: str) -> list[Path]:
+    """The benchmark's cost against guest size (its `ram_scaling` rows), log-log: one line per figure,
+    a missing figure (null: did not fit) left out of its line."""
+    def draw(pyplot: Any) -> Any:
+        fig, ax = pyplot.subplots(figsize=(7, 4.5))
+        for key, label in RAM_SCALING_SERIES:
+            sizes = [r["memory_mib"] for r in rows if r.get(key)]
+            if sizes:
+                ax.plot(sizes, [r[key] for r in rows if r.get(key)], marker="o", label=label,
+                        linestyle="--" if "normal" in key else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks([r["memory_mib"] for r in rows], [f"{r['memory_mib'] // 1024} GiB" if r["memory_mib"] >= 1024
+                                                         else f"{r['memory_mib']} MiB" for r in rows])
+        ax.set_xlabel("guest RAM (75% dirtied before the transfers)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+    return _save_figure(draw, base)
 
 
 class _Figure:

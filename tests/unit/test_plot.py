@@ -130,3 +130,14 @@ def test_send_jitter_p99_is_the_99th_percentile_of_the_interval_error() -> None:
     series = plot.ProbeSeries(1.0, [(i, t, t + 0.0002) for i, t in enumerate(sends)])
     assert series.send_stall(None, None)["send_jitter_p99_ms"] == pytest.approx(0.4, abs=0.001)
     assert plot.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0 and plot.percentile([5.0], 99) == 5.0
+
+
+def test_ram_scaling_plot_draws_every_size_and_leaves_out_a_null_figure(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [{"memory_mib": m, "blackout_ms": 40.0, "qemu_downtime_ms": 3.0, "total_ms": 60.0,
+             "normal_total_ms": None if m == 16384 else m * 5.0, "normal_blackout_ms": None}
+            for m in (512, 2048, 16384)]
+    paths = plot.plot_ram_scaling(rows, tmp_path / "ram-scaling", "test")
+    assert [p.name for p in paths] == ["ram-scaling.png", "ram-scaling.svg"]
+    svg = paths[1].read_text()
+    assert "16 GiB" in svg and "normal migration total" in svg and "normal migration guest blackout" not in svg
