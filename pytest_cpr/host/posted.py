@@ -25,6 +25,7 @@ AMD_FEATURE_GAM_VAPIC = 21  # ... and its vAPIC mode (GAMSup), without which the
 NO_POSTING = ("intremap=off", "nointremap", "intremap=nopost", "intel_iommu=off", "amd_iommu=off",
               "amd_iommu_intr=legacy", "amd_iommu_intr=legacy_ga")
 VENDORS = (("kvm_intel", "enable_apicv"), ("kvm_amd", "avic"))
+CPU_FLAG = {"kvm_intel": "vmx", "kvm_amd": "svm"}  # the CPU feature each vendor module drives
 CONDITIONAL_BYPASS = (6, 5)  # first Linux release whose KVM registers irq-bypass consumers only when it posts
 
 
@@ -110,11 +111,26 @@ def posted_interrupts(paths: HostPaths = HostPaths()) -> PostedInterrupts:  # no
     return found
 
 
+def _cpu_flags(paths: HostPaths) -> set[str] | None:
+    """The first CPU's flags from /proc/cpuinfo; None if unreadable."""
+    for line in (read_attr(paths.proc / "cpuinfo") or "").splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return None
+
+
+def _vendors(paths: HostPaths) -> list[tuple[str, str]]:
+    """VENDORS, those whose CPU feature this CPU lacks left out: a kernel with KVM built in shows both
+    modules in /sys/module (the virtual host's L1: kvm_intel beside the kvm_amd it runs on)."""
+    flags = _cpu_flags(paths)
+    return [v for v in VENDORS if flags is None or CPU_FLAG[v[0]] in flags]
+
+
 def _posting(paths: HostPaths) -> PostedInterrupts:
     modules = paths.sysfs / "module"
     if not modules.is_dir():
         return PostedInterrupts(None, f"no {modules}")
-    for vendor, apicv_name in VENDORS:
+    for vendor, apicv_name in _vendors(paths):
         params = modules / vendor / "parameters"
         if not params.is_dir():
             continue

@@ -103,6 +103,19 @@ def test_virtual_host_l1_amd_under_tcg_without_avic_does_not(host: FakeHost) -> 
     assert posted_interrupts(host.paths).text() == "no (kvm_amd avic=N)"  # a kernel before 6.16
 
 
+def test_a_kernel_with_both_kvm_modules_built_in_is_read_for_the_cpu_it_runs_on(host: FakeHost) -> None:
+    """L1's kernel has KVM built in: /sys/module shows kvm_intel (enable_apicv=N: no VMX here) beside
+    the kvm_amd it runs on (TCG's SVM); the answer names kvm_amd, chosen by the CPU's svm flag."""
+    host.module("kvm_intel", enable_apicv="N")
+    host.module("kvm_amd", avic="N", enable_device_posted_irqs="N")
+    (host.paths.proc / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 svm npt\n")
+    assert posted_interrupts(host.paths).text() == "no (kvm_amd enable_device_posted_irqs=N)"
+    (host.paths.proc / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 vmx ept\n")
+    assert posted_interrupts(host.paths).text() == "no (kvm_intel enable_apicv=N)"
+    (host.paths.proc / "cpuinfo").unlink()  # unreadable: the modules in their fixed order
+    assert posted_interrupts(host.paths).text() == "no (kvm_intel enable_apicv=N)"
+
+
 def test_the_kernels_own_answer_wins(host: FakeHost) -> None:
     """Linux >= 6.16: enable_device_posted_irqs is already cleared where APICv or the IOMMU cannot post."""
     host.module("kvm_intel", enable_apicv="Y", enable_device_posted_irqs="N")
