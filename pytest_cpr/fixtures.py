@@ -58,7 +58,7 @@ def cpr_settings(pytestconfig: pytest.Config) -> CprSettings:
     return pytestconfig.stash[SETTINGS_KEY]
 
 
-def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
+def probe_build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
     with one_line_errors(f"probing {binary}"):
         verify_binary(binary)
         return probe(binary, option)
@@ -67,13 +67,13 @@ def _build(settings: CprSettings, binary: str, option: str) -> QemuBuild:
 @pytest.fixture(scope="session")
 def cpr_source_build(cpr_settings: CprSettings) -> QemuBuild:
     """The source QEMU build (--cpr-qemu / CPR_QEMU), probed once per session."""
-    return _build(cpr_settings, cpr_settings.qemu, "--cpr-qemu / CPR_QEMU")
+    return probe_build(cpr_settings, cpr_settings.qemu, "--cpr-qemu / CPR_QEMU")
 
 
 @pytest.fixture(scope="session")
 def cpr_target_build(cpr_settings: CprSettings) -> QemuBuild:
     """The target QEMU build (--cpr-target-qemu / CPR_TARGET_QEMU; default: the source binary)."""
-    return _build(cpr_settings, cpr_settings.target_qemu_binary, "--cpr-target-qemu / CPR_TARGET_QEMU")
+    return probe_build(cpr_settings, cpr_settings.target_qemu_binary, "--cpr-target-qemu / CPR_TARGET_QEMU")
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,11 @@ def recipe_dir(name: str, images_dir: Path = REPO_IMAGES) -> Path:
 
 
 def _recipe_files(path: Path) -> list[Path]:
-    return [f for root in (path, path.parent / "lib")
+    """The recipe's files, those of the recipes its `extends` file names (one a line: their build.sh
+    runs with other settings, e.g. qemu-forky through qemu-next) and the shared images/lib."""
+    extends = path / "extends"
+    bases = extends.read_text().split() if extends.is_file() else []
+    return [f for root in (path, *(recipe_dir(b, path.parent) for b in bases), path.parent / "lib")
             for f in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
 
 

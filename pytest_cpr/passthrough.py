@@ -544,6 +544,44 @@ class PassthroughGuest:
         watch.check_pinned_moved(result, self.vm.artifacts)
         return result
 
+    def check_host(self, watch: HostWatch) -> None:
+        """Host side of the last transfer: kernel log clean, vfio interrupt lines still counting."""
+        watch.check_log(self.vm.artifacts)
+        watch.check_irqs(self.vm.artifacts)
+
+    def nic_traffic_through_transfers(self, count: int, thresholds: dict[str, float | None]) -> list[TransferResult]:
+        """Probe + TCP stream over the first passthrough NIC (guest_ip <-> its cabled peer port) through
+        `count` checked transfers to the configured target build: every probe stream recovers, the
+        stream arrives intact, the NIC's MSI-X vectors that fired before fire after, the host's vfio
+        lines keep counting, both kernel logs stay clean."""
+        pattern = self.nic_irq_pattern(self.nics[0][1])
+        results = []
+        with self.host_watch() as watch, self.nic_traffic() as traffic:
+            for _ in range(count):
+                results.append(self.transfer_checked(traffic, pattern, watch, **thresholds))
+                self.check_host(watch)
+        checks.assert_stream_intact(traffic.stream_result, self.vm.artifacts)
+        self.check_guest_log()
+        if silent := [i for i, r in enumerate(results) if not (r.interrupts and r.interrupts["after"])]:
+            raise checks.CheckFailed(f"the NIC's vectors did not fire after transfer(s) {silent}; "
+                                     f"logs {self.vm.artifacts}")
+        return results
+
+    def check_source_kept(self, traffic: Traffic, boot_id: str, why: object) -> None:
+        """After a refused or failed transfer: the source QEMU runs the guest on (the one QEMU
+        generation: the target is gone), the NIC of `traffic` answers 50 probes, same boot. `why`:
+        what the transfer was refused for, in the messages."""
+        vm = self.vm
+        status = vm.current.qmp.execute("query-status")["status"]
+        if status != "running":
+            raise checks.CheckFailed(f"the source must keep running the guest after the refusal ({why}): "
+                                     f"{status}; logs {vm.artifacts}")
+        traffic.wait_answers(50, 60.0)
+        if len(vm.generations) != 1:
+            raise checks.CheckFailed(f"the refused target QEMU must be gone: {len(vm.generations)} QEMU generations")
+        if (now := vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()) != boot_id:
+            raise checks.CheckFailed(f"the guest rebooted through the refusal: boot_id {boot_id} -> {now}")
+
 
 def refusal_problem(error: TransferFailed, blocked_reasons: list[str]) -> str | None:
     """Why a refused transfer was not refused for a migration blocker, or None: `migrate` itself must

@@ -86,7 +86,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     settings = config.stash[SETTINGS_KEY]
     lines = ["pytest-cpr settings:", *settings.header_lines()]
-    for label, binary in (("source", settings.qemu), ("target", settings.target_qemu_binary)):
+    cross = (("cross", settings.cross_qemu),) if settings.cross_qemu else ()
+    for label, binary in (("source", settings.qemu), ("target", settings.target_qemu_binary), *cross):
         try:
             verify_binary(binary)  # before it runs: a QEMU from the image cache must match its manifest
             build = probe(binary)

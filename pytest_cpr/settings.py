@@ -128,6 +128,9 @@ SETTINGS: tuple[Setting, ...] = (
             fix="a qemu-system-x86_64 path or name on PATH"),
     Setting("target_qemu", "target QEMU binary the guest is transferred to (default: the source binary)",
             None, fix="a qemu-system-x86_64 path or name on PATH"),
+    Setting("cross_qemu", "a second build for the cross-version passthrough tests (test_cross_*): each runs "
+            "the older build -> the newer and back, with the source build (none: they skip)", None,
+            fix="a qemu-system-x86_64 path or name on PATH"),
     Setting("accel", "accelerator: auto (KVM where it boots a guest, else TCG), kvm or tcg", "auto",
             parse_accel, fix="auto, kvm or tcg"),
     Setting("image", "guest image directory (vmlinuz, initrd.img, rootfs.img); default: the cached "
@@ -199,6 +202,7 @@ class CprSettings:
 
     qemu: str
     target_qemu: str | None
+    cross_qemu: str | None
     accel: Accel
     image: str | None
     user_image: str | None

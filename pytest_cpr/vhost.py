@@ -59,6 +59,9 @@ PEER_NAME = "cprpeer0"  # the peer port's name inside L1 (renamed by vhost-init)
 IGB_MAC = "52:54:00:c9:00:01"
 GUEST_NET = ("10.78.0.2/24", "10.78.0.1/24")  # (L2 on the igb, peer port inside the test's netns)
 L1_SRC, L1_GUEST, L1_OUT = "/mnt/src", "/mnt/guest", "/mnt/out"
+# The second QEMU build of the cross-version passthrough tests (images/qemu-forky, when cached): shared
+# read-only, mounted here by the harness (not vhost-init: that would change the vhost image's recipe)
+CROSS_IMAGE, L1_CROSS = "qemu-forky", "/mnt/cross"
 L1_HOST_CONFIG = "/run/cpr/host.toml"
 L1_PYTHON = "/opt/cpr-venv/bin/python"
 VHOST_FILES = ("vmlinuz", "initrd.img", "rootfs.img")
@@ -290,6 +293,7 @@ class VhostConfig:
     tcg_thread: str = "multi"  # TCG's thread mode for L1: multi (a host thread per vCPU) or single
     tb_size: int = 512  # MiB of TCG translation cache for L1 (`info jit` in l1-jit.txt: flushes)
     cpu: str = "max"  # L1's CPU model under TCG (it must offer SVM: L2 runs on KVM inside L1)
+    cross: Path | None = None  # the cached images/qemu-forky entry, shared as L1_CROSS (None: not built)
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -300,12 +304,14 @@ class VhostConfig:
         guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
         l0_qemu = l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache)
         l0_kernel = l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache)
+        cross = cached_path(CROSS_IMAGE, cache)
         # cache entries are checked against their manifests: root runs this QEMU and boots these files
-        for used in (cached_path("vhost", cache), guest, Path(l0_qemu).parent.parent, l0_kernel and l0_kernel.parent):
+        for used in (cached_path("vhost", cache), guest, Path(l0_qemu).parent.parent, l0_kernel and l0_kernel.parent,
+                     cross):
             if used:
                 verify_existing(used)
         return cls(image=cached_path("vhost", cache), guest_image=guest, artifacts=artifacts,
-                   qemu=l0_qemu, kernel=l0_kernel,
+                   qemu=l0_qemu, kernel=l0_kernel, cross=cross if cross.is_dir() else None,
                    append=os.environ.get("CPR_VHOST_APPEND", ""),
                    tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
                    tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")), **overrides)  # type: ignore[arg-type]
@@ -346,7 +352,8 @@ class InnerRun:
 
 def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: Path) -> list[str]:
     """The L1 command line: q35 + VT-d, igb and NVMe each behind a root port, the igb's wire and the
-    peer port joined on hub 0, the three 9p shares, the agent console, QMP."""
+    peer port joined on hub 0, the 9p shares (a fourth with the cross-version build when cached), the
+    agent consoles, QMP."""
     tcg = accel == "tcg"
     inner = cfg.artifacts / "inner"
     # no_timer_check: Linux's boot test of the IO-APIC timer counts ticks in a busy loop, which TCG on a
@@ -375,6 +382,8 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-virtfs", f"local,path={cfg.source_tree},mount_tag=src,security_model=none,readonly=on",
         "-virtfs", f"local,path={cfg.guest_image},mount_tag=guest,security_model=none,readonly=on",
         "-virtfs", f"local,path={inner},mount_tag=out,security_model=none",
+        *(("-virtfs", f"local,path={cfg.cross},mount_tag=cross,security_model=none,readonly=on")
+          if cfg.cross else ()),
         "-chardev", f"file,id=serial0,path={cfg.artifacts / 'l1-console.log'}", "-serial", "chardev:serial0",
         "-device", "virtio-serial-pci",
         "-chardev", f"socket,id=agent0,path={rundir / 'agent.sock'},server=on,wait=off",
@@ -516,6 +525,9 @@ class VirtualHost:
                  f"pytest_cpr.vhost hostconfig --out {L1_HOST_CONFIG} && "
                  f"cp {L1_HOST_CONFIG} {L1_OUT}/host.toml", 120).check()
         self.host_config = (self.inner / "host.toml").read_text()
+        if self.config.cross:
+            self.run(f"mkdir -p {L1_CROSS} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro cross "
+                     f"{L1_CROSS} && {L1_CROSS}/bin/qemu-system-x86_64 --version", 120).check()
         # L1's kernel text symbols of this boot (KASLR): names the vCPU RIPs should L1 freeze
         self.run(f"grep -E ' [tT] ' /proc/kallsyms | gzip -1 > {L1_OUT}/l1-kallsyms.txt.gz", 60)
 
@@ -571,7 +583,7 @@ class VirtualHost:
             "CPR_IMAGE": L1_GUEST, "CPR_ARTIFACTS": f"{L1_OUT}/cpr", "CPR_CACHE_DIR": "/tmp/cpr-cache",
             # an L2 boots in ~12 s here; the nested emulation hangs one now and then before it is up
             "CPR_BOOT_TIMEOUT": "120", "CPR_BOOT_ATTEMPTS": "2",
-            "CPR_HOST_CONFIG": L1_HOST_CONFIG, **self._ioctl_shim(), **(env or {}),
+            "CPR_HOST_CONFIG": L1_HOST_CONFIG, **self._ioctl_shim(), **self._cross_qemu(), **(env or {}),
         }
         exports = " ".join(f"{k}={_sh(v)}" for k, v in variables.items())
         argv = " ".join(_sh(a) for a in args)
@@ -594,6 +606,11 @@ class VirtualHost:
             brought = target / f"vhost-{name}.xml"
             shutil.copyfile(junit, brought)
         return InnerRun(result.exit_code, brought, self.inner, result.seconds, log)
+
+    def _cross_qemu(self) -> dict[str, str]:
+        """CPR_CROSS_QEMU for the inner run: the shared second build (tests/hardware/test_cross_passthrough.py);
+        without it, nothing: those tests then say how to get it."""
+        return {"CPR_CROSS_QEMU": f"{L1_CROSS}/bin/qemu-system-x86_64"} if self.config.cross else {}
 
     def _ioctl_shim(self) -> dict[str, str]:
         """CPR_IOCTL_SHIM for the inner run: the ioctl fault shim built here (L1 has no C compiler; a

@@ -22,16 +22,10 @@ from pytest_cpr.passthrough import memlock_limited, refusal_problem
 from pytest_cpr.qemu.bugs import known_bugs
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.qmp import QmpError
-from pytest_cpr.vfio_fixtures import HostWatch, PassthroughGuest
+from pytest_cpr.vfio_fixtures import PassthroughGuest
 from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
-
-
-def _check_transfer(guest: PassthroughGuest, watch: HostWatch) -> None:
-    """Host side of the last transfer: kernel log clean, vfio interrupt lines still counting."""
-    watch.check_log(guest.vm.artifacts)
-    watch.check_irqs(guest.vm.artifacts)
 
 
 @pytest.mark.vfio(role="nic")
@@ -39,17 +33,7 @@ def test_nic_traffic_through_transfer(cpr_vfio_guest: PassthroughGuest, cpr_thre
     """Probe + TCP stream over the passed-through NIC (guest_ip <-> its cabled peer port) through two
     transfers: every probe stream recovers, the stream arrives intact, the NIC's MSI-X vectors that
     fired before fire after, the host's vfio lines keep counting, both kernel logs stay clean."""
-    guest = cpr_vfio_guest
-    nic = guest.nics[0][1]
-    pattern = guest.nic_irq_pattern(nic)
-    with guest.host_watch() as watch, guest.nic_traffic() as traffic:
-        results = []
-        for _ in range(2):
-            results.append(guest.transfer_checked(traffic, pattern, watch, **cpr_thresholds))
-            _check_transfer(guest, watch)
-    checks.assert_stream_intact(traffic.stream_result, guest.vm.artifacts)
-    guest.check_guest_log()
-    assert all(r.interrupts and r.interrupts["after"] for r in results), "NIC vectors must fire after it"
+    cpr_vfio_guest.nic_traffic_through_transfers(2, cpr_thresholds)
 
 
 # The NVMe test's probes go over the guest's virtio NIC, not a passthrough one: virtio drops the one
@@ -73,7 +57,7 @@ def test_nvme_dma_through_transfer(cpr_vfio_guest: PassthroughGuest, cpr_thresho
         result = guest.transfer_checked(traffic, dma.irq_pattern, watch, **cpr_thresholds)
         dma.wait_rounds(3, 120.0)
         dma.measure_stall(result, before, dma.mark())
-        _check_transfer(guest, watch)
+        guest.check_host(watch)
     dma.stop()
     guest.check_guest_log()
     assert result.interrupts and result.interrupts["after"], "NVMe vectors must fire after the transfer"
@@ -110,7 +94,7 @@ def test_nic_and_nvme_in_two_groups(cpr_vfio_guest: PassthroughGuest, cpr_thresh
             result = guest.transfer_checked(traffic, pattern, watch, **cpr_thresholds)
             dma.wait_rounds(2, 120.0)
             dma.measure_stall(result, before, dma.mark())
-            _check_transfer(guest, watch)
+            guest.check_host(watch)
             checks.assert_dma_stall(result, cpr_max_dma_stall_ms, guest.vm.artifacts)
             assert result.interrupts is not None
             fired = result.interrupts["after"]
@@ -179,11 +163,7 @@ def test_blocked_transfer_is_refused_and_guest_runs(cpr_vfio_guest: PassthroughG
         reasons = vm.current.qmp.execute("query-migrate").get("blocked-reasons", [])
         problem = refusal_problem(refused.value, reasons)
         assert problem is None, f"{problem} (expected blockers: {guest.devices.blockers}; logs {vm.artifacts})"
-        assert vm.current.qmp.execute("query-status")["status"] == "running", \
-            f"source must keep running the guest after the refusal ({guest.devices.blockers})"
-        traffic.wait_answers(50, 60.0)
-    assert len(vm.generations) == 1, "the refused target QEMU must be gone"
-    assert vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id
+        guest.check_source_kept(traffic, boot_id, guest.devices.blockers)
     guest.check_guest_log()
     print(f"refused as expected: {refused.value}; blockers: {guest.devices.blockers}")
 

@@ -128,6 +128,25 @@ def test_recipe_hash_covers_mirror_and_suite(monkeypatch: pytest.MonkeyPatch) ->
     assert images.recipe_hash(images.recipe_dir("vhost-kernel")) == kernel
 
 
+def test_a_recipe_that_extends_another_is_hashed_with_it(tmp_path: Path) -> None:
+    """qemu-forky runs qemu-next's script with other suites: a change to that script is a new qemu-forky
+    entry too, and a recipe without an `extends` file is hashed as before (the cached entries stay)."""
+    for name in ("base", "child", "lone"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "build.sh").write_text(f"echo {name} ${{CPR_BASE_SUITE:-trixie}}\n")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "child" / "extends").write_text("base\n")
+    child, lone = images.recipe_hash(tmp_path / "child"), images.recipe_hash(tmp_path / "lone")
+    assert images.recipe_inputs(tmp_path / "child") == {"CPR_BASE_SUITE": "trixie"}
+    (tmp_path / "base" / "build.sh").write_text("echo base changed\n")
+    assert images.recipe_hash(tmp_path / "child") != child
+    assert images.recipe_hash(tmp_path / "lone") == lone
+    (tmp_path / "child" / "extends").write_text("nosuch\n")
+    with pytest.raises(CprSettingError, match=r"no image recipe .*nosuch/build\.sh"):
+        images.recipe_hash(tmp_path / "child")
+    assert (images.REPO_IMAGES / "qemu-forky" / "extends").read_text().split() == ["qemu-next"]
+
+
 # -- the manifest: file hashes written at build, checked before use ------------------------------------
 
 @root_only

@@ -7,6 +7,7 @@ Booting L1 under TCG costs minutes of both cores, so the L1 tests are opt-in: CP
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -21,7 +22,7 @@ import pytest
 from pytest_cpr import vhost
 from pytest_cpr.errors import CprSettingError
 from pytest_cpr.host import hostconfig
-from pytest_cpr.images import cached_path
+from pytest_cpr.images import cached_path, file_hashes
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vhost import L1_PYTHON, L1_SRC, VhostConfig, VirtualHost
 
@@ -137,6 +138,26 @@ def test_l1_qemu_and_kernel_choice(tmp_path: Path) -> None:
                       kernel=kernel)
     argv = vhost.l1_argv(cfg, "q", "tcg", tmp_path, tmp_path / "n")
     assert argv[argv.index("-kernel") + 1] == str(kernel)
+
+
+def test_cross_build_is_shared_into_l1_when_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached qemu-forky build (the cross-version passthrough tests' second QEMU) becomes a fourth
+    read-only share and CPR_CROSS_QEMU of the inner run; not built: no share, no variable (those
+    tests then say how to build it)."""
+    for name in ("CPR_IMAGE", "CPR_VHOST_QEMU", "CPR_VHOST_KERNEL"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = VhostConfig.from_cache(tmp_path / "a", cache_dir=tmp_path)
+    assert cfg.cross is None and "mount_tag=cross" not in " ".join(vhost.l1_argv(cfg, "q", "tcg", tmp_path, tmp_path))
+    assert VirtualHost(cfg)._cross_qemu() == {}
+    entry = cached_path(vhost.CROSS_IMAGE, tmp_path)
+    (entry / "bin").mkdir(parents=True)
+    (entry / "bin/qemu-system-x86_64").write_text("#!/bin/sh\n")
+    (entry / "manifest.json").write_text(json.dumps({"files": file_hashes(entry)}))
+    cfg = VhostConfig.from_cache(tmp_path / "a", cache_dir=tmp_path)
+    assert cfg.cross == entry
+    text = " ".join(vhost.l1_argv(cfg, "q", "tcg", tmp_path, tmp_path))
+    assert f"local,path={entry},mount_tag=cross,security_model=none,readonly=on" in text
+    assert VirtualHost(cfg)._cross_qemu() == {"CPR_CROSS_QEMU": f"{vhost.L1_CROSS}/bin/qemu-system-x86_64"}
 
 
 # ---- with L1 ---------------------------------------------------------------------------------------
