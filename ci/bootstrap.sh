@@ -49,7 +49,7 @@ trap - EXIT
 for recipe in images/*/; do
   name=$(basename "$recipe")
   [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] && continue
-  case "$name" in vhost* | qemu-next | cloud)
+  case "$name" in vhost* | qemu-next | qemu-forky | cloud)
     if [ "${CPR_VHOST:-1}" = 0 ]; then  # the demo needs only the guest; ci/test.sh builds these when it needs them
       log "skipping the $name image (CPR_VHOST=0); ci/test.sh builds it when it first needs it (cached)"; continue
     fi ;;

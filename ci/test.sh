@@ -79,6 +79,12 @@ if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]
        "cores; CPR_VHOST=0 leaves the tier out)"
   CPR_VHOST=1 bash ci/bootstrap.sh || rc=1
 fi
+# the cross-version passthrough tests' second QEMU (forky's, tests/hardware/test_cross_passthrough.py),
+# shared into L1 when cached: built here when missing (~1 min, cached by recipe hash)
+if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path qemu-forky 2>/dev/null)" ]; then
+  echo "== virtual hardware host tier: building qemu-forky (the cross-version passthrough tests' second QEMU)"
+  .venv/bin/cpr-image build qemu-forky || rc=1
+fi
 if [ "$TIER2" != 0 ]; then
   gate=${CPR_VHOST_TESTS:-$VHOST_GATE}
   echo "== virtual hardware host tier (gates): $gate"
