@@ -65,10 +65,11 @@ fi
 # the first attempt, vhost-gate-retry.xml the retry, which runs again only the tests that failed (all
 # of them when the first attempt left no JUnit XML), in a fresh L1. The measured failure rates of the
 # nested emulation behind that retry: docs/virtual-host.md (the stability runner's table). The rollback
-# and ioctl-fault tests (failed updates with NIC traffic and NVMe DMA running, 200-600 s each) and the
-# vIOMMU test are not in CI yet: not yet seen through with every check of today on an idle host
-# (docs/virtual-host.md).
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu"'
+# and ioctl-fault tests (failed updates with NIC traffic and NVMe DMA running, 200-600 s each), the
+# vIOMMU test and the cross-version passthrough tests (every pair completes; at host load 5-9 8 of 10
+# cases exceeded the passthrough loss bounds, as did the same-build NIC test beside them) are not in
+# CI yet: not yet seen through with every check of today on an idle host (docs/virtual-host.md).
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu and not cross"'
 vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (40 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
   timeout -k 60 "${CPR_VHOST_TIMEOUT:-2400}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
