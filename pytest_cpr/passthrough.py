@@ -594,12 +594,9 @@ def mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild,
     cdev (kernel CONFIG_VFIO_DEVICE_CDEV: /dev/vfio/devices) with an iommufd access (/dev/iommu)."""
     if not config.mdevs:
         return NO_MDEV.format(path=config.path)
-    if backend == Backend.IOMMUFD:
-        for node, fix in ((config.paths.dev / "iommu", "run `modprobe iommufd` (kernel with CONFIG_IOMMUFD)"),
-                          (config.paths.dev / "vfio" / "devices",
-                           "an mdev on iommufd is opened by its vfio cdev (kernel with CONFIG_VFIO_DEVICE_CDEV)")):
-            if not node.exists():
-                return f"no {node}: {fix}"
+    if backend == Backend.IOMMUFD:  # its vfio cdev is known once the instance exists: Mdev.cdev
+        if not (config.paths.dev / "iommu").exists():
+            return f"no {config.paths.dev / 'iommu'}: run `modprobe iommufd` (kernel with CONFIG_IOMMUFD)"
     elif not (config.paths.dev / "vfio" / "vfio").exists():
         return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
                 "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")

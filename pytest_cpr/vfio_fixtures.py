@@ -145,6 +145,8 @@ def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
         host_unavailable(reason, cpr_settings)
     first = config.mdevs[0]
     with Mdev(first.parent, first.type, config.paths, slot=guest_slot(len(config.devices))) as mdev:
+        if cpr_mdev_backend == Backend.IOMMUFD and (reason := mdev.cdev_missing()) is not None:
+            host_unavailable(reason, cpr_settings)
         request.node.user_properties.append(("cpr_mdev", f"{first.parent}/{first.type}: {mdev.uuid}"))
         yield mdev
 

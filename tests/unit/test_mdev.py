@@ -230,7 +230,7 @@ def test_why_the_mdev_fixture_skips(tmp_path: Path) -> None:
     assert "lacks VFIO support in cpr-transfer" in str(_mdev_unavailable(config, _build((10, 0, 0)), good))
 
 
-def test_mdev_on_iommufd_needs_dev_iommu_and_vfio_cdevs_and_qemu_iommufd(tmp_path: Path) -> None:
+def test_mdev_on_iommufd_needs_dev_iommu_and_qemu_iommufd(tmp_path: Path) -> None:
     paths = HostPaths(tmp_path / "sys", tmp_path / "dev")
     good = _build((10, 1, 0), objects=frozenset({"iommufd"}))
     config = HostConfig(tmp_path / "host.toml", "h", ("iommufd",), (), paths=paths,
@@ -239,8 +239,18 @@ def test_mdev_on_iommufd_needs_dev_iommu_and_vfio_cdevs_and_qemu_iommufd(tmp_pat
         _mdev_unavailable(config, good, good, Backend.IOMMUFD))
     paths.dev.mkdir(parents=True)
     (paths.dev / "iommu").touch()
-    assert "opened by its vfio cdev (kernel with CONFIG_VFIO_DEVICE_CDEV)" in str(
-        _mdev_unavailable(config, good, good, Backend.IOMMUFD))
-    (paths.dev / "vfio" / "devices").mkdir(parents=True)
     assert _mdev_unavailable(config, good, good, Backend.IOMMUFD) is None  # no legacy /dev/vfio/vfio needed
     assert "lacks object iommufd" in str(_mdev_unavailable(config, good, _build((10, 1, 0)), Backend.IOMMUFD))
+
+
+def test_mdev_cdev_missing_names_the_kernel_option(fake: FakeMdevSysfs) -> None:
+    with Mdev("mtty", "mtty-2", fake.paths) as m:
+        assert "has no" in str(m.cdev_missing()) and "vfio-dev/vfio*" in str(m.cdev_missing())
+        (m.sysfsdev / "vfio-dev" / "vfio3").mkdir(parents=True)
+        assert f"no {fake.paths.dev}/vfio/devices/vfio3: an mdev on iommufd is opened by its vfio cdev" in str(
+            m.cdev_missing())
+        (fake.paths.dev / "vfio" / "devices").mkdir(parents=True, exist_ok=True)
+        (fake.paths.dev / "vfio" / "devices" / "vfio3").touch()
+        assert m.cdev_missing() is None
+        (m.sysfsdev / "vfio-dev" / "vfio3").rmdir()  # the fake kernel removes only what it made
+        (m.sysfsdev / "vfio-dev").rmdir()
