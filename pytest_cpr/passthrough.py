@@ -624,14 +624,19 @@ NO_MDEV = ("host config {path} names no [[mdev]]; to run the mdev tests, load a 
            "(docs/hardware-runners.md)")
 
 
-def mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild) -> str | None:
-    """Why this host or QEMU cannot run the mdev blocker test, or None. QEMU's mdev blocker belongs
+def mdev_unavailable(config: HostConfig, source: QemuBuild, target: QemuBuild,
+                     backend: Backend = Backend.LEGACY) -> str | None:
+    """Why this host or QEMU cannot run an mdev test on `backend`, or None. QEMU's mdev blocker belongs
     to the legacy container of its VFIO CPR support (QEMU >= 10.1): a build without VFIO CPR refuses
-    for another reason, so it cannot show this one."""
+    for another reason, so it cannot show this one. On iommufd the mdev is opened through its vfio
+    cdev (kernel CONFIG_VFIO_DEVICE_CDEV: /dev/vfio/devices) with an iommufd access (/dev/iommu)."""
     if not config.mdevs:
         return NO_MDEV.format(path=config.path)
-    if not (config.paths.dev / "vfio" / "vfio").exists():
+    if backend == Backend.IOMMUFD:  # its vfio cdev is known once the instance exists: Mdev.cdev
+        if not (config.paths.dev / "iommu").exists():
+            return f"no {config.paths.dev / 'iommu'}: run `modprobe iommufd` (kernel with CONFIG_IOMMUFD)"
+    elif not (config.paths.dev / "vfio" / "vfio").exists():
         return (f"no {config.paths.dev / 'vfio' / 'vfio'}: an mdev is tested on the legacy VFIO container; "
                 "run `modprobe vfio` (kernel with CONFIG_VFIO_CONTAINER and vfio_iommu_type1)")
-    unavailable, blockers = build_reasons(source, target, Backend.LEGACY)
+    unavailable, blockers = build_reasons(source, target, backend)
     return "; ".join(unavailable + blockers) or None

@@ -36,6 +36,7 @@ from pytest_cpr.settings import SETTINGS, resolve, unknown_ini_keys
 from pytest_cpr.vfio_fixtures import (  # noqa: F401 - fixtures are registered by import
     cpr_host,
     cpr_mdev,
+    cpr_mdev_backend,
     cpr_mdev_guest,
     cpr_vfio,
     cpr_vfio_backend,

@@ -35,7 +35,8 @@ from pytest_cpr.vfio_hooks import HOST_CONFIG_KEY, NO_CONFIG, backends_for, host
 from pytest_cpr.vm import CprVM
 
 __all__ = ["NO_MDEV", "CprHost", "HostWatch", "NvmeDma", "PassthroughGuest", "VfioDevices", "_mdev_unavailable",
-           "cpr_host", "cpr_mdev", "cpr_mdev_guest", "cpr_vfio", "cpr_vfio_backend", "cpr_vfio_guest"]
+           "cpr_host", "cpr_mdev", "cpr_mdev_backend", "cpr_mdev_guest", "cpr_vfio", "cpr_vfio_backend",
+           "cpr_vfio_guest"]
 _mdev_unavailable = mdev_unavailable  # the name tests/unit/test_mdev.py knows
 VIOMMU_CMDLINE = ("intel_iommu=on", "iommu.passthrough=0")  # the guest translates its devices' DMA
 VIOMMU_TRACE = ("iommufd_cdev_alloc_ioas",)  # the IOAS a QEMU allocates: test_viommu counts them
@@ -122,8 +123,14 @@ def cpr_vfio_guest(request: pytest.FixtureRequest, cpr_vfio: VfioDevices, cpr_vm
 
 
 @pytest.fixture
+def cpr_mdev_backend() -> Backend:
+    """The VFIO backend the mdev guest uses: legacy; a test parametrizes `cpr_mdev_backend` for iommufd."""
+    return Backend.LEGACY
+
+
+@pytest.fixture
 def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_source_build: QemuBuild,
-             cpr_target_build: QemuBuild) -> Iterator[Mdev]:
+             cpr_target_build: QemuBuild, cpr_mdev_backend: Backend) -> Iterator[Mdev]:
     """A new instance of the host config's first [[mdev]] type (UUID per test), removed after the test
     (also on failure or Ctrl-C; a killed run's instance is removed by the next run). Its guest PCI
     slot follows those of the config's passthrough devices. Skipped (failed with --cpr-strict) with
@@ -134,25 +141,28 @@ def cpr_mdev(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
         host_unavailable(NO_CONFIG, cpr_settings)
     if not config.mdevs:  # the operator chose not to configure mdev: no deficiency, a skip even when strict
         host_unavailable(NO_MDEV.format(path=config.path), cpr_settings, lacking=False)
-    if (reason := mdev_unavailable(config, cpr_source_build, cpr_target_build)) is not None:
+    if (reason := mdev_unavailable(config, cpr_source_build, cpr_target_build, cpr_mdev_backend)) is not None:
         host_unavailable(reason, cpr_settings)
     first = config.mdevs[0]
     with Mdev(first.parent, first.type, config.paths, slot=guest_slot(len(config.devices))) as mdev:
+        if cpr_mdev_backend == Backend.IOMMUFD and (reason := mdev.cdev_missing()) is not None:
+            host_unavailable(reason, cpr_settings)
         request.node.user_properties.append(("cpr_mdev", f"{first.parent}/{first.type}: {mdev.uuid}"))
         yield mdev
 
 
 @pytest.fixture
 def cpr_mdev_guest(cpr_mdev: Mdev, cpr_vm_factory: Callable[..., CprVM], cpr_settings: CprSettings,
-                   pytestconfig: pytest.Config) -> tuple[CprVM, Mdev]:
+                   pytestconfig: pytest.Config, cpr_mdev_backend: Backend) -> tuple[CprVM, Mdev]:
     """(vm, mdev): a booted guest (full kernel, memory from the host config) with the mdev as vfio-pci
-    on the legacy container at `mdev.guest_address`. cpr_mdev is set up before cpr_vm_factory, so the
-    guest's QEMU is shut down before the instance is removed (the kernel would block the removal of
-    an mdev in use; Mdev refuses it with the holder's pid instead). A test that wants this order must
-    not request cpr_vm_factory before cpr_mdev_guest."""
+    on `cpr_mdev_backend` (legacy container, or iommufd) at `mdev.guest_address`. cpr_mdev is set up
+    before cpr_vm_factory, so the guest's QEMU is shut down before the instance is removed (the
+    kernel would block the removal of an mdev in use; Mdev refuses it with the holder's pid instead).
+    A test that wants this order must not request cpr_vm_factory before cpr_mdev_guest."""
     host = pytestconfig.stash[HOST_CONFIG_KEY]
     assert host is not None  # cpr_mdev skipped otherwise
-    vm = cpr_vm_factory(extra_args=tuple(cpr_mdev.qemu_args()), kernel_flavor="full",
+    iommufd = "iommufd-mdev" if cpr_mdev_backend == Backend.IOMMUFD else None
+    vm = cpr_vm_factory(extra_args=tuple(cpr_mdev.qemu_args(iommufd_id=iommufd)), kernel_flavor="full",
                         memory_mib=host.memory_mib or cpr_settings.memory)
     vm.boot()
     return vm, cpr_mdev

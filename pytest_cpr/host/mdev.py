@@ -122,9 +122,24 @@ class Mdev:
     def guest_address(self) -> str:
         return f"0000:00:{self.slot:02x}.0"
 
-    def qemu_args(self, qdev_id: str = "mdev0") -> list[str]:
-        """vfio-pci on the legacy container (no iommufd=): the setup where QEMU blocks CPR."""
-        return ["-device", f"vfio-pci,sysfsdev={self.sysfsdev},id={qdev_id},bus=pcie.0,addr=0x{self.slot:x}"]
+    def cdev_missing(self) -> str | None:
+        """Why the instance has no vfio cdev (/dev/vfio/devices/vfioN, which QEMU opens for iommufd), or None."""
+        names = [d.name for d in (self.sysfsdev / "vfio-dev").glob("vfio*")]
+        if not names:
+            return (f"mdev {self.uuid} has no {self.sysfsdev}/vfio-dev/vfio*: no vfio device for it (is its "
+                    "parent's vfio driver bound?)")
+        if not (cdev := self.paths.dev / "vfio" / "devices" / names[0]).exists():
+            return (f"no {cdev}: an mdev on iommufd is opened by its vfio cdev (kernel with "
+                    "CONFIG_VFIO_DEVICE_CDEV)")
+        return None
+
+    def qemu_args(self, qdev_id: str = "mdev0", iommufd_id: str | None = None) -> list[str]:
+        """vfio-pci on the legacy container (no iommufd=: the setup where QEMU blocks CPR), or with
+        `iommufd_id` on an `-object iommufd` of its own (the mdev's vfio cdev and an iommufd access)."""
+        device = f"vfio-pci,sysfsdev={self.sysfsdev},id={qdev_id},bus=pcie.0,addr=0x{self.slot:x}"
+        if iommufd_id is None:
+            return ["-device", device]
+        return ["-object", f"iommufd,id={iommufd_id}", "-device", f"{device},iommufd={iommufd_id}"]
 
     def create(self) -> Mdev:
         """Record the instance first (a kill right after the write still leaves a record), then create

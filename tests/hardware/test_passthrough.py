@@ -18,8 +18,9 @@ from pytest_cpr.cpr import query_source
 from pytest_cpr.errors import TransferFailed
 from pytest_cpr.host import procfds
 from pytest_cpr.host.mdev import Mdev
+from pytest_cpr.kinds import Backend
 from pytest_cpr.passthrough import memlock_limited, refusal_problem
-from pytest_cpr.qemu.bugs import known_bugs
+from pytest_cpr.qemu.bugs import MDEV_ON_IOMMUFD_ABORTS_SOURCE, known_bugs
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.vfio_fixtures import PassthroughGuest
@@ -195,6 +196,46 @@ def test_mdev_blocks_cpr_transfer(cpr_mdev_guest: tuple[CprVM, Mdev]) -> None:
     assert vm.run(f"cat /sys/bus/pci/devices/{mdev.guest_address}/vendor").stdout.strip() == vendor
     checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
     print(f"refused as expected: {refused.value}")
+
+
+def _mdev_seen(vm: CprVM, mdev: Mdev) -> tuple[str, str]:
+    """(vendor:device, bound guest driver) of the mdev as the guest sees it."""
+    sysfs = f"/sys/bus/pci/devices/{mdev.guest_address}"
+    out = vm.run(f"cat {sysfs}/vendor {sysfs}/device; basename $(readlink {sysfs}/driver) 2>/dev/null || true")
+    fields = out.stdout.split()
+    assert len(fields) >= 2 and re.fullmatch(r"0x[0-9a-f]{4}", fields[0]) and fields[0] != "0xffff", \
+        f"the guest sees no PCI device at the mdev's address {mdev.guest_address}: {out.stdout!r}"
+    return f"{fields[0]}:{fields[1]}", (fields[2] if len(fields) > 2 else "")
+
+
+@pytest.mark.parametrize("cpr_mdev_backend", [Backend.IOMMUFD], ids=["iommufd"])
+def test_mdev_on_iommufd_goes_through_cpr_transfer(cpr_mdev_guest: tuple[CprVM, Mdev], cpr_source_build: QemuBuild,
+                                                   cpr_accel: str, request: pytest.FixtureRequest) -> None:
+    """The same mdev as `test_mdev_blocks_cpr_transfer`, opened through its vfio cdev on an iommufd
+    (no container; the series makes mdevs possible here: QEMU's mdev blocker belongs to the legacy
+    container), so QEMU lists no mdev blocker and two cpr-transfers must complete, after each the guest
+    (same boot) still seeing the device with its driver bound, its kernel log clean. QEMU 11.1.3 aborts
+    the old QEMU instead (bugs.py: mdev-on-iommufd-aborts-source): a strict expected failure."""
+    bug = MDEV_ON_IOMMUFD_ABORTS_SOURCE
+    if bug.affects(cpr_source_build, cpr_accel, vfio=True):
+        request.applymarker(pytest.mark.xfail(strict=True, raises=CheckFailed, reason=bug.describe(cpr_source_build)))
+    vm, mdev = cpr_mdev_guest
+    seen = _mdev_seen(vm, mdev)
+    boot_id = vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    reasons = vm.current.qmp.execute("query-migrate").get("blocked-reasons", [])
+    assert not [r for r in reasons if "mdev" in r], f"QEMU blocks CPR for the mdev on iommufd: {reasons}"
+    for _ in range(2):
+        try:
+            result = vm.transfer()
+        except TransferFailed as exc:
+            if re.search(bug.stderr, str(exc)):  # its signature, nothing else, counts as the bug
+                raise CheckFailed(f"{bug.describe(cpr_source_build)}: {exc}") from exc
+            raise
+        assert result.status == "completed", f"transfer {result.index}: {result.status}: {result.error}"
+        assert vm.run("cat /proc/sys/kernel/random/boot_id").stdout.strip() == boot_id, "the guest rebooted"
+        assert _mdev_seen(vm, mdev) == seen, f"the guest's view of the mdev changed: {seen} before"
+    checks.assert_clean_dmesg(vm.collect_dmesg(), vm.artifacts)
+    print(f"mdev {mdev.uuid} on iommufd: 2 transfers completed; guest sees {seen[0]}, driver {seen[1] or 'none'}")
 
 
 # Found in the virtual host (QEMU 11.1.3, legacy container): the new QEMU's VFIO_DMA_MAP_FLAG_VADDR

@@ -18,6 +18,7 @@ from pytest_cpr.errors import CprSettingError, CprTimeout
 from pytest_cpr.host import mdev
 from pytest_cpr.host.hostconfig import HostConfig, HostPaths, MdevConfig
 from pytest_cpr.host.mdev import Mdev, MdevError
+from pytest_cpr.kinds import Backend
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.vfio_fixtures import NO_MDEV, _mdev_unavailable
 
@@ -195,6 +196,9 @@ def test_qemu_args_and_guest_address(fake: FakeMdevSysfs) -> None:
     assert m.qemu_args("mdev0") == ["-device", f"vfio-pci,sysfsdev={fake.paths.sysfs}/bus/mdev/devices/"
                                                f"{m.uuid},id=mdev0,bus=pcie.0,addr=0x12"]
     assert "host=" not in m.qemu_args()[1] and "iommufd" not in m.qemu_args()[1]
+    assert m.qemu_args("mdev0", iommufd_id="fd0") == [
+        "-object", "iommufd,id=fd0", "-device",
+        f"vfio-pci,sysfsdev={fake.paths.sysfs}/bus/mdev/devices/{m.uuid},id=mdev0,bus=pcie.0,addr=0x12,iommufd=fd0"]
 
 
 def test_guest_slot_follows_the_passthrough_devices() -> None:
@@ -205,8 +209,9 @@ def test_guest_slot_follows_the_passthrough_devices() -> None:
         mdev.guest_slot(15)
 
 
-def _build(version: tuple[int, int, int], devices: frozenset[str] = frozenset({"vfio-pci"})) -> QemuBuild:
-    return QemuBuild("/usr/bin/qemu-system-x86_64", version, "", frozenset({"cpr-transfer"}), devices, frozenset())
+def _build(version: tuple[int, int, int], devices: frozenset[str] = frozenset({"vfio-pci"}),
+           objects: frozenset[str] = frozenset()) -> QemuBuild:
+    return QemuBuild("/usr/bin/qemu-system-x86_64", version, "", frozenset({"cpr-transfer"}), devices, objects)
 
 
 def test_why_the_mdev_fixture_skips(tmp_path: Path) -> None:
@@ -223,3 +228,29 @@ def test_why_the_mdev_fixture_skips(tmp_path: Path) -> None:
     assert _mdev_unavailable(config, good, good) is None
     assert "lacks device vfio-pci" in str(_mdev_unavailable(config, good, _build((10, 1, 0), frozenset())))
     assert "lacks VFIO support in cpr-transfer" in str(_mdev_unavailable(config, _build((10, 0, 0)), good))
+
+
+def test_mdev_on_iommufd_needs_dev_iommu_and_qemu_iommufd(tmp_path: Path) -> None:
+    paths = HostPaths(tmp_path / "sys", tmp_path / "dev")
+    good = _build((10, 1, 0), objects=frozenset({"iommufd"}))
+    config = HostConfig(tmp_path / "host.toml", "h", ("iommufd",), (), paths=paths,
+                        mdevs=(MdevConfig("mdev[0]", "mtty", "mtty-2"),))
+    assert f"no {paths.dev}/iommu: run `modprobe iommufd`" in str(
+        _mdev_unavailable(config, good, good, Backend.IOMMUFD))
+    paths.dev.mkdir(parents=True)
+    (paths.dev / "iommu").touch()
+    assert _mdev_unavailable(config, good, good, Backend.IOMMUFD) is None  # no legacy /dev/vfio/vfio needed
+    assert "lacks object iommufd" in str(_mdev_unavailable(config, good, _build((10, 1, 0)), Backend.IOMMUFD))
+
+
+def test_mdev_cdev_missing_names_the_kernel_option(fake: FakeMdevSysfs) -> None:
+    with Mdev("mtty", "mtty-2", fake.paths) as m:
+        assert "has no" in str(m.cdev_missing()) and "vfio-dev/vfio*" in str(m.cdev_missing())
+        (m.sysfsdev / "vfio-dev" / "vfio3").mkdir(parents=True)
+        assert f"no {fake.paths.dev}/vfio/devices/vfio3: an mdev on iommufd is opened by its vfio cdev" in str(
+            m.cdev_missing())
+        (fake.paths.dev / "vfio" / "devices").mkdir(parents=True, exist_ok=True)
+        (fake.paths.dev / "vfio" / "devices" / "vfio3").touch()
+        assert m.cdev_missing() is None
+        (m.sysfsdev / "vfio-dev" / "vfio3").rmdir()  # the fake kernel removes only what it made
+        (m.sysfsdev / "vfio-dev").rmdir()
