@@ -27,6 +27,7 @@ is what the bug did: the control that shows the check fails.
 
 from __future__ import annotations
 
+import gzip
 import re
 import secrets
 import socket
@@ -34,6 +35,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pytest_cpr import faults
@@ -41,7 +43,8 @@ from pytest_cpr.checks import CheckFailed
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprTimeout
 from pytest_cpr.host import procfds
-from pytest_cpr.host.vfio import host_vfio_irqs
+from pytest_cpr.host.hostconfig import HostPaths
+from pytest_cpr.host.vfio import host_vfio_irqs, pci_command
 from pytest_cpr.kinds import Phase
 from pytest_cpr.net.pinger import echo_request
 from pytest_cpr.net.traffic import SO_TIMESTAMPNS, kernel_time
@@ -58,7 +61,7 @@ BURST_REQUESTS = 8  # echo requests per burst: a handful of frames, one NAPI pol
 # would mend a lost one.
 BLACKOUT_REPLY_BOUND_MS = 500.0
 REPLY_WAIT_S = 10.0  # replies are collected this long after RESUME (a mended loss shows up late)
-RAISE_WAIT_S = 10.0  # the burst must make the host's vfio line count within this
+RAISE_WAIT_S = 5.0  # the burst must make the host's vfio line count within this
 WARM_UP_WAIT_S = 10.0
 E1000E_INT_MODE = {"intx": 0, "msi": 1, "msix": 2}  # the e1000e driver's IntMode parameter
 
@@ -72,8 +75,43 @@ class IrqMode(StrEnum):
 
     @property
     def e1000e_parameter(self) -> str:
-        """The guest kernel parameter that makes e1000e use this mode (the module loads from the initrd)."""
-        return f"e1000e.IntMode={E1000E_INT_MODE[self.value]}"
+        """The e1000e module parameter that selects this mode."""
+        return f"IntMode={E1000E_INT_MODE[self.value]}"
+
+
+
+def initrd_member(initrd: Path, name: str) -> bytes:
+    """A file of a gzip-compressed newc cpio archive (a guest initrd), by its path in the archive."""
+    data = gzip.decompress(initrd.read_bytes())
+    pos = 0
+    while data[pos:pos + 6] in (b"070701", b"070702"):
+        size, namesize = int(data[pos + 54:pos + 62], 16), int(data[pos + 94:pos + 102], 16)
+        entry = data[pos + 110:pos + 110 + namesize - 1].decode()
+        start = (pos + 110 + namesize + 3) & ~3
+        if entry == "TRAILER!!!":
+            break
+        if entry.removeprefix("./") == name:
+            return data[start:start + size]
+        pos = (start + size + 3) & ~3
+    raise CprError(f"initrd {initrd} holds no {name}: the guest image's 'full' kernel needs its e1000e module")
+
+
+def load_e1000e(vm: CprVM, mode: IrqMode) -> None:
+    """Reload the guest's e1000e in `mode`. The guest's initrd loads its modules with busybox insmod,
+    which reads no parameters off the kernel command line, and the root file system has no modules:
+    so the module is taken from that initrd, copied in over SSH and loaded with IntMode."""
+    initrd = vm.spec.initrd if vm.spec is not None else None
+    ssh = vm.ssh
+    if initrd is None or ssh is None:
+        raise CprError(f"guest {vm.config.name}: boot it (with an initrd) before reloading e1000e")
+    channel = ssh.start("cat > /tmp/e1000e.ko")
+    channel.sendall(initrd_member(initrd, "lib/mods/e1000e.ko"))
+    channel.shutdown_write()
+    status = channel.recv_exit_status()
+    channel.close()
+    if status != 0:
+        raise CprError(f"copying e1000e.ko into guest {vm.config.name} failed (exit {status})")
+    vm.run(f"busybox rmmod e1000e && busybox insmod /tmp/e1000e.ko {mode.e1000e_parameter}")
 
 
 def guest_command(guest_address: str) -> str:
@@ -105,8 +143,8 @@ def assert_irq_mode(wanted: IrqMode, guest_output: str, host_lines: dict[str, Ir
                        f"cannot be chosen (host config role nic-e1000e names an e1000e NIC) (logs: {logs})")
     host = host_irq_modes(host_lines)
     if mode != wanted or host != {wanted.value}:
-        raise CheckFailed(f"interrupt mode: asked for {wanted} ({wanted.e1000e_parameter}), the guest's e1000e uses "
-                          f"{mode or 'a mix'} and the host's vfio lines are {sorted(host) or 'none'} "
+        raise CheckFailed(f"interrupt mode: asked for {wanted} (e1000e {wanted.e1000e_parameter}), the guest's e1000e "
+                          f"uses {mode or 'a mix'} and the host's vfio lines are {sorted(host) or 'none'} "
                           f"({sorted(host_lines)}) (logs: {logs})")
 
 
@@ -121,6 +159,9 @@ class Window:
     pending: dict[int, int] = field(default_factory=dict)  # target fd -> events waiting in its eventfd
     dropped: dict[int, int] = field(default_factory=dict)  # target fd -> events read away (control)
     held_ms: float = 0.0  # source completed -> target continued
+    # the device's PCI command register on the host: when the window opened, after the burst, and once
+    # the new QEMU runs the guest (memory decode and bus master must stay on throughout)
+    pci_command: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,9 +233,10 @@ class BlackoutBurst:
     sends one burst in its blackout."""
 
     def __init__(self, vm: CprVM, config: DeviceConfig, ifname: str, host_address: str,
-                 count: int = BURST_REQUESTS) -> None:
+                 count: int = BURST_REQUESTS, paths: HostPaths = HostPaths()) -> None:  # noqa: B008
         assert config.guest_ip and config.peer_interface
         self.vm, self.config, self.ifname, self.address, self.count = vm, config, ifname, host_address, count
+        self.paths = paths
         self.target = config.guest_ip.split("/")[0]
         self.ident = secrets.randbelow(0xFFFF)
         self.replies: dict[int, float] = {}
@@ -265,6 +307,7 @@ class BlackoutBurst:
                 return
             assert fault is not None and fault.target is not None
             pid, opened = fault.target.pid, time.time()
+            window.pci_command["opened"] = pci_command(self.paths, self.address)
             irqs0 = _total(host_vfio_irqs([self.address]))
             events0 = procfds.eventfd_counts(pid)
             window.sent, window.sent_at = self.send(), time.time()
@@ -276,8 +319,9 @@ class BlackoutBurst:
                 if (window.host_irqs and window.pending) or time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
+            window.pci_command["after_burst"] = pci_command(self.paths, self.address)
             fault.note(f"burst of {len(window.sent)} sent; host vfio interrupts {window.host_irqs}, events waiting "
-                       f"in the target's eventfds {window.pending}")
+                       f"in the target's eventfds {window.pending}; PCI command {window.pci_command}")
             if drop:
                 window.dropped = {fd: procfds.drain_eventfd(pid, fd) for fd in window.pending}
                 fault.note(f"read away the waiting events {window.dropped}")
@@ -286,6 +330,7 @@ class BlackoutBurst:
         fault = faults.held_in_blackout(meanwhile, timeout)
         outcome = faults.inject(self.vm, fault)
         (self.vm.artifacts / f"blackout-t{outcome.result.index}.json").write_text(outcome.describe())
+        window.pci_command["after_transfer"] = pci_command(self.paths, self.address)
         resumed = outcome.result.timeline.get(Phase.TARGET_RUNNING)
         replies = self.wait(window.sent, (resumed or time.time()) + REPLY_WAIT_S) if window.sent else {}
         return Delivery(outcome.result, window, replies, outcome.error)

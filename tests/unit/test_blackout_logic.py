@@ -4,6 +4,7 @@ fails, naming why, on what it must not."""
 
 from __future__ import annotations
 
+import gzip
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pytest_cpr.blackout import (
     assert_raised_in_blackout,
     guest_irq_mode,
     host_irq_modes,
+    initrd_member,
 )
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.cpr import ProcessRef, TransferResult
@@ -45,7 +47,7 @@ def test_interrupt_modes_read_from_guest_and_host() -> None:
     lines = parse_interrupts(HOST_INTERRUPTS)
     assert host_irq_modes({k: v for k, v in lines.items() if "03:00.0" in v.name}) == {"msix"}
     assert host_irq_modes(lines) == {"msix", "msi", "intx"}
-    assert [m.e1000e_parameter for m in IrqMode] == ["e1000e.IntMode=2", "e1000e.IntMode=1", "e1000e.IntMode=0"]
+    assert [m.e1000e_parameter for m in IrqMode] == ["IntMode=2", "IntMode=1", "IntMode=0"]
 
 
 def test_irq_mode_check_fails_when_the_mode_is_not_the_one_asked() -> None:
@@ -116,6 +118,24 @@ def test_drain_reads_away_the_events_of_a_real_eventfd() -> None:
         assert procfds.drain_eventfd(os.getpid(), efd) == 0
     finally:
         os.close(efd)
+
+
+def test_a_module_is_read_out_of_a_newc_initrd(tmp_path: Path) -> None:
+    """initrd_member finds a file in a gzip'd newc cpio archive (what busybox_initrd writes) by its path."""
+    def entry(name: str, body: bytes) -> bytes:
+        raw = name.encode() + b"\0"
+        head = b"070701" + b"".join(b"%08X" % v for v in (1, 0o100644, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(raw), 0))
+        out = head + raw
+        out += b"\0" * (-len(out) % 4) + body
+        return out + b"\0" * (-len(out) % 4)
+
+    archive = (entry("./init", b"#!/bin/sh\n") + entry("./lib/mods/e1000e.ko", b"\x7fELF-module")
+               + entry("TRAILER!!!", b""))
+    path = tmp_path / "initrd.img"
+    path.write_bytes(gzip.compress(archive))
+    assert initrd_member(path, "lib/mods/e1000e.ko") == b"\x7fELF-module"
+    with pytest.raises(CprError, match=r"holds no lib/mods/igb\.ko"):
+        initrd_member(path, "lib/mods/igb.ko")
 
 
 def test_e1000e_role_is_a_nic() -> None:
