@@ -135,17 +135,19 @@ def host_irq_modes(lines: dict[str, IrqLine]) -> set[str]:
     return {m.group(1) for line in lines.values() if (m := re.match(r"vfio-(msix|msi|intx)\b", line.name))}
 
 
-def assert_irq_mode(wanted: IrqMode, guest_output: str, host_lines: dict[str, IrqLine], logs: object = None) -> None:
-    """The guest's e1000e and the host's vfio lines both use `wanted` (a test named msi must not run MSI-X)."""
-    driver, mode = guest_irq_mode(guest_output)
-    if driver != "e1000e":
-        raise CprError(f"the passthrough NIC's guest driver is {driver or 'none'}, not e1000e: its interrupt mode "
+def assert_irq_mode(wanted: IrqMode, guest_output: str, host_lines: dict[str, IrqLine], driver: str | None = None,
+                    logs: object = None) -> None:
+    """The guest's driver of the device and the host's vfio lines both use `wanted` (a test named msi
+    must not run MSI-X); with `driver`, the guest's driver is that one."""
+    found, mode = guest_irq_mode(guest_output)
+    if driver is not None and found != driver:
+        raise CprError(f"the passthrough NIC's guest driver is {found or 'none'}, not {driver}: its interrupt mode "
                        f"cannot be chosen (host config role nic-e1000e names an e1000e NIC) (logs: {logs})")
     host = host_irq_modes(host_lines)
     if mode != wanted or host != {wanted.value}:
-        raise CheckFailed(f"interrupt mode: asked for {wanted} (e1000e {wanted.e1000e_parameter}), the guest's e1000e "
-                          f"uses {mode or 'a mix'} and the host's vfio lines are {sorted(host) or 'none'} "
-                          f"({sorted(host_lines)}) (logs: {logs})")
+        raise CheckFailed(f"interrupt mode: asked for {wanted}, the guest's {found or 'driver'} uses {mode or 'a mix'} "
+                          f"and the host's vfio lines are {sorted(host) or 'none'} ({sorted(host_lines)}) "
+                          f"(logs: {logs})")
 
 
 @dataclass

@@ -54,12 +54,13 @@ def test_irq_mode_check_fails_when_the_mode_is_not_the_one_asked() -> None:
     lines = parse_interrupts(HOST_INTERRUPTS)
     msix = {k: v for k, v in lines.items() if "03:00.0" in v.name}
     assert_irq_mode(IrqMode.MSIX, "e1000e\nmsix\nmsix\n", msix)
-    with pytest.raises(CheckFailed, match=r"asked for msi .* uses msix .* vfio lines are \['msix'\]"):
+    assert_irq_mode(IrqMode.MSIX, "igb\nmsix\nmsix\n", msix)
+    with pytest.raises(CheckFailed, match=r"asked for msi, the guest's e1000e uses msix .* vfio lines are \['msix'\]"):
         assert_irq_mode(IrqMode.MSI, "e1000e\nmsix\nmsix\n", msix)
     with pytest.raises(CheckFailed, match=r"the guest's e1000e uses msi and the host's vfio lines are \['msix'\]"):
         assert_irq_mode(IrqMode.MSI, "e1000e\nmsi\n", msix)
     with pytest.raises(CprError, match="guest driver is igb, not e1000e"):
-        assert_irq_mode(IrqMode.MSIX, "igb\nmsix\n", msix)
+        assert_irq_mode(IrqMode.MSIX, "igb\nmsix\n", msix, driver="e1000e")
 
 
 def _delivery(replies_after_resume_ms: dict[int, float], window: Window | None = None) -> Delivery:
