@@ -55,11 +55,14 @@ if TYPE_CHECKING:
     from pytest_cpr.vm import CprVM
 
 BURST_REQUESTS = 8  # echo requests per burst: a handful of frames, one NAPI poll
-# The guest must have answered the whole burst this soon after the new QEMU's RESUME. Set from the
-# virtual host (TCG L1, KVM L2, 2-core machine under load), docs/virtual-host.md "Blackout
-# interrupts"; far below the 2 s period of e1000e's watchdog, which forces an interrupt and so
-# would mend a lost one.
-BLACKOUT_REPLY_BOUND_MS = 500.0
+# The guest must have answered the whole burst this soon after the new QEMU's RESUME. From the
+# virtual host (TCG L1, KVM L2, 2-core machine under load), docs/virtual-host.md "Interrupts raised
+# in the blackout": 113-486 ms in 8 held transfers (MSI-X and INTx, both backends), x1.5. A lost
+# MSI/MSI-X event is mended by the NIC driver's watchdog, which forces an interrupt every 2 s (igb,
+# e1000e) at a phase the test does not know: 724 and 894 ms after RESUME in the controls; so one
+# transfer passes a lost event with a chance of about (bound - 150 ms) / 2 s, ~30%, and a test of two
+# held transfers ~9%. INTx is not mended that way.
+BLACKOUT_REPLY_BOUND_MS = 750.0
 REPLY_WAIT_S = 10.0  # replies are collected this long after RESUME (a mended loss shows up late)
 RAISE_WAIT_S = 5.0  # the burst must make the host's vfio line count within this
 WARM_UP_WAIT_S = 10.0
