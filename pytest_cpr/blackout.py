@@ -59,7 +59,7 @@ BURST_REQUESTS = 8  # echo requests per burst: a handful of frames, one NAPI pol
 # virtual host (TCG L1, KVM L2, 2-core machine under load), docs/virtual-host.md "Interrupts raised
 # in the blackout": 113-486 ms in 8 held transfers (MSI-X and INTx, both backends), x1.5. A lost
 # MSI/MSI-X event is mended by the NIC driver's watchdog, which forces an interrupt every 2 s (igb,
-# e1000e) at a phase the test does not know: 724 and 894 ms after RESUME in the controls; so one
+# e1000e) at a phase the test does not know: 319-1040 ms after RESUME in the controls; so one
 # transfer passes a lost event with a chance of about (bound - 150 ms) / 2 s, ~30%, and a test of two
 # held transfers ~9%. INTx is not mended that way.
 BLACKOUT_REPLY_BOUND_MS = 750.0
