@@ -314,19 +314,49 @@ def target_fails_after_source_completed(feature: str = "mrg_rxbuf", timeout: flo
 
     def strike(target: QemuProcess) -> None:
         _wait_pre_switchover(fault)
-        os.kill(target.pid, signal.SIGSTOP)
-        fault.note(f"SIGSTOP target {target.label} at pre-switchover")
-        source = fault.source
-        mark = len(source.qmp.events)
-        source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
-        try:
-            final = source.qmp.wait_event(
-                lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in ("completed", "failed"),
-                timeout, "MIGRATION completed/failed of the source", since=mark)
-            fault.note(f"source migration {final['data']['status']} while the target was stopped")
-        finally:
-            os.kill(target.pid, signal.SIGCONT)
-            fault.note(f"SIGCONT target {target.label}")
+        continue_with_target_stopped(fault, target, timeout)
+
+    fault.after_migrate = strike
+    return fault
+
+
+def continue_with_target_stopped(fault: Fault, target: QemuProcess, timeout: float,
+                                 meanwhile: Callable[[str], None] | None = None) -> str:
+    """At pre-switchover: SIGSTOP the target, let the source go on (migrate-continue) and wait until it
+    says completed or failed: it has saved the device state and written it into the socket, and the
+    target has not read it. `meanwhile` (given that status) runs then, while no QEMU runs the guest;
+    the target is SIGCONTed afterwards in any case. Returns the source's final status."""
+    os.kill(target.pid, signal.SIGSTOP)
+    fault.note(f"SIGSTOP target {target.label} at pre-switchover")
+    source = fault.source
+    mark = len(source.qmp.events)
+    source.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+    try:
+        final = source.qmp.wait_event(
+            lambda e: e.get("event") == "MIGRATION" and e["data"]["status"] in ("completed", "failed"),
+            timeout, "MIGRATION completed/failed of the source", since=mark)
+        status = str(final["data"]["status"])
+        fault.note(f"source migration {status} while the target was stopped")
+        if meanwhile is not None:
+            meanwhile(status)
+        return status
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+        fault.note(f"SIGCONT target {target.label}")
+
+
+def held_in_blackout(meanwhile: Callable[[str], None], timeout: float = 30.0) -> Fault:
+    """Not a fault: the transfer completes, only later. It is held where no QEMU runs the guest and
+    none listens to its devices: the source pauses before switchover, the target is SIGSTOPped
+    there, the source goes on until it said completed (the device state saved: with VFIO, its KVM
+    irqfds deassigned and its own interrupt handlers removed) and `meanwhile` runs (given the
+    source's final status); then the target (SIGCONT) loads the state and resumes the guest."""
+    fault = Fault("held-in-blackout", "target stopped from pre-switchover until the source completed",
+                  setup=_set_pause_before_switchover(True), teardown=_set_pause_before_switchover(False))
+
+    def strike(target: QemuProcess) -> None:
+        _wait_pre_switchover(fault, timeout)
+        continue_with_target_stopped(fault, target, timeout, meanwhile)
 
     fault.after_migrate = strike
     return fault

@@ -49,8 +49,14 @@ class Role(StrEnum):
     """What a passthrough device is used as in the guest."""
 
     NIC = "nic"
+    NIC_E1000E = "nic-e1000e"  # a NIC whose guest driver is e1000e: its interrupt mode is chosen (IntMode)
     NVME = "nvme"
     OTHER = "other"
+
+    @property
+    def is_nic(self) -> bool:
+        """A network card: it takes guest_ip, peer_interface and peer_ip in the host config."""
+        return self in (Role.NIC, Role.NIC_E1000E)
 
 
 class Mode(StrEnum):

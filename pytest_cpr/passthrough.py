@@ -81,6 +81,11 @@ class VfioDevices:
         return [(c, p) for c, p in self.devices if c.role == role]
 
     @property
+    def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
+        """The network cards, of every NIC role, in host-config order."""
+        return [(c, p) for c, p in self.devices if Role(c.role).is_nic]
+
+    @property
     def addresses(self) -> list[str]:
         return [c.address for c, _ in self.devices]
 
@@ -93,7 +98,7 @@ class VfioDevices:
     def kernel_args(self) -> tuple[str, ...]:
         """cpr.net<N>=<guest PCI address>,<ip/prefix> for each NIC (N >= 1: net0 is the virtio NIC)."""
         return tuple(f"cpr.net{n}={p.guest_address},{c.guest_ip}"
-                     for n, (c, p) in enumerate(self.with_role(Role.NIC), start=1))
+                     for n, (c, p) in enumerate(self.nics, start=1))
 
 
 def build_reasons(source: QemuBuild, target: QemuBuild, backend: Backend) -> tuple[list[str], list[str]]:
@@ -467,7 +472,7 @@ class PassthroughGuest:
 
     @property
     def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
-        return self.devices.with_role(Role.NIC)
+        return self.devices.nics
 
     @property
     def nvmes(self) -> list[tuple[DeviceConfig, Passthrough]]:
@@ -489,6 +494,14 @@ class PassthroughGuest:
     def nic_traffic(self, nic: tuple[DeviceConfig, Passthrough] | None = None, tcp: bool = True) -> Traffic:
         """Probe + TCP stream over a passthrough NIC: its cabled peer port is moved into the guest's
         network namespace (and back at the end), traffic goes guest_ip <-> peer_ip."""
+        config, _ = self.connect_peer(nic)
+        assert config.peer_ip and config.guest_ip
+        return self.vm.traffic(tcp=tcp, target=config.guest_ip.split("/")[0],
+                               host_ip=config.peer_ip.split("/")[0])
+
+    def connect_peer(self, nic: tuple[DeviceConfig, Passthrough] | None = None) -> tuple[DeviceConfig, str]:
+        """(config, guest ifname) of a passthrough NIC, addressed and up, its cabled peer port moved
+        into the guest's network namespace (once; back at the end) and the link settled."""
         config, dev = nic or self.nics[0]
         assert config.peer_interface and config.peer_ip and config.guest_ip
         ifname = self.guest_ifname(dev)  # guest-setup addressed it from cpr.net<N>; make sure of it
@@ -496,8 +509,7 @@ class PassthroughGuest:
         if config.peer_interface not in self.vm.network.adopted:
             self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)  # takes its link down once
             self.link_settled_s = self._link_settled(ifname)
-        return self.vm.traffic(tcp=tcp, target=config.guest_ip.split("/")[0],
-                               host_ip=config.peer_ip.split("/")[0])
+        return config, ifname
 
     LINK_SETTLE_S = 3.0  # igb's watchdog reports a link change within 2 s
 

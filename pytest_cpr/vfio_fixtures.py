@@ -35,8 +35,8 @@ from pytest_cpr.vfio_hooks import HOST_CONFIG_KEY, NO_CONFIG, backends_for, host
 from pytest_cpr.vm import CprVM
 
 __all__ = ["NO_MDEV", "CprHost", "HostWatch", "NvmeDma", "PassthroughGuest", "VfioDevices", "_mdev_unavailable",
-           "cpr_host", "cpr_mdev", "cpr_mdev_backend", "cpr_mdev_guest", "cpr_vfio", "cpr_vfio_backend",
-           "cpr_vfio_guest"]
+           "boot_passthrough_guest", "cpr_host", "cpr_mdev", "cpr_mdev_backend", "cpr_mdev_guest", "cpr_vfio",
+           "cpr_vfio_backend", "cpr_vfio_guest"]
 _mdev_unavailable = mdev_unavailable  # the name tests/unit/test_mdev.py knows
 VIOMMU_CMDLINE = ("intel_iommu=on", "iommu.passthrough=0")  # the guest translates its devices' DMA
 VIOMMU_TRACE = ("iommufd_cdev_alloc_ioas",)  # the IOAS a QEMU allocates: test_viommu counts them
@@ -112,14 +112,20 @@ def cpr_vfio_guest(request: pytest.FixtureRequest, cpr_vfio: VfioDevices, cpr_vm
     guest PCI slots and its NICs addressed from the host config. cpr_vfio is set up first, so the
     guest is shut down before the devices go back to their drivers. With the `viommu` marker the
     guest has an intel-iommu (its kernel translating DMA) and QEMU traces its IOAS allocations."""
-    host = cpr_vfio.host
     viommu = request.node.get_closest_marker("viommu") is not None
-    vm = cpr_vm_factory(extra_args=cpr_vfio.qemu_args(), kernel_flavor="full",
-                        memory_mib=host.memory_mib or cpr_settings.memory,
-                        cmdline=(*cpr_vfio.kernel_args(), *(VIOMMU_CMDLINE if viommu else ())),
-                        viommu=viommu, trace_events=VIOMMU_TRACE if viommu else ())
+    return boot_passthrough_guest(cpr_vfio, cpr_vm_factory, cpr_settings, viommu)
+
+
+def boot_passthrough_guest(devices: VfioDevices, factory: Callable[..., CprVM], settings: CprSettings,
+                           viommu: bool = False, cmdline: tuple[str, ...] = ()) -> PassthroughGuest:
+    """What cpr_vfio_guest boots, for fixtures of a test module that add guest kernel parameters
+    (`cmdline`, e.g. a driver's interrupt mode)."""
+    host = devices.host
+    vm = factory(extra_args=devices.qemu_args(), kernel_flavor="full", memory_mib=host.memory_mib or settings.memory,
+                 cmdline=(*devices.kernel_args(), *(VIOMMU_CMDLINE if viommu else ()), *cmdline),
+                 viommu=viommu, trace_events=VIOMMU_TRACE if viommu else ())
     vm.boot()
-    return PassthroughGuest(vm, cpr_vfio)
+    return PassthroughGuest(vm, devices)
 
 
 @pytest.fixture

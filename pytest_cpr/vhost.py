@@ -52,12 +52,16 @@ from pytest_cpr.qemu.process import QemuProcess, tail
 
 SOURCE_TREE = Path(__file__).resolve().parent.parent
 IGB = "8086:10c9"  # QEMU's igb (82576)
+E1000E = "8086:10d3"  # QEMU's e1000e (82574L): its guest driver's IntMode picks INTx, MSI or MSI-X
 NVME = "1b36:0010"  # QEMU's NVMe controller
 MTTY, MTTY_TYPES = "mtty", ("mtty-2", "mtty-1")  # the kernel's mdev sample: parent, types (preferred first)
 PEER_MAC = "52:54:00:c9:00:02"
 PEER_NAME = "cprpeer0"  # the peer port's name inside L1 (renamed by vhost-init)
 IGB_MAC = "52:54:00:c9:00:01"
+E1000E_MAC = "52:54:00:c9:00:03"
 GUEST_NET = ("10.78.0.2/24", "10.78.0.1/24")  # (L2 on the igb, peer port inside the test's netns)
+# the e1000e hangs on the same wire (hub 0) and has the same peer port, on a subnet of its own
+GUEST_NET_E1000E = ("10.79.0.2/24", "10.79.0.1/24")
 L1_SRC, L1_GUEST, L1_OUT = "/mnt/src", "/mnt/guest", "/mnt/out"
 # The second QEMU build of the cross-version passthrough tests (images/qemu-forky, when cached): shared
 # read-only, mounted here by the harness (not vhost-init: that would change the vhost image's recipe)
@@ -96,6 +100,7 @@ class L1Facts:
     kernel: str
     qemu: str = "/usr/bin/qemu-system-x86_64"
     mdev_type: str | None = None  # an mtty type when the kernel has the mtty sample (the custom kernel)
+    nic_e1000e: str | None = None  # the e1000e (role nic-e1000e), when L1 has one
 
 
 def iommufd_reason(facts: L1Facts) -> str:
@@ -130,6 +135,13 @@ def host_config_text(facts: L1Facts) -> str:
         'role = "nvme"',
         "test_area_mib = 64",
     ]
+    if facts.nic_e1000e:  # after the igb: tests that ask for role "nic" keep the igb
+        lines += ["", "# an e1000e on the igb's wire: the blackout-interrupt tests choose its interrupt mode",
+                  "[[device]]", f'address = "{facts.nic_e1000e}"', 'role = "nic-e1000e"',
+                  f'guest_ip = "{GUEST_NET_E1000E[0]}"', f'peer_interface = "{facts.peer_interface}"',
+                  f'peer_ip = "{GUEST_NET_E1000E[1]}"']
+    else:
+        lines += [f"# no nic-e1000e: no e1000e ({E1000E}) in this L1"]
     if facts.mdev_type:
         lines += ["", "# the kernel's mtty sample: a mediated device QEMU must refuse to cpr-transfer",
                   "[[mdev]]", f'parent = "{MTTY}"', f'type = "{facts.mdev_type}"']
@@ -141,7 +153,9 @@ def host_config_text(facts: L1Facts) -> str:
 def gather_facts(sysfs: Path = Path("/sys"), dev: Path = Path("/dev"),
                  peer_interface: str = PEER_NAME) -> L1Facts:
     """Find the emulated igb and NVMe by vendor:device; fail with what is missing."""
-    nics, nvmes = find_pci(IGB, sysfs), find_pci(NVME, sysfs)
+    nics, nvmes, e1000es = find_pci(IGB, sysfs), find_pci(NVME, sysfs), find_pci(E1000E, sysfs)
+    if len(e1000es) > 1:
+        raise CprError(f"virtual host: expected at most one e1000e ({E1000E}) in {sysfs}/bus/pci, found {e1000es}")
     if len(nics) != 1 or len(nvmes) != 1:
         raise CprError(f"virtual host: expected one igb ({IGB}) and one NVMe ({NVME}) in {sysfs}/bus/pci, "
                        f"found {nics} and {nvmes}")
@@ -152,7 +166,7 @@ def gather_facts(sysfs: Path = Path("/sys"), dev: Path = Path("/dev"),
     mdev_type = next((t for t in MTTY_TYPES if (types / t).is_dir()), None)
     return L1Facts(nic=nics[0], nvme=nvmes[0], peer_interface=peer_interface,
                    iommufd=(dev / "iommu").exists(), kvm=(dev / "kvm").exists(), kernel=os.uname().release,
-                   mdev_type=mdev_type)
+                   mdev_type=mdev_type, nic_e1000e=e1000es[0] if e1000es else None)
 
 
 # ---- on L0: the agent channel ---------------------------------------------------------------------
@@ -351,9 +365,9 @@ class InnerRun:
 
 
 def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: Path) -> list[str]:
-    """The L1 command line: q35 + VT-d, igb and NVMe each behind a root port, the igb's wire and the
-    peer port joined on hub 0, the 9p shares (a fourth with the cross-version build when cached), the
-    agent consoles, QMP."""
+    """The L1 command line: q35 + VT-d, igb, NVMe and e1000e each behind a root port, the igb's and
+    the e1000e's wires and the peer port joined on hub 0, the 9p shares (a fourth with the
+    cross-version build when cached), the agent consoles, QMP."""
     tcg = accel == "tcg"
     inner = cfg.artifacts / "inner"
     # no_timer_check: Linux's boot test of the IO-APIC timer counts ticks in a busy loop, which TCG on a
@@ -379,6 +393,8 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-device", "pcie-root-port,id=rp2,chassis=2,slot=2",
         "-drive", f"file={nvme_image},if=none,id=nvm,format=raw",
         "-device", "nvme,bus=rp2,serial=cpr-vhost-nvme,drive=nvm",
+        "-device", "pcie-root-port,id=rp3,chassis=3,slot=3", "-netdev", "hubport,id=wire2,hubid=0",
+        "-device", f"e1000e,bus=rp3,netdev=wire2,mac={E1000E_MAC}",
         "-virtfs", f"local,path={cfg.source_tree},mount_tag=src,security_model=none,readonly=on",
         "-virtfs", f"local,path={cfg.guest_image},mount_tag=guest,security_model=none,readonly=on",
         "-virtfs", f"local,path={inner},mount_tag=out,security_model=none",

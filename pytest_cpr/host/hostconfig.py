@@ -9,7 +9,7 @@ Format (TOML, docs/hardware-runners.md):
 
     [[device]]
     address = "0000:01:00.0"          # or: match = "8086:10c9" plus count = 1
-    role = "nic"                      # nic | nvme | other
+    role = "nic"                      # nic | nic-e1000e | nvme | other
     guest_ip = "10.78.0.2/24"
     peer_interface = "enp0s5"
     peer_ip = "10.78.0.1/24"
@@ -39,6 +39,7 @@ from pytest_cpr.kinds import Accel, Backend, Role, values
 from pytest_cpr.units import parse_mib
 
 ROLES = values(Role)
+NIC_ROLES = tuple(r.value for r in Role if r.is_nic)
 BACKENDS = values(Backend)
 ACCELS = values(Accel)
 HOST_KEYS = ("name", "qemu", "target_qemu", "backends", "memory", "accel")
@@ -334,13 +335,14 @@ class _Parser:
         d: dict[str, Any] = {}
         role = self.typed(entry, "role", where, str, '"nic"')
         if role is None:
-            self.problems.append(f"{where}.role: missing; set role = \"nic\", \"nvme\" or \"other\"")
+            self.problems.append(f"{where}.role: missing; set role = \"nic\", \"nic-e1000e\", \"nvme\" or "
+                                 "\"other\"")
         elif role not in ROLES:
             self.problems.append(f"{where}.role = {role!r}: bad role; use one of {', '.join(ROLES)}")
             role = None
         d["role"] = role
         d.update(self.selector(where, entry))
-        if role == "nic":
+        if role is not None and Role(role).is_nic:
             d.update(self.nic(where, entry))
         else:
             for key in ("guest_ip", "peer_interface", "peer_ip"):
@@ -385,7 +387,7 @@ class _Parser:
         if count is not None and count < 1:
             self.problems.append(f"{where}.count = {count}: must be >= 1")
             return {}
-        if count is not None and count > 1 and entry.get("role") == "nic":
+        if count is not None and count > 1 and entry.get("role") in NIC_ROLES:
             self.problems.append(f"{where}.count = {count}: a nic entry names one NIC (one guest_ip and "
                                  "peer); write one [[device]] per NIC")
             return {}
@@ -560,7 +562,7 @@ def parse(data: dict[str, Any], path: Path, paths: HostPaths = HostPaths()) -> H
                                         guest_ip=d.get("guest_ip"), peer_interface=d.get("peer_interface"),
                                         peer_ip=d.get("peer_ip"), test_area_mib=d["test_area_mib"],
                                         scratch=d["scratch"]))
-        if d["role"] == "nic":
+        if d["role"] in NIC_ROLES:
             _check_peer(paths, where, d, problems)
     _check_groups(paths, keyed, problems)
     for mdev in mdevs:

@@ -136,12 +136,12 @@ class GuestNetwork:
             ns.link("set", index=ns.link_lookup(ifname=tap)[0], master=br, state="up")
         return fd
 
-    def pin_neighbor(self, ip: str, mac: str) -> None:
-        """A permanent neighbour entry for the guest on br0: the probes reach the wire while the guest
-        does not answer ARP (a dead link, a long blackout), so the sender's count stays a count of
-        requests sent, and ARP on our side never adds to a measured blackout."""
+    def pin_neighbor(self, ip: str, mac: str, ifname: str = "br0") -> None:
+        """A permanent neighbour entry for the guest on br0 (or an adopted peer port): the probes reach
+        the wire while the guest does not answer ARP (a dead link, a long blackout), so the sender's
+        count stays a count of requests sent, and ARP on our side never adds to a measured blackout."""
         with NetNS(self.name) as ns:
-            br = ns.link_lookup(ifname="br0")[0]
+            br = ns.link_lookup(ifname=ifname)[0]
             ns.neigh("replace", dst=ip, lladdr=mac, ifindex=br, state=NUD_PERMANENT)
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM,

@@ -50,3 +50,52 @@ def wait_kvm_closed(pid: int, timeout: float, proc: Path = Path("/proc")) -> lis
 def locked_memory(pid: int, proc: Path = Path("/proc")) -> LockedMemory:
     """The process's VmLck and VmPin (/proc/<pid>/status)."""
     return parse_locked_memory((proc / str(pid) / "status").read_text())
+
+
+EVENTFD = "anon_inode:[eventfd]"
+SYS_PIDFD_GETFD = 438  # x86_64 and the generic syscall table alike
+
+
+def parse_eventfd_count(fdinfo: str) -> int | None:
+    """The counter of an eventfd from its /proc/<pid>/fdinfo text ("eventfd-count: <hex>"), or None."""
+    match = re.search(r"^eventfd-count:\s*([0-9a-fA-F]+)$", fdinfo, re.M)
+    return int(match.group(1), 16) if match else None
+
+
+def eventfd_counts(pid: int, proc: Path = Path("/proc")) -> dict[int, int]:
+    """fd -> counter of every eventfd the process holds: a count above 0 is an event nobody read yet
+    (e.g. a device interrupt VFIO signalled while no KVM irqfd and no QEMU handler listened)."""
+    counts = {}
+    for fd in (proc / str(pid) / "fd").iterdir():
+        try:
+            if os.readlink(fd) != EVENTFD:
+                continue
+            count = parse_eventfd_count((proc / str(pid) / "fdinfo" / fd.name).read_text())
+        except FileNotFoundError:
+            continue
+        if count is not None:
+            counts[int(fd.name)] = count
+    return counts
+
+
+def drain_eventfd(pid: int, fd: int, proc: Path = Path("/proc")) -> int:
+    """Read (and so reset) an eventfd another process holds, through pidfd_getfd: the events it held
+    are gone, as if that process had consumed them. Returns the count read (0: none was pending; then
+    nothing is read, so the read cannot block and the file's flags stay as its owner set them)."""
+    import ctypes
+
+    if not parse_eventfd_count((proc / str(pid) / "fdinfo" / str(fd)).read_text()):
+        return 0
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mine = libc.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if mine < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd(pid {pid}, fd {fd}): {os.strerror(err)}")
+    finally:
+        os.close(pidfd)
+    try:
+        return int.from_bytes(os.read(mine, 8), "little")
+    finally:
+        os.close(mine)

@@ -577,3 +577,14 @@ def host_vfio_irq_rates(interval: float = 1.0, proc: Path = Path("/proc")) -> di
 
 def device_summary(paths: HostPaths, addresses: Sequence[str]) -> str:
     return "; ".join(describe_device(paths, a) for a in addresses)
+
+
+def pci_command(paths: HostPaths, address: str) -> int | None:
+    """The device's PCI command register (bit 1: memory decode, bit 2: bus master, bit 10: INTx
+    disabled) as the host kernel reads it now; None: unreadable."""
+    try:
+        with (paths.pci(address) / "config").open("rb") as fh:
+            fh.seek(4)
+            return int.from_bytes(fh.read(2), "little")
+    except OSError:
+        return None

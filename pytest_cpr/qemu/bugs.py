@@ -117,6 +117,30 @@ MDEV_ON_IOMMUFD_ABORTS_SOURCE = KnownBug(
               "migration/migration.c migration_call_notifiers asserts a notifier fails only at SETUP",
     source_exit="signal 6", stderr=r"migration_call_notifiers: Assertion|Failed setting device state to STOP_COPY")
 
+# Found by tests/hardware/test_blackout_interrupts.py in the virtual host (QEMU 11.1.3, legacy container
+# and iommufd alike, L2 on KVM): with QEMU's e1000e (no FLR) passed through, every cpr-transfer left the
+# guest dead: the device received nothing from the moment the new QEMU started (the peer port's
+# transmit queue timed out in L1), and the new QEMU stopped the guest at its first MMIO access to the
+# device ("error: kvm run failed Bad address": vfio-pci refuses mmap faults of a BAR whose memory
+# decode is off). The igb (FLR) is not affected. QEMU skips vfio_pci_reset during an incoming CPR
+# (cpr_is_incoming), but a device without FLR is reset by the system reset handler instead
+# (vfio_reset_handler -> vfio_pci_hot_reset_multi -> vfio_pci_pre_reset, which clears memory decode,
+# bus master and I/O in the PCI command register), and that path has no such guard. Not in
+# KNOWN_BUGS: the checks of every transfer do not meet it (no other test passes a device without
+# FLR); its tests mark themselves with `affects`.
+TARGET_RESETS_DEVICE_WITHOUT_FLR = KnownBug(
+    key="target-resets-device-without-flr",
+    summary="the new QEMU of a cpr-transfer resets a vfio-pci device without FLR (e.g. QEMU's e1000e) at its "
+            "start-up: the system reset's bus-reset path (vfio_reset_handler -> vfio_pci_hot_reset_multi -> "
+            "vfio_pci_pre_reset) is not skipped for an incoming CPR as vfio_pci_reset is, so it clears the "
+            "device's memory decode and bus master while the old QEMU's guest still uses it; after the "
+            "switchover the guest's first access to the device stops it ('kvm run failed Bad address')",
+    since=(10, 1, 0), fixed_in=None, accel=None, vfio=True,
+    reference="hw/vfio/pci.c: vfio_pci_reset returns early on cpr_is_incoming(); vfio_reset_handler -> "
+              "vfio_pci_compute_needs_reset (no FLR, PM reset) -> vfio_pci_hot_reset_multi has no such check "
+              "(the 2024 cpr-exec RFC's vfio_pci_hot_reset did: 'if (restore) return 0')",
+    source_exit="", stderr=r"kvm run failed Bad address")
+
 KNOWN_BUGS = (KVM_STATE_NULL_AFTER_CPR, KVM_CALL_UNDER_TCG, CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED)
 
 

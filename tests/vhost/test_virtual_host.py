@@ -41,7 +41,7 @@ def _fake_pci(sysfs: Path, address: str, vendor_device: str, group: str, driver:
     vendor, device = vendor_device.split(":")
     (dev / "vendor").write_text(f"0x{vendor}\n")
     (dev / "device").write_text(f"0x{device}\n")
-    (dev / "class").write_text("0x020000\n" if driver == "igb" else "0x010802\n")
+    (dev / "class").write_text("0x020000\n" if driver in ("igb", "e1000e") else "0x010802\n")
     groups = sysfs / "kernel/iommu_groups" / group / "devices"
     groups.mkdir(parents=True)
     (groups / address).symlink_to(dev)
@@ -53,10 +53,11 @@ def _fake_pci(sysfs: Path, address: str, vendor_device: str, group: str, driver:
 
 @pytest.fixture
 def fake_l1(tmp_path: Path) -> tuple[Path, Path]:
-    """A sysfs and /dev tree shaped like L1's: igb and NVMe in their own groups, a peer port, vfio."""
+    """A sysfs and /dev tree shaped like L1's: igb, NVMe and e1000e in their own groups, a peer port, vfio."""
     sysfs, dev = tmp_path / "sys", tmp_path / "dev"
     _fake_pci(sysfs, "0000:01:00.0", vhost.IGB, "7", "igb")
     _fake_pci(sysfs, "0000:02:00.0", vhost.NVME, "8", "nvme")
+    _fake_pci(sysfs, "0000:03:00.0", vhost.E1000E, "9", "e1000e")
     (sysfs / "bus/pci/drivers/vfio-pci").mkdir(parents=True)
     (sysfs / "class/net" / vhost.PEER_NAME).mkdir(parents=True)
     (dev / "vfio").mkdir(parents=True)
@@ -67,8 +68,9 @@ def fake_l1(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("iommufd", [False, True], ids=["legacy-only", "with-iommufd"])
 def test_generated_host_config_is_valid(fake_l1: tuple[Path, Path], tmp_path: Path, iommufd: bool) -> None:
-    """The TOML written inside L1 finds igb and NVMe by vendor:device and passes the plugin's own
-    validation; iommufd is listed only when /dev/iommu exists, else the reason is written down; the
+    """The TOML written inside L1 finds igb, NVMe and e1000e by vendor:device and passes the plugin's
+    own validation (the igb stays the first "nic", the e1000e is "nic-e1000e" on the same peer port
+    and a subnet of its own); iommufd is listed only when /dev/iommu exists, else the reason is written down; the
     mtty mdev (the custom kernel has both) becomes an [[mdev]]."""
     sysfs, dev = fake_l1
     if iommufd:
@@ -84,8 +86,10 @@ def test_generated_host_config_is_valid(fake_l1: tuple[Path, Path], tmp_path: Pa
     config = hostconfig.parse(tomllib.loads(text), path, hostconfig.HostPaths(sysfs, dev))
     assert config.backends == (("legacy", "iommufd") if iommufd else ("legacy",))
     roles = [(d.address, d.role) for d in config.devices]
-    assert roles == [("0000:01:00.0", "nic"), ("0000:02:00.0", "nvme")]
+    assert roles == [("0000:01:00.0", "nic"), ("0000:02:00.0", "nvme"), ("0000:03:00.0", "nic-e1000e")]
     assert config.with_role("nic")[0].peer_interface == vhost.PEER_NAME
+    e1000e = config.with_role("nic-e1000e")[0]
+    assert (e1000e.peer_interface, e1000e.guest_ip) == (vhost.PEER_NAME, vhost.GUEST_NET_E1000E[0])
     assert config.accel == "kvm"
     assert ("CONFIG_IOMMUFD" in text) is not iommufd
     assert [(m.parent, m.type) for m in config.mdevs] == ([("mtty", "mtty-2")] if iommufd else [])
@@ -101,7 +105,8 @@ def test_missing_device_is_named(fake_l1: tuple[Path, Path]) -> None:
 
 
 def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
-    """igb and the peer NIC share hub 0 (a cable); igb and NVMe sit behind their own root ports;
+    """igb, e1000e and the peer NIC share hub 0 (a cable); igb, NVMe and e1000e sit behind their own
+    root ports;
     the working tree and guest image are read-only in L1; the root disk is a throwaway snapshot; L1's
     kernel skips its IO-APIC timer test (a loaded host made it panic: an L1 reset at boot)."""
     cfg = VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a")
@@ -111,6 +116,7 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
     assert "no_timer_check" in argv[argv.index("-append") + 1]
     assert re.search(r"igb,bus=rp1,netdev=wire0", text) and re.search(r"nvme,bus=rp2", text)
     assert "hubport,id=wire0,hubid=0" in text and "hubport,id=wire1,hubid=0" in text
+    assert "hubport,id=wire2,hubid=0" in text and re.search(r"e1000e,bus=rp3,netdev=wire2", text)
     assert f"virtio-net-pci,netdev=wire1,mac={vhost.PEER_MAC}" in text
     assert text.count("readonly=on") == 2 and "snapshot=on" in text
     with pytest.raises(CprSettingError, match="cpr-image build vhost"):
