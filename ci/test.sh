@@ -69,10 +69,12 @@ fi
 # vIOMMU test and the cross-version passthrough tests (every pair completes; at host load 5-9 8 of 10
 # cases exceeded the passthrough loss bounds, as did the same-build NIC test beside them) are not in
 # CI yet: not yet seen through with every check of today on an idle host (docs/virtual-host.md).
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu and not cross"'
-vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (40 min)
+# The reproducer of target-resets-device-without-flr (test_device_without_flr_*) stays out too: the MSI
+# blackout test's strict expected failure shows the same bug in CI.
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu and not cross and not without_flr"'
+vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (62 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
-  timeout -k 60 "${CPR_VHOST_TIMEOUT:-2400}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
+  timeout -k 60 "${CPR_VHOST_TIMEOUT:-3700}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
     "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/vhost-l0-$1.xml" "${ARGS[@]}"
 }
 if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]; then

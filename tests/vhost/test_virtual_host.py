@@ -244,14 +244,14 @@ def _junit_cases(path: Path) -> list[ET.Element]:
     return list(ET.parse(path).getroot().iter("testcase"))
 
 
-@pytest.mark.timeout(3000)
+@pytest.mark.timeout(3600)
 def test_inner_passthrough_transfer(l1: VirtualHost) -> None:
     """The hardware tests, unchanged, inside L1 (CPR_VHOST_TESTS: which, with --cpr-strict in CI): none
     fails, and each core passthrough test the run selects passed on every backend L1 offers, its cpr_
     numbers back in the JUnit XML under artifacts/junit/."""
     if not (vhost.SOURCE_TREE / INNER_TESTS[0].split("::")[0]).exists():
         pytest.skip(f"{INNER_TESTS[0]} is not in the working tree yet (the plugin's VFIO tests, issue #3)")
-    run = l1.pytest([*INNER_TESTS, "-rs", "-v"], name=os.environ.get("CPR_VHOST_NAME", "hardware"), timeout=2700)
+    run = l1.pytest([*INNER_TESTS, "-rs", "-v"], name=os.environ.get("CPR_VHOST_NAME", "hardware"), timeout=3300)
     assert run.junit is not None, f"no JUnit XML came back from L1; inner log {run.log}"
     cases = _junit_cases(run.junit)
     passed = [c for c in cases if all(e.tag in ("properties", "system-out", "system-err") for e in c)]
