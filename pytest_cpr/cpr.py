@@ -87,6 +87,9 @@ class TransferResult:
     # PIDs of the old and the new QEMU (cpr-exec: the same process)
     source_pid: int | None = None
     target_pid: int | None = None
+    # what the harness handed QEMU as fds instead of paths, as management software does: "iommufd",
+    # "vfio-cdev", "cpr-channel", comma separated (None: nothing)
+    fd_passing: str | None = None
 
     def ms(self, start: Phase, end: Phase) -> float | None:
         t = self.timeline
@@ -144,6 +147,7 @@ class TransferResult:
             "lost_in_downtime": probe.get("lost_in_downtime"),
             "lost_after_resume": probe.get("lost_after_resume"),
             "state_file_bytes": self.state_file_bytes,
+            "fd_passing": self.fd_passing,
             "suspended_ms": self.ms(Phase.GUEST_SUSPENDED, Phase.GUEST_WOKEN),
             **{f"{key}_kib": value for key, value in self.pinned_kib.items()},
         }

@@ -9,6 +9,7 @@ leaves the machine BOOTING; close() ends every state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -26,6 +27,7 @@ from pytest_cpr.diagnostics import diagnose_guest
 from pytest_cpr.errors import BootHung, CprError, CprSettingError, CprTimeout, QemuQuitFailed
 from pytest_cpr.guest.ssh import GuestSSH, SessionKey
 from pytest_cpr.host.netns import GuestNetwork
+from pytest_cpr.host.vfio import DeviceFds, FdPassing
 from pytest_cpr.images import GuestImage
 from pytest_cpr.kinds import Accel, Mode
 from pytest_cpr.once import worker_tag
@@ -83,13 +85,16 @@ class VmConfig:
     # cpr-transfer: the harness listens on the cpr channel's socket and passes the new QEMU the
     # listening fd (addr.type=fd), the way management software does (--cpr-channel-fd)
     cpr_channel_fd: bool = False
+    # passthrough devices QEMU gets as fds the harness opens (/dev/iommu, the VFIO cdevs), as management
+    # software does (--cpr-device-fds); None: QEMU opens them by path (extra_args)
+    fd_passing: FdPassing | None = None
     # cpr-reboot: suspend the guest to RAM first and wake it in the new QEMU (QEMU requires it with VFIO
     # devices); None: only with a vfio-pci device. Exposes S3 to the guest (ICH9-LPC.disable_s3=0).
     reboot_suspend: bool | None = None
 
     @property
     def has_vfio_device(self) -> bool:
-        return any(str(arg).startswith("vfio-pci") for arg in self.extra_args)
+        return self.fd_passing is not None or any(str(arg).startswith("vfio-pci") for arg in self.extra_args)
 
     @property
     def suspends_for_reboot(self) -> bool:
@@ -129,6 +134,10 @@ class Machine:
         self.boot_retries: list[str] = []  # hung boots retried (boot_attempts), label: why
         self.known_stderr: set[str] = set()  # what the QEMUs said outside any transfer (qemu/stderr.py)
         self.ram_fd: int | None = None  # cpr-reboot: the guest RAM memfd the harness holds across QEMUs
+        # fd passing: the fds the harness passed to the QEMU it last started with the devices (closed in
+        # the harness once that QEMU started: only their numbers are kept) and the ones still to close
+        self.device_fds: DeviceFds | None = None
+        self._unclosed_fds: DeviceFds | None = None
         self._builds: dict[str, QemuBuild] = {}  # by process label
 
     def _transition(self, to: MachineState, *allowed: MachineState) -> None:
@@ -205,14 +214,36 @@ class Machine:
     # ---- generations
     def start_generation(self, generation: int, build: QemuBuild, incoming: AnyIncoming | None) -> QemuProcess:
         """Start QEMU generation `generation` of `build` (a transfer target when `incoming` is set)."""
-        proc = self.new_generation(generation, build, incoming)
-        log.info("guest %s: starting %s (%s)", self.config.name, proc.label, build.short_version)
         try:
-            proc.start()
-        except BaseException:
-            self.generations.remove(proc)
-            raise
+            proc = self.new_generation(generation, build, incoming)
+            log.info("guest %s: starting %s (%s)", self.config.name, proc.label, build.short_version)
+            try:
+                proc.start()
+            except BaseException:
+                self.generations.remove(proc)
+                raise
+        finally:
+            self._close_passed_fds()  # QEMU has its own copies now (or never will)
         return proc
+
+    def _close_passed_fds(self) -> None:
+        if self._unclosed_fds is not None:
+            self._unclosed_fds.close()
+            self._unclosed_fds = None
+
+    def _device_args(self, incoming: AnyIncoming | None) -> tuple[str, ...]:
+        """fd passing: the devices' arguments for a new QEMU. One the harness starts with the devices gets
+        fresh fds; a new QEMU that finds them in CPR state (cpr-transfer, cpr-exec) the same arguments:
+        QEMU ignores the numbers there (cpr_get_fd_param, iommufd_backend_complete)."""
+        passing = self.config.fd_passing
+        if passing is None:
+            return ()
+        if incoming is None or not incoming.carries_fds:
+            self._close_passed_fds()
+            self._unclosed_fds = self.device_fds = passing.open()
+        if self.device_fds is None:
+            raise CprError(f"guest {self.config.name}: fd passing, but no QEMU was started with the devices' fds")
+        return tuple(passing.args(self.device_fds))
 
     def new_generation(self, generation: int, build: QemuBuild, incoming: AnyIncoming | None) -> QemuProcess:
         """QEMU generation `generation` of `build`, not started: its argv is what the current QEMU
@@ -224,11 +255,14 @@ class Machine:
         qmp_sock = self.rundir / f"qmp-{label}.sock"
         con_sock = self.rundir / f"console-{label}.sock"
         con_log = self.artifacts / f"console-{label}.log"
-        argv = self.spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming,
-                              paused=incoming is None)
+        spec = self.spec
+        if devices := self._device_args(incoming):
+            spec = dataclasses.replace(spec, extra_args=(*spec.extra_args, *devices))
+        passed = self._unclosed_fds.numbers() if self._unclosed_fds is not None else ()
+        argv = spec.argv(build.binary, con_sock, con_log, qmp_sock, incoming=incoming, paused=incoming is None)
         proc = QemuProcess(build.binary, argv, label, self.rundir, self.artifacts, qmp_sock, con_sock,
-                           con_log, pass_fds=self.spec.pass_fds() + (incoming.pass_fds() if incoming else ()),
-                           env=self.spec.env)
+                           con_log, pass_fds=spec.pass_fds() + passed + (incoming.pass_fds() if incoming else ()),
+                           env=spec.env)
         self.generations.append(proc)
         self._builds[label] = build
         return proc
@@ -393,6 +427,7 @@ class Machine:
             except Exception as exc:
                 errors.append(f"{proc.label}: {exc}")
         self.network.destroy()
+        self._close_passed_fds()
         if self.ram_fd is not None:
             os.close(self.ram_fd)
             self.ram_fd = None

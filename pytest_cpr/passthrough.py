@@ -9,17 +9,18 @@ import dataclasses
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 from pytest_cpr import checks
 from pytest_cpr.cpr import TransferResult
-from pytest_cpr.errors import CprError, CprTimeout, TransferFailed
+from pytest_cpr.errors import CprError, CprTimeout, CprUnsupported, TransferFailed
 from pytest_cpr.host import procfds, vfio
 from pytest_cpr.host.hostconfig import DeviceConfig, HostConfig
 from pytest_cpr.host.vfio import HostKernelLog, HostProbe, Passthrough, VfioBinding
-from pytest_cpr.kinds import Accel, Backend, Phase, Role
+from pytest_cpr.kinds import Accel, Backend, Mode, Phase, Role
 from pytest_cpr.observers import Observer
 from pytest_cpr.procfs import IrqLine, LockedMemory
 from pytest_cpr.qemu.probe import QemuBuild
@@ -28,6 +29,7 @@ from pytest_cpr.qemu.qmp import QmpError
 from pytest_cpr.waits import (
     DEVICE_APPEAR_TIMEOUT_S,
     DMA_LOG_READ_TIMEOUT_S,
+    DMA_ROUND_TIMEOUT_S,
     DMA_VERIFY_TIMEOUT_S,
     GUEST_SHELL_MARGIN_S,
 )
@@ -94,6 +96,15 @@ class VfioDevices:
 
     def qemu_args(self) -> tuple[str, ...]:
         return tuple(vfio.qemu_args([p for _, p in self.devices], self.backend))
+
+    def fd_passing(self) -> vfio.FdPassing:
+        """The devices as fds the harness opens (iommufd backend: QEMU takes no other)."""
+        if self.backend != Backend.IOMMUFD:
+            raise CprUnsupported(f"VFIO devices passed by fd need the iommufd backend, not {self.backend}: "
+                                 f"QEMU says {vfio.LEGACY_FD_REFUSAL!r} (hw/vfio/device.c) and has no fd "
+                                 "property for a legacy container or group (it opens /dev/vfio/vfio and "
+                                 "/dev/vfio/<group> itself, hw/vfio/container-legacy.c)")
+        return vfio.FdPassing(tuple(p for _, p in self.devices), self.host.paths)
 
     def kernel_args(self) -> tuple[str, ...]:
         """cpr.net<N>=<guest PCI address>,<ip/prefix> for each NIC (N >= 1: net0 is the virtio NIC)."""
@@ -358,6 +369,26 @@ def pinned_problems(pinned: dict[str, LockedMemory], backend: Backend | None = N
     return problems
 
 
+def exec_pinned_problems(pinned: dict[str, LockedMemory], backend: Backend | None,
+                         result: TransferResult) -> list[str]:
+    """cpr-exec keeps the process but not its mm: the exec'd QEMU maps the guest RAM again for DMA
+    (VFIO_DMA_MAP_FLAG_VADDR, IOMMU_IOAS_CHANGE_PROCESS), and its accounting (exec_after) must equal what
+    the old image held before (old_before). iommufd pages mapped with CAP_IPC_LOCK are charged to no
+    limit and stay with the mm that mapped them (IOMMUFD_UNACCOUNTED), which the exec dropped: recorded,
+    not compared."""
+    if "old_before" not in pinned or "exec_after" not in pinned:
+        return ["figures missing: the transfer did not complete, or the watch did not see it"]
+    before, after = pinned["old_before"], pinned["exec_after"]
+    if iommufd_unaccounted(before, backend):
+        result.notes.append("cpr-exec: " + IOMMUFD_UNACCOUNTED + f"; before {before}, after the exec {after}")
+        return []
+    if not before.total_kib:
+        return ["the QEMU had no locked or pinned memory before the exec: nothing to check"]
+    if after.total_kib != before.total_kib:
+        return [f"the exec'd QEMU accounts {after}, the old image held {before}"]
+    return []
+
+
 class HostWatch(Observer):
     """Host side of a transfer: the kernel log, the devices' vfio interrupt lines and the old QEMU's
     open files. As an observer of a transfer it samples the lines right after the target started and
@@ -405,6 +436,9 @@ class HostWatch(Observer):
     def on_result(self, result: TransferResult) -> None:
         if result.status == "completed":
             self.sample()
+            if result.mode == Mode.CPR_EXEC and "old_before" in self.pinned and result.target_pid is not None:
+                # one process: the exec'd image's mm must account what the old image's did
+                self.pinned["exec_after"] = procfds.locked_memory(result.target_pid, self.proc)
             result.old_qemu_kvm_fds = len(self.old_qemu_kvm_files)
             result.vfio_containers = self._old_qemu_containers
             if "new_after" in self.pinned and self._target is not None:  # the old QEMU has exited now
@@ -421,7 +455,8 @@ class HostWatch(Observer):
         if self.viommu:
             result.notes.append("pinned memory recorded, not compared: the guest has a vIOMMU")
             return
-        problems = pinned_problems(self.pinned, self.backend)
+        problems = (exec_pinned_problems(self.pinned, self.backend, result) if result.mode == Mode.CPR_EXEC
+                    else pinned_problems(self.pinned, self.backend))
         if problems:
             raise checks.CheckFailed(f"transfer {result.index}: locked/pinned memory did not move to the new "
                                      f"QEMU: " + "; ".join(problems) + f" (logs: {logs})")
@@ -538,6 +573,29 @@ class PassthroughGuest:
         down (but the one the harness causes when it moves a NIC's peer port into the namespace)."""
         checks.assert_clean_dmesg(self.vm.collect_dmesg(), self.vm.artifacts, self.link_settled_s)
 
+    def nvme_transfer(self, thresholds: dict[str, float | None], max_dma_stall_ms: float | None) -> TransferResult:
+        """One checked transfer (transfer_checked, probes over the virtio NIC) while O_DIRECT writes of
+        random data run on the first passthrough NVMe's test area, each read back and compared: rounds
+        complete after it, every slot reads back identical at the end, no I/O error in the guest, the
+        host kernel log is clean, host vfio lines and the controller's vectors keep firing, and the I/O
+        stall across the transfer (dma_stall_ms) is within `max_dma_stall_ms`."""
+        dma = self.nvme_dma()
+        dma.find()
+        dma.start()
+        with self.host_watch() as watch, self.vm.traffic() as traffic:
+            dma.wait_rounds(3, DMA_ROUND_TIMEOUT_S)
+            before = dma.mark()
+            result = self.transfer_checked(traffic, dma.irq_pattern, watch, **thresholds)
+            dma.wait_rounds(3, DMA_ROUND_TIMEOUT_S)
+            dma.measure_stall(result, before, dma.mark())
+            self.check_host(watch)
+        dma.stop()
+        self.check_guest_log()
+        if not (result.interrupts and result.interrupts["after"]):
+            raise checks.CheckFailed(f"NVMe vectors silent after the transfer (logs: {self.vm.artifacts})")
+        checks.assert_dma_stall(result, max_dma_stall_ms, self.vm.artifacts)
+        return result
+
     def transfer_checked(self, traffic: Traffic, irq_pattern: str, watch: HostWatch,
                          max_blackout_ms: float | None = None,
                          max_lost_probes: float | None = None) -> TransferResult:
@@ -561,17 +619,21 @@ class PassthroughGuest:
         watch.check_log(self.vm.artifacts)
         watch.check_irqs(self.vm.artifacts)
 
-    def nic_traffic_through_transfers(self, count: int, thresholds: dict[str, float | None]) -> list[TransferResult]:
+    def nic_traffic_through_transfers(self, count: int, thresholds: dict[str, float | None],
+                                      after_each: Callable[[TransferResult], None] | None = None
+                                      ) -> list[TransferResult]:
         """Probe + TCP stream over the first passthrough NIC (guest_ip <-> its cabled peer port) through
         `count` checked transfers to the configured target build: every probe stream recovers, the
         stream arrives intact, the NIC's MSI-X vectors that fired before fire after, the host's vfio
-        lines keep counting, both kernel logs stay clean."""
+        lines keep counting, both kernel logs stay clean. `after_each`: more checks after each one."""
         pattern = self.nic_irq_pattern(self.nics[0][1])
         results = []
         with self.host_watch() as watch, self.nic_traffic() as traffic:
             for _ in range(count):
                 results.append(self.transfer_checked(traffic, pattern, watch, **thresholds))
                 self.check_host(watch)
+                if after_each is not None:
+                    after_each(results[-1])
         checks.assert_stream_intact(traffic.stream_result, self.vm.artifacts)
         self.check_guest_log()
         if silent := [i for i, r in enumerate(results) if not (r.interrupts and r.interrupts["after"])]:

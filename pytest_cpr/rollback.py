@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from pytest_cpr import checks
 from pytest_cpr.faults import FaultOutcome, wait_status
 from pytest_cpr.guest.state import GuestSnapshot
-from pytest_cpr.waits import IRQ_WAIT_S, WINDOW_TIMEOUT_S
+from pytest_cpr.waits import DMA_ROUND_TIMEOUT_S, IRQ_WAIT_S, WINDOW_TIMEOUT_S
 
 if TYPE_CHECKING:
     from pytest_cpr.passthrough import NvmeDma, PassthroughGuest
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 RESUME_WAIT_S = 15.0
 WINDOW_ANSWERS = 100
 DMA_ROUNDS = 2
-DMA_ROUND_TIMEOUT_S = 120.0
 
 
 def assert_old_qemu_runs(source: QemuProcess, timeout: float = RESUME_WAIT_S, logs: object = None) -> None:

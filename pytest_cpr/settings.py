@@ -164,6 +164,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("channel_fd", "cpr-transfer: the harness listens on the cpr channel's UNIX socket itself and "
             "passes the new QEMU the listening fd (addr.type=fd), as management software does; off: QEMU "
             "listens on the path", "off", parse_bool, fix="on or off"),
+    Setting("device_fds", "VFIO passthrough with the iommufd backend: the harness opens /dev/iommu and the "
+            "devices' cdevs (/dev/vfio/devices/vfioN) itself and passes QEMU the fds (-object iommufd,fd=, "
+            "-device vfio-pci,fd=), as management software does; the legacy backend has no fd to pass (QEMU "
+            "opens its container and groups); off: QEMU opens them by path", "off", parse_bool,
+            fix="on or off"),
     Setting("probe_interval_ms", "interval of the ICMP probe stream during transfers", "5", parse_interval_ms,
             fix="a number of milliseconds from 0.5 to 1000, e.g. 5"),
     Setting("max_blackout_ms", "fail a transfer whose guest-visible blackout exceeds this (none: record "
@@ -218,6 +223,7 @@ class CprSettings:
     keep_artifacts: str
     vnet_hdr: bool
     channel_fd: bool
+    device_fds: bool
     probe_interval_ms: float
     max_blackout_ms: float | None
     max_lost_probes: float | None

@@ -57,6 +57,7 @@ class TransferRunner:
                                 ProcessRef(f"g{gen}", build.short_version), mode=str(mode))
         self.results.append(result)
         steps = self._steps(mode, gen, build)
+        result.fd_passing = self._fd_passing(steps)
         log.info("guest %s: %s %d %s -> %s", m.config.name, mode, result.index, result.source, result.target)
         m.known_stderr |= set(stderr.lines_since(source.stderr_path))  # said before this transfer: not its doing
         source_said = stderr.size(source.stderr_path)
@@ -105,6 +106,13 @@ class TransferRunner:
         listener = _listen_unix(cpr) if m.config.cpr_channel_fd else None
         incoming = Incoming(main, cpr, cpr_fd=listener.fileno() if listener else None)
         return TransferSteps(lambda: m.start_generation(gen, build, incoming), incoming, timeout, listener)
+
+    def _fd_passing(self, steps: ModeSteps) -> str | None:
+        """What of this transfer's QEMUs the harness passed as fds (TransferResult.fd_passing)."""
+        passed = ["iommufd", "vfio-cdev"] if self.machine.config.fd_passing is not None else []
+        if isinstance(steps, TransferSteps) and steps.incoming.cpr_fd is not None:
+            passed.append("cpr-channel")
+        return ",".join(passed) or None
 
     def _retire(self, source: QemuProcess, result: TransferResult) -> None:
         self.observers.on_before_retire(source)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ from pytest_cpr.vm import CprVM
 
 __all__ = ["NO_MDEV", "CprHost", "HostWatch", "NvmeDma", "PassthroughGuest", "VfioDevices", "_mdev_unavailable",
            "boot_passthrough_guest", "cpr_host", "cpr_mdev", "cpr_mdev_backend", "cpr_mdev_guest", "cpr_vfio",
-           "cpr_vfio_backend", "cpr_vfio_guest"]
+           "cpr_vfio_backend", "cpr_vfio_guest", "passthrough_vm"]
 _mdev_unavailable = mdev_unavailable  # the name tests/unit/test_mdev.py knows
 VIOMMU_CMDLINE = ("intel_iommu=on", "iommu.passthrough=0")  # the guest translates its devices' DMA
 VIOMMU_TRACE = ("iommufd_cdev_alloc_ioas",)  # the IOAS a QEMU allocates: test_viommu counts them
@@ -119,11 +120,10 @@ def cpr_vfio_guest(request: pytest.FixtureRequest, cpr_vfio: VfioDevices, cpr_vm
 def boot_passthrough_guest(devices: VfioDevices, factory: Callable[..., CprVM], settings: CprSettings,
                            viommu: bool = False, cmdline: tuple[str, ...] = ()) -> PassthroughGuest:
     """What cpr_vfio_guest boots, for fixtures of a test module that add guest kernel parameters
-    (`cmdline`, e.g. a driver's interrupt mode)."""
-    host = devices.host
-    vm = factory(extra_args=devices.qemu_args(), kernel_flavor="full", memory_mib=host.memory_mib or settings.memory,
-                 cmdline=(*devices.kernel_args(), *(VIOMMU_CMDLINE if viommu else ()), *cmdline),
-                 viommu=viommu, trace_events=VIOMMU_TRACE if viommu else ())
+    (`cmdline`, e.g. a driver's interrupt mode). With --cpr-device-fds (iommufd backend) QEMU gets the
+    devices as fds the harness opens."""
+    vm = passthrough_vm(devices, factory, settings, viommu=viommu, cmdline=cmdline,
+                        device_fds=settings.device_fds and devices.backend == Backend.IOMMUFD)
     vm.boot()
     return PassthroughGuest(vm, devices)
 
@@ -132,6 +132,18 @@ def boot_passthrough_guest(devices: VfioDevices, factory: Callable[..., CprVM], 
 def cpr_mdev_backend() -> Backend:
     """The VFIO backend the mdev guest uses: legacy; a test parametrizes `cpr_mdev_backend` for iommufd."""
     return Backend.LEGACY
+
+
+def passthrough_vm(devices: VfioDevices, cpr_vm_factory: Callable[..., CprVM], cpr_settings: CprSettings,
+                   viommu: bool = False, device_fds: bool = False, cmdline: tuple[str, ...] = (),
+                   **overrides: Any) -> CprVM:
+    """A guest (not booted) with `devices` on fixed guest PCI slots, full kernel, memory from the host
+    config; `device_fds`: QEMU gets the devices as fds the harness opens (iommufd backend)."""
+    devices_by = {"fd_passing": devices.fd_passing()} if device_fds else {"extra_args": devices.qemu_args()}
+    return cpr_vm_factory(**devices_by, kernel_flavor="full",
+                          memory_mib=devices.host.memory_mib or cpr_settings.memory,
+                          cmdline=(*devices.kernel_args(), *(VIOMMU_CMDLINE if viommu else ()), *cmdline),
+                          viommu=viommu, trace_events=VIOMMU_TRACE if viommu else (), **overrides)
 
 
 @pytest.fixture

@@ -44,6 +44,9 @@ DEVICE_APPEAR_TIMEOUT_S = 30.0
 GUEST_SHELL_MARGIN_S = 10.0  # the SSH command that waits for a device may take this much longer
 DMA_LOG_READ_TIMEOUT_S = 30.0
 DMA_VERIFY_TIMEOUT_S = 120.0
+DMA_ROUND_TIMEOUT_S = 120.0  # a few rounds of the DMA stream (nested emulation under load)
+# a QEMU that must refuse its command line exits as it realizes the device (seconds, also nested)
+QEMU_REFUSAL_TIMEOUT_S = 60.0
 
 # Shutting QEMU down: a failed generation, and every generation at close.
 FAILED_GENERATION_SHUTDOWN_S = 5.0

@@ -15,16 +15,35 @@ from pytest_cpr.procfs import LockedMemory, parse_locked_memory
 KVM_FILE = re.compile(r"^(/dev/kvm|anon_inode:kvm-vm|anon_inode:kvm-vcpu(:\d+)?)$")
 
 
-def open_files(pid: int, proc: Path = Path("/proc")) -> list[str]:
-    """The targets of the process's open fds (an fd closed while reading is skipped)."""
+def open_fds(pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
+    """The process's open fds: number -> target (an fd closed while reading is skipped)."""
     folder = proc / str(pid) / "fd"
-    targets = []
+    targets = {}
     for fd in sorted(folder.iterdir(), key=lambda p: int(p.name)):
         try:
-            targets.append(os.readlink(fd))
+            targets[int(fd.name)] = os.readlink(fd)
         except FileNotFoundError:
             continue
     return targets
+
+
+def open_files(pid: int, proc: Path = Path("/proc")) -> list[str]:
+    """The targets of the process's open fds, in fd order."""
+    return list(open_fds(pid, proc).values())
+
+
+IOMMUFD_FILE = re.compile(r"^/dev/(iommu|vfio/devices/vfio\d+)$")
+
+
+def iommufd_files(fds: dict[int, str]) -> dict[int, str]:
+    """The /dev/iommu and VFIO device cdev (/dev/vfio/devices/vfioN) fds among `fds`."""
+    return {n: f for n, f in fds.items() if IOMMUFD_FILE.match(f)}
+
+
+def self_opened(fds: dict[int, str], passed: tuple[int, ...]) -> dict[int, str]:
+    """The /dev/iommu and cdev fds a process holds beyond the numbers it was passed: the ones it opened
+    itself (an fd inherited through pass_fds keeps its number)."""
+    return {n: f for n, f in iommufd_files(fds).items() if n not in passed}
 
 
 def kvm_files(files: list[str]) -> list[str]:

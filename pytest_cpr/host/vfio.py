@@ -458,6 +458,48 @@ def cdev_missing(paths: HostPaths, address: str) -> str | None:
     return None
 
 
+def cdev_path(paths: HostPaths, address: str) -> Path:
+    """The device's VFIO cdev, /dev/vfio/devices/vfioN, named by sysfs (<addr>/vfio-dev/vfioN)."""
+    if (missing := cdev_missing(paths, address)) is not None:
+        raise VfioError(missing)
+    name = sorted(p.name for p in (paths.pci(address) / "vfio-dev").glob("vfio*"))[0]
+    return paths.dev / "vfio" / "devices" / name
+
+
+@dataclass(frozen=True)
+class DeviceFds:
+    """fds the harness opened for one QEMU launch, as management software does: /dev/iommu and each
+    device's VFIO cdev (by PCI address). Close-on-exec: only the QEMU given them (pass_fds) inherits them."""
+
+    iommufd: int
+    cdevs: dict[str, int]
+
+    def numbers(self) -> tuple[int, ...]:
+        return (self.iommufd, *self.cdevs.values())
+
+    def close(self) -> None:
+        for fd in self.numbers():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def open_device_fds(paths: HostPaths, addresses: Sequence[str]) -> DeviceFds:
+    """Open /dev/iommu and the devices' cdevs (nothing stays open if one fails)."""
+    opened: list[int] = []
+    try:
+        for target in [paths.dev / "iommu", *(cdev_path(paths, a) for a in addresses)]:
+            try:
+                opened.append(os.open(target, os.O_RDWR | os.O_CLOEXEC))
+            except OSError as exc:
+                raise VfioError(f"cannot open {target} to pass it to QEMU: {exc.strerror}") from None
+        cdevs = dict(zip(addresses, opened[1:], strict=True))
+        return DeviceFds(opened[0], cdevs)
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+
+
 # ---- QEMU arguments
 GUEST_SLOT_BASE = 0x10  # guest slots 0x10.. on pcie.0: clear of the slots QEMU auto-assigns (1..)
 
@@ -483,19 +525,53 @@ class Passthrough:
     def guest_address(self) -> str:
         return f"0000:00:{self.guest_slot:02x}.0"
 
-    def device_arg(self, iommufd_id: str | None) -> str:
-        arg = f"vfio-pci,host={self.address},id={self.id},bus=pcie.0,addr=0x{self.guest_slot:x}"
+    def device_arg(self, iommufd_id: str | None, fd: int | None = None) -> str:
+        """vfio-pci by host address, or by an fd of its cdev (then QEMU names it by `id`, which CPR
+        needs: QEMU blocks cpr-transfer of an fd-passed device without one, hw/vfio/device.c)."""
+        source = f"host={self.address}" if fd is None else f"fd={fd}"
+        arg = f"vfio-pci,{source},id={self.id},bus=pcie.0,addr=0x{self.guest_slot:x}"
         return arg + (f",iommufd={iommufd_id}" if iommufd_id else "")
 
 
-def qemu_args(devices: Sequence[Passthrough], backend: str, iommufd_id: str = "iommufd0") -> list[str]:
-    """-device vfio-pci,... per device; with iommufd, one `-object iommufd` shared by all of them."""
+def qemu_args(devices: Sequence[Passthrough], backend: str, iommufd_id: str = "iommufd0",
+              fds: DeviceFds | None = None) -> list[str]:
+    """-device vfio-pci,... per device; with iommufd, one `-object iommufd` shared by all of them.
+    With `fds` (iommufd only: QEMU has no fd property for a legacy container or group, and refuses a
+    device fd without iommufd) QEMU gets the iommufd and each device as fds the harness opened."""
     if backend not in values(Backend):
         raise CprUnsupported(f"unknown VFIO backend {backend!r}: use legacy or iommufd")
-    args = ["-object", f"iommufd,id={iommufd_id}"] if backend == Backend.IOMMUFD and devices else []
+    if fds is not None and backend != Backend.IOMMUFD:
+        raise CprUnsupported(f"VFIO devices passed by fd need the iommufd backend, not {backend}: QEMU says "
+                             f"{LEGACY_FD_REFUSAL!r}")
+    iommufd = f"iommufd,id={iommufd_id}" + (f",fd={fds.iommufd}" if fds is not None else "")
+    args = ["-object", iommufd] if backend == Backend.IOMMUFD and devices else []
     for d in devices:
-        args += ["-device", d.device_arg(iommufd_id if backend == Backend.IOMMUFD else None)]
+        args += ["-device", d.device_arg(iommufd_id if backend == Backend.IOMMUFD else None,
+                                         fds.cdevs[d.address] if fds is not None else None)]
     return args
+
+
+# QEMU's words for a vfio-pci fd= without iommufd (hw/vfio/device.c, vfio_device_get_name())
+LEGACY_FD_REFUSAL = "Use FD passing only with iommufd backend"
+
+
+@dataclass(frozen=True)
+class FdPassing:
+    """Passthrough devices handed to QEMU as fds the harness opens, the way management software does
+    (iommufd backend). A QEMU the harness starts with the devices gets fresh fds (open(), args(fds),
+    pass_fds, then the harness closes its copies); the new QEMU of cpr-transfer or cpr-exec finds them
+    in CPR state instead and ignores the fd numbers on its command line (QEMU's cpr_get_fd_param and
+    iommufd_backend_complete()), so it gets the same arguments and no fds."""
+
+    devices: tuple[Passthrough, ...]
+    paths: HostPaths = field(default_factory=HostPaths)
+    iommufd_id: str = "iommufd0"
+
+    def open(self) -> DeviceFds:
+        return open_device_fds(self.paths, [d.address for d in self.devices])
+
+    def args(self, fds: DeviceFds) -> list[str]:
+        return qemu_args(self.devices, Backend.IOMMUFD, self.iommufd_id, fds)
 
 
 # ---- host-side observation during a transfer

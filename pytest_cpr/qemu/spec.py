@@ -78,6 +78,11 @@ class Incoming:
     def pass_fds(self) -> tuple[int, ...]:
         return () if self.cpr_fd is None else (self.cpr_fd,)
 
+    @property
+    def carries_fds(self) -> bool:
+        """The new QEMU gets the old one's fds in CPR state (cpr-transfer; not a normal migration)."""
+        return self.cpr_socket is not None
+
 
 @dataclass(frozen=True)
 class ExecIncoming:
@@ -98,6 +103,8 @@ class ExecIncoming:
     def pass_fds(self) -> tuple[int, ...]:
         return ()
 
+    carries_fds = True  # kept across exec, named in the CPR state memfd
+
 
 @dataclass(frozen=True)
 class RebootIncoming:
@@ -116,6 +123,8 @@ class RebootIncoming:
 
     def pass_fds(self) -> tuple[int, ...]:
         return ()
+
+    carries_fds = False  # no CPR state: the old QEMU quit with its fds
 
 
 AnyIncoming = Incoming | ExecIncoming | RebootIncoming

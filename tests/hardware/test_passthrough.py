@@ -48,21 +48,7 @@ def test_nvme_dma_through_transfer(cpr_vfio_guest: PassthroughGuest, cpr_thresho
     a transfer: rounds complete after it, every slot written before reads back identical after it,
     no I/O error or timeout in the guest, the controller's I/O vectors keep firing, and the I/O
     stall across the transfer (dma_stall_ms: the longest gap between completed I/Os) is bounded."""
-    guest = cpr_vfio_guest
-    dma = guest.nvme_dma()
-    dma.find()
-    dma.start()
-    with guest.host_watch() as watch, guest.vm.traffic() as traffic:
-        dma.wait_rounds(3, 120.0)
-        before = dma.mark()
-        result = guest.transfer_checked(traffic, dma.irq_pattern, watch, **cpr_thresholds)
-        dma.wait_rounds(3, 120.0)
-        dma.measure_stall(result, before, dma.mark())
-        guest.check_host(watch)
-    dma.stop()
-    guest.check_guest_log()
-    assert result.interrupts and result.interrupts["after"], "NVMe vectors must fire after the transfer"
-    checks.assert_dma_stall(result, cpr_max_dma_stall_ms, guest.vm.artifacts)
+    cpr_vfio_guest.nvme_transfer(cpr_thresholds, cpr_max_dma_stall_ms)
 
 
 @pytest.mark.vfio(role="nic")

@@ -1,0 +1,40 @@
+"""Guests with passed-through devices through cpr-exec (QEMU >= 10.2; the virtual host's QEMU is 11.1.3):
+the QEMU process exec's the new QEMU in place (same PID), the VFIO devices, their container or iommufd
+and the DMA mappings kept across the exec (QEMU ee1ca09fc1 "vfio: cpr-exec mode"), with the checks of
+cpr-transfer (tests/hardware/test_passthrough.py): traffic over the NIC, NVMe DMA going on, vectors
+firing, host and guest kernel logs clean, and the pinned memory's accounting carried over to the exec'd
+image. Each runs once per backend of the host config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_cpr.kinds import Mode
+from pytest_cpr.vfio_fixtures import PassthroughGuest
+
+pytestmark = pytest.mark.cpr(mode="cpr-exec")
+
+
+@pytest.mark.vfio(role="nic")
+def test_cpr_exec_keeps_nic_traffic(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict) -> None:
+    """Two cpr-exec's under probes and a TCP stream over the passthrough NIC: the NIC checks of
+    test_nic_traffic_through_transfer, one QEMU process throughout (same PID, three generations)."""
+    pid = cpr_vfio_guest.vm.current.pid
+    results = cpr_vfio_guest.nic_traffic_through_transfers(2, cpr_thresholds)
+    assert [(r.mode, r.status) for r in results] == [(str(Mode.CPR_EXEC), "completed")] * 2
+    pids = {g.pid for g in cpr_vfio_guest.vm.generations}
+    assert pids == {pid}, f"cpr-exec must keep the QEMU's PID {pid}, saw {pids}"
+
+
+# probes go over the virtio NIC here (test_nvme_dma_through_transfer says why one may be lost)
+@pytest.mark.cpr_thresholds(max_lost_probes=1)
+@pytest.mark.vfio(role="nvme")
+def test_cpr_exec_keeps_nvme_dma(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict,
+                                 cpr_max_dma_stall_ms: float | None) -> None:
+    """One cpr-exec while O_DIRECT writes run on the passthrough NVMe: the checks of
+    test_nvme_dma_through_transfer (rounds go on, data reads back identical, vectors fire, the stall
+    is bounded), same PID."""
+    pid = cpr_vfio_guest.vm.current.pid
+    result = cpr_vfio_guest.nvme_transfer(cpr_thresholds, cpr_max_dma_stall_ms)
+    assert (result.mode, result.status, result.target_pid) == (str(Mode.CPR_EXEC), "completed", pid)
