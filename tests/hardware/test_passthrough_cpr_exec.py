@@ -15,7 +15,17 @@ from pytest_cpr.vfio_fixtures import PassthroughGuest
 
 pytestmark = pytest.mark.cpr(mode="cpr-exec")
 
+# cpr-exec pauses the guest for the exec'd QEMU's whole start-up (QEMU's CPR.rst; cpr-transfer starts
+# the new QEMU before the guest stops). In the virtual host (TCG L1, KVM L2, 2 cores under load) that
+# pause was 3.9-8.0 s and the guest blackout 4.3-8.1 s in 4 cpr-exec's (cpr-transfer of the same guest:
+# 0.4-0.6 s, 0.7-1.0 s), so the passthrough default (2000 ms) does not apply; bound: 2.5x the worst.
+CPR_EXEC_MAX_BLACKOUT_MS = 20000.0
 
+
+# frames reaching the passthrough NIC while the guest is paused beyond what its RX ring holds are dropped by
+# the device: 859 and 1040 probes of ~1600 sent during the pause were lost; recorded, not bounded (the TCP
+# stream, retransmitted, must arrive intact)
+@pytest.mark.cpr_thresholds(max_blackout_ms=CPR_EXEC_MAX_BLACKOUT_MS, max_lost_probes=None)
 @pytest.mark.vfio(role="nic")
 def test_cpr_exec_keeps_nic_traffic(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict) -> None:
     """Two cpr-exec's under probes and a TCP stream over the passthrough NIC: the NIC checks of
@@ -28,7 +38,7 @@ def test_cpr_exec_keeps_nic_traffic(cpr_vfio_guest: PassthroughGuest, cpr_thresh
 
 
 # probes go over the virtio NIC here (test_nvme_dma_through_transfer says why one may be lost)
-@pytest.mark.cpr_thresholds(max_lost_probes=1)
+@pytest.mark.cpr_thresholds(max_blackout_ms=CPR_EXEC_MAX_BLACKOUT_MS, max_lost_probes=1)
 @pytest.mark.vfio(role="nvme")
 def test_cpr_exec_keeps_nvme_dma(cpr_vfio_guest: PassthroughGuest, cpr_thresholds: dict,
                                  cpr_max_dma_stall_ms: float | None) -> None:
