@@ -17,13 +17,13 @@ pytestmark = pytest.mark.cpr(mode="cpr-exec")
 
 # cpr-exec pauses the guest for the exec'd QEMU's whole start-up (QEMU's CPR.rst; cpr-transfer starts
 # the new QEMU before the guest stops). In the virtual host (TCG L1, KVM L2, 2 cores under load) that
-# pause was 3.0-9.4 s and the guest blackout 3.1-9.9 s in 12 cpr-exec's (cpr-transfer of the same guest:
-# 0.4-0.8 s, 0.6-1.6 s), so the passthrough default (2000 ms) does not apply; bound: 2x the worst.
+# pause was 1.2-9.4 s and the guest blackout 1.3-9.9 s in 16 cpr-exec's (cpr-transfer of the same guest:
+# 0.3-0.9 s, 0.4-1.6 s; load 1-9), so the passthrough default (2000 ms) does not apply; bound: 2x the worst.
 CPR_EXEC_MAX_BLACKOUT_MS = 20000.0
 
 
 # frames reaching the passthrough NIC while the guest is paused beyond what its RX ring holds are dropped by
-# the device: 347-1040 probes lost in pauses of 3.0-8.0 s (200 probes a second); recorded, not bounded (the
+# the device: 9-1040 probes lost in pauses of 1.2-8.0 s (200 probes a second); recorded, not bounded (the
 # TCP stream, retransmitted, must arrive intact)
 @pytest.mark.cpr_thresholds(max_blackout_ms=CPR_EXEC_MAX_BLACKOUT_MS, max_lost_probes=None)
 @pytest.mark.vfio(role="nic")
