@@ -194,18 +194,19 @@ def _py(l1: VirtualHost, code: str, timeout: float = 120) -> str:
 
 @L1_TIMEOUT
 def test_l1_devices_and_iommu_groups(l1: VirtualHost) -> None:
-    """igb and NVMe sit in IOMMU groups of their own, with DMA remapping and interrupt remapping on;
-    the generated host config names exactly them."""
+    """igb, NVMe and e1000e sit in IOMMU groups of their own, with DMA remapping and interrupt
+    remapping on; the generated host config names exactly them, the igb first (role nic)."""
     out = l1.run("for d in /sys/bus/pci/devices/*; do echo $(basename $d) $(cat $d/vendor):$(cat $d/device) "
                  "$(basename $(readlink $d/iommu_group)); done").check().output
     rows = {fields[1].replace("0x", ""): (fields[0], fields[2]) for fields in map(str.split, out.splitlines())
             if len(fields) == 3}
-    (nic, nic_group), (nvme, nvme_group) = rows[vhost.IGB], rows[vhost.NVME]
+    devices = [rows[kind] for kind in (vhost.IGB, vhost.NVME, vhost.E1000E)]
     groups = "/sys/kernel/iommu_groups"
-    members = l1.run(f"ls {groups}/{nic_group}/devices {groups}/{nvme_group}/devices").check().output
-    assert nic_group != nvme_group and members.count("0000:") == 2, members
+    members = l1.run("ls " + " ".join(f"{groups}/{group}/devices" for _, group in devices)).check().output
+    assert len({group for _, group in devices}) == 3 and members.count("0000:") == 3, members
     config = tomllib.loads(l1.host_config)
-    assert [d["address"] for d in config["device"]] == [nic, nvme]
+    assert [(d["address"], d["role"]) for d in config["device"]] == list(
+        zip([address for address, _ in devices], ["nic", "nvme", "nic-e1000e"], strict=True))
     assert config["host"]["backends"][0] == "legacy"
     kernel_log = l1.run("dmesg | grep -E 'DMAR|IRQ remapping'").check().output
     assert "IRQ remapping" in kernel_log, kernel_log
@@ -222,8 +223,8 @@ def test_l1_kvm_boots_l2(l1: VirtualHost) -> None:
 
 @L1_TIMEOUT
 def test_l1_vfio_binding_and_restore(l1: VirtualHost) -> None:
-    """The plugin's own binder moves igb and NVMe to vfio-pci and back under the emulated VT-d; the
-    legacy container offers the extensions VFIO CPR needs."""
+    """The plugin's own binder moves igb, NVMe and e1000e to vfio-pci and back under the emulated
+    VT-d; the legacy container offers the extensions VFIO CPR needs."""
     config = tomllib.loads(l1.host_config)
     addresses = [d["address"] for d in config["device"]]
     code = (
@@ -235,8 +236,8 @@ def test_l1_vfio_binding_and_restore(l1: VirtualHost) -> None:
         "print('RESTORED', [h.driver_of(paths, a) for a in addrs])\n"
     )
     out = _py(l1, code)
-    assert "BOUND ['vfio-pci', 'vfio-pci']" in out, out
-    assert "RESTORED ['igb', 'nvme']" in out, out
+    assert "BOUND ['vfio-pci', 'vfio-pci', 'vfio-pci']" in out, out
+    assert "RESTORED ['igb', 'nvme', 'e1000e']" in out, out
     assert "'unmap_all': True" in out and "'type1v2': True" in out, out
 
 
