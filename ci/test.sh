@@ -70,8 +70,11 @@ fi
 # cases exceeded the passthrough loss bounds, as did the same-build NIC test beside them) are not in
 # CI yet: not yet seen through with every check of today on an idle host (docs/virtual-host.md).
 # The reproducer of target-resets-device-without-flr (test_device_without_flr_*) stays out too: the MSI
-# blackout test's strict expected failure shows the same bug in CI.
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu and not cross and not without_flr"'
+# blackout test's strict expected failure shows the same bug in CI. So does the blackout check's control
+# (test_blackout_interrupt_check_catches_*): the NIC driver's 2 s watchdog can mend the interrupt it
+# drops within the check's bound, and in the last L1 run (2026-11-26 21:40) it did in all 3 of its
+# transfers on iommufd, so the control did not fail: a control that misses 1 run in a few cannot gate.
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not viommu and not cross and not without_flr and not check_catches"'
 vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (62 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
   timeout -k 60 "${CPR_VHOST_TIMEOUT:-3700}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
