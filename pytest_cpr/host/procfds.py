@@ -85,15 +85,15 @@ def eventfd_counts(pid: int, proc: Path = Path("/proc")) -> dict[int, int]:
     """fd -> counter of every eventfd the process holds: a count above 0 is an event nobody read yet
     (e.g. a device interrupt VFIO signalled while no KVM irqfd and no QEMU handler listened)."""
     counts = {}
-    for fd in (proc / str(pid) / "fd").iterdir():
+    for fd, target in open_fds(pid, proc).items():
+        if target != EVENTFD:
+            continue
         try:
-            if os.readlink(fd) != EVENTFD:
-                continue
-            count = parse_eventfd_count((proc / str(pid) / "fdinfo" / fd.name).read_text())
-        except FileNotFoundError:
+            count = parse_eventfd_count((proc / str(pid) / "fdinfo" / str(fd)).read_text())
+        except FileNotFoundError:  # closed since open_fds read it
             continue
         if count is not None:
-            counts[int(fd.name)] = count
+            counts[fd] = count
     return counts
 
 
