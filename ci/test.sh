@@ -97,8 +97,14 @@ if [ "$TIER2" != 0 ]; then
   vrc=0
   vhost_run gate "$gate" || vrc=$?
   if [ "$vrc" != 0 ] && [ "$vrc" != 5 ]; then
+    # what failed, by node id; with no JUnit XML back (L1 died mid-run) the gate less what its streamed
+    # log shows done
     again=$(.venv/bin/python -m pytest_cpr.vhost failed artifacts/junit/vhost-gate.xml)
-    [ -n "$again" ] && again="$again --cpr-strict=on" || again=$gate
+    log=$(ls -t artifacts/vhost/*/pytest-gate.log 2>/dev/null | head -1)
+    if [ -n "$again" ]; then again="$again --cpr-strict=on"
+    elif [ ! -f artifacts/junit/vhost-gate.xml ] && [ -n "$log" ]; then
+      again="$gate $(.venv/bin/python -m pytest_cpr.vhost finished "$log")"
+    else again=$gate; fi
     echo "::warning::virtual host tier failed (exit $vrc); its one retry follows, announced, in a fresh L1:" \
          "$again (both attempts' JUnit XML and artifacts are kept)"
     vrc=0

@@ -326,9 +326,9 @@ class Machine:
         self.boot_seconds = time.monotonic() - t0
         self.ssh = GuestSSH(self.guest_ip, self.key, host_key,
                             lambda to: self.network.connect_tcp(self.guest_ip, 22, to),
-                            self.config.command_timeout, alive=lambda: self.current.exit_reason())
+                            self.config.command_timeout, alive=lambda: self.current.halt_reason())
         try:
-            self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.exit_reason)
+            self.ssh.connect(max(1.0, timeout - (time.monotonic() - t0)), alive=proc.halt_reason)
         except CprTimeout as exc:
             if self.config.user_image is None or proc.exit_reason() is not None:
                 raise

@@ -740,8 +740,34 @@ def failed_tests(junit: Path) -> list[str]:
     return out
 
 
+# a test's outcome in the inner pytest's -v output, streamed to L0 line by line as it runs
+_VERBOSE_OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_DONE = ("PASSED", "SKIPPED", "XFAIL")
+
+
+def finished_tests(log: Path) -> list[str]:
+    """The node ids the inner pytest's streamed -v log shows done as they should be (passed, skipped,
+    expected failure): what a retry can leave out when L1 died mid-run and brought no JUnit XML back
+    (its first attempt in CI: L1 reset after most tests had passed). A test that failed, or that ran
+    when L1 died, is not among them. A missing log: []."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    outcome: dict[str, str] = {}
+    for line in lines:
+        if (m := _VERBOSE_OUTCOME.match(line.strip())) is not None:
+            outcome[m.group(1)] = m.group(2)  # a teardown ERROR after PASSED is the last word
+    return [node for node, what in outcome.items() if what in _DONE]
+
+
 def _cmd_failed(args: argparse.Namespace) -> int:
     print(" ".join(shlex.quote(n) for f in args.junit for n in failed_tests(Path(f))))
+    return 0
+
+
+def _cmd_finished(args: argparse.Namespace) -> int:
+    print(" ".join(f"--deselect {shlex.quote(n)}" for f in args.log for n in finished_tests(Path(f))))
     return 0
 
 
@@ -772,8 +798,11 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--peer", default=PEER_NAME)
     f = sub.add_parser("failed", help="the node ids a JUnit XML file records as failed (for an announced retry)")
     f.add_argument("junit", nargs="+")
+    d = sub.add_parser("finished", help="--deselect for each test an inner pytest log shows done (passed, "
+                                        "skipped, xfail): a retry after an L1 that died mid-run")
+    d.add_argument("log", nargs="+")
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed}
+    commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed, "finished": _cmd_finished}
     return run_as_cli("cpr-vhost", lambda: commands[args.cmd](args))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,12 @@ from pexpect import fdpexpect
 
 from pytest_cpr import leftovers
 from pytest_cpr.errors import CprTimeout, QemuExited
+from pytest_cpr.qemu import stderr
 from pytest_cpr.qemu.qmp import QmpSession
+
+# QEMU's words when KVM refuses to go on running the guest (it then stops the VM: STOP, status
+# internal-error)
+KVM_FATAL = re.compile(r"KVM internal error|KVM: entry failed")
 
 
 def tail(path: Path, lines: int = 12) -> str:
@@ -157,6 +163,26 @@ class QemuProcess:
         rc = self.popen.returncode
         how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
         return (f"QEMU {self.label} exited ({how}{self._shutdown_reason()}); stderr {self.stderr_path}:\n"
+                f"{tail(self.stderr_path)}")
+
+    def halt_reason(self) -> str | None:
+        """exit_reason(), or why the guest cannot run although its QEMU does: the guest panicked
+        (GUEST_PANICKED), or QEMU stopped the VM on an accelerator error (STOP with no RESUME after
+        it and a KVM_FATAL line on stderr: "KVM internal error. Suberror: 3", "KVM: entry failed").
+        A wait on the guest that polls this ends at once, naming QEMU's words, instead of at its
+        timeout (seen in the virtual host: an L2 QEMU stopped on a KVM entry failure was waited out
+        to the test's 900 s)."""
+        if (reason := self.exit_reason()) is not None:
+            return reason
+        state = [e for e in self.qmp.events if e.get("event") in ("STOP", "RESUME", "GUEST_PANICKED")]
+        if state and state[-1].get("event") == "GUEST_PANICKED":
+            return f"QEMU {self.label} reports GUEST_PANICKED {state[-1].get('data', {})}; stderr {self.stderr_path}"
+        if not state or state[-1].get("event") != "STOP":
+            return None
+        fatal = [line for line in stderr.lines_since(self.stderr_path) if KVM_FATAL.search(line)]
+        if not fatal:
+            return None
+        return (f"QEMU {self.label} stopped the guest: {fatal[0]}; stderr {self.stderr_path}:\n"
                 f"{tail(self.stderr_path)}")
 
     def _shutdown_reason(self) -> str:

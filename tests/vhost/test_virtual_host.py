@@ -325,3 +325,23 @@ def test_l1_panic_line_is_read_from_its_console(tmp_path: Path) -> None:
     console.write_text("[    0.017000] Kernel panic - not syncing: timer doesn't work through Interrupt-remapped "
                        "IO-APIC\r\n[    0.017000] CPU: 0 UID: 0 PID: 0\n")
     assert vhost.l1_panic(console) == "timer doesn't work through Interrupt-remapped IO-APIC"
+
+
+def test_finished_tests_of_a_streamed_log_are_left_out_of_a_retry(tmp_path: Path) -> None:
+    """L1 died mid-run (no JUnit XML): the retry leaves out what the streamed -v log shows done, and runs
+    again what failed, errored at teardown, or was running when L1 died."""
+    log = tmp_path / "pytest-gate.log"
+    log.write_text(
+        "collected 49 items / 20 deselected / 29 selected\n\n"
+        "tests/hardware/test_a.py::test_x[legacy-msix] PASSED [  3%]\n"
+        "tests/hardware/test_a.py::test_y[legacy-msi] XFAIL [  6%]\n"
+        "tests/hardware/test_b.py::test_z[iommufd] FAILED [ 10%]\n"
+        "tests/hardware/test_b.py::test_mdev SKIPPED (no mdev) [ 13%]\n"
+        "tests/hardware/test_b.py::test_t[legacy] PASSED [ 17%]\n"
+        "tests/hardware/test_b.py::test_t[legacy] ERROR [ 17%]\n"
+        "tests/hardware/test_c.py::test_running[legacy] ")
+    assert vhost.finished_tests(log) == ["tests/hardware/test_a.py::test_x[legacy-msix]",
+                                         "tests/hardware/test_a.py::test_y[legacy-msi]",
+                                         "tests/hardware/test_b.py::test_mdev"]
+    assert vhost.finished_tests(tmp_path / "missing.log") == []
+    assert vhost.main(["finished", str(log)]) == 0
