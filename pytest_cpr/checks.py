@@ -130,6 +130,23 @@ def assert_interrupts(pre: Sequence[GuestSnapshot], post: Sequence[GuestSnapshot
     return {"before": fired_before, "after": fired_after}
 
 
+def carrier(counters: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """carrier_changes per interface out of VM.link_counters."""
+    return {name: c["carrier_changes"] for name, c in counters.items() if "carrier_changes" in c}
+
+
+def receive_drops(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]
+                  ) -> dict[str, dict[str, int]]:
+    """The receive-drop counters (guest.state.LINK_COUNTERS but carrier_changes) that grew across a
+    transfer, per interface: where lost probes were dropped, if in the guest's NIC or stack."""
+    out: dict[str, dict[str, int]] = {}
+    for name, counts in after.items():
+        grew = {c: n - before.get(name, {}).get(c, n) for c, n in counts.items() if c != "carrier_changes"}
+        if grew := {c: d for c, d in grew.items() if d}:
+            out[name] = grew
+    return out
+
+
 def assert_no_link_flap(before: Mapping[str, int], after: Mapping[str, int],
                         result: TransferResult | None = None, logs: object = None) -> int:
     """The guest's NICs were not reset and their link did not flap across the transfer: each one's
@@ -169,5 +186,12 @@ def assert_thresholds(result: TransferResult, max_blackout_ms: float | None,
         raise CheckFailed(f"transfer {result.index}: guest-visible blackout {result.blackout_ms} ms exceeds "
                           f"{max_blackout_ms} ms{_where(logs)}")
     if max_lost_probes is not None and probe.get("lost", 0) > max_lost_probes:
-        raise CheckFailed(f"transfer {result.index}: {probe.get('lost')} probes lost, more than "
-                          f"{max_lost_probes}{_where(logs)}")
+        phases = "" if "lost_in_downtime" not in probe else (
+            f" ({probe['lost_before_stop']} sent before the source stopped, {probe['lost_in_downtime']} "
+            f"in the downtime, {probe['lost_after_resume']} after the resume)")
+        drops = ", ".join(f"{name} {c} +{d}" for name, grew in (result.rx_drops or {}).items()
+                          for c, d in grew.items())
+        where = (f"; the guest counted receive drops across it: {drops}" if drops else
+                 "; the guest's NICs counted no receive drop across it" if result.rx_drops is not None else "")
+        raise CheckFailed(f"transfer {result.index}: {probe.get('lost')} probes lost{phases}, more than "
+                          f"{max_lost_probes}{where}{_where(logs)}")

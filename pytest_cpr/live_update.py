@@ -3,7 +3,7 @@
 Interrupt windows before and after the transfer (`window` answered probes each; the one after grows
 up to IRQ_WAIT_S for slow vectors), then every check: completed, old QEMU quit cleanly, QEMU quiet
 on stderr, connectivity, same boot, interrupts, no link flap (carrier_changes of the main NIC and
-any `links` unchanged), thresholds. A new check goes into
+any `links` unchanged; their receive drops are recorded), thresholds. A new check goes into
 `LiveUpdatePolicy.run`.
 """
 
@@ -44,20 +44,21 @@ class LiveUpdatePolicy:
         s0 = vm.snapshot()
         self._window()
         s1 = vm.snapshot()
-        carrier = vm.carrier_changes(self.links)
+        links = vm.link_counters(self.links)
         result = vm.transfer(target)
         checks.assert_completed(result, logs)
         checks.assert_source_quit(result, vm.known_bugs(result), logs)
         checks.assert_qemu_quiet(result, vm.known_bugs(result), logs)
         self._assert_connectivity(result)
         s2 = vm.snapshot()
-        carrier_after = vm.carrier_changes(self.links)
+        links_after = vm.link_counters(self.links)
+        result.rx_drops = checks.receive_drops(links, links_after)
         self._window_after(result, s2)
         s3 = self._until_vectors_fire_again(checks.active_vectors(s0, s1, self.pattern), s2, vm.snapshot())
         checks.assert_same_boot(s1, s2, logs=logs)
         result.interrupts = checks.assert_interrupts((s0, s1), (s2, s3), self.pattern, logs)
         try:
-            checks.assert_no_link_flap(carrier, carrier_after, result, logs)
+            checks.assert_no_link_flap(checks.carrier(links), checks.carrier(links_after), result, logs)
         finally:
             vm.write_transfers(result)  # with the interrupt counts and carrier changes the checks just took
         checks.assert_thresholds(result, self.max_blackout_ms, self.max_lost_probes, logs)

@@ -27,8 +27,8 @@ from pytest_cpr.guest.ssh import CommandResult, GuestSSH, SessionKey
 from pytest_cpr.guest.state import (
     SNAPSHOT_COMMAND,
     GuestSnapshot,
-    carrier_command,
-    parse_carrier_changes,
+    link_command,
+    parse_link_counters,
     parse_snapshot,
     snapshot,
 )
@@ -145,9 +145,13 @@ class CprVM:
             raise CprError(f"no guest interface holds {ip or self.guest_ip}; logs: {self.artifacts}")
         return out[1].split("@")[0]
 
+    def link_counters(self, ifnames: Sequence[str]) -> dict[str, dict[str, int]]:
+        """The guest interfaces' carrier changes and receive drops (guest.state.LINK_COUNTERS), over SSH."""
+        return parse_link_counters(self.run(link_command(tuple(ifnames))).stdout) if ifnames else {}
+
     def carrier_changes(self, ifnames: Sequence[str]) -> dict[str, int]:
         """/sys/class/net/<if>/carrier_changes of the guest interfaces, over SSH."""
-        return parse_carrier_changes(self.run(carrier_command(tuple(ifnames))).stdout) if ifnames else {}
+        return {n: c["carrier_changes"] for n, c in self.link_counters(ifnames).items() if "carrier_changes" in c}
 
     def collect_dmesg(self) -> str:
         """Guest kernel log, over SSH if it works, else over the serial console; saved to artifacts."""

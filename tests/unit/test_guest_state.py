@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_cpr import checks
 from pytest_cpr.checks import (
     CheckFailed,
     assert_interrupts,
@@ -12,10 +13,10 @@ from pytest_cpr.checks import (
 from pytest_cpr.cpr import ProcessRef, TransferResult
 from pytest_cpr.guest.state import (
     GuestSnapshot,
-    carrier_command,
     dmesg_failures,
-    parse_carrier_changes,
+    link_command,
     parse_interrupts,
+    parse_link_counters,
     parse_snapshot,
 )
 from pytest_cpr.guest.traffic import Probe, probe_stats
@@ -180,13 +181,33 @@ def test_dmesg_link_down_of_the_harness_peer_setup_is_not_the_transfers() -> Non
     assert len(dmesg_failures(log)) == 3
 
 
-def test_carrier_command_and_parser() -> None:
-    cmd = carrier_command(("eth0", "eth1"))
-    assert cmd == ('echo "eth0 $(cat /sys/class/net/eth0/carrier_changes)"; '
-                   'echo "eth1 $(cat /sys/class/net/eth1/carrier_changes)"')
-    assert parse_carrier_changes("eth0 2\neth1 5\nnoise\neth2 \n") == {"eth0": 2, "eth1": 5}
+def test_link_command_and_parser() -> None:
+    cmd = link_command(("eth0", "eth1"))
+    assert cmd.startswith('for c in carrier_changes statistics/rx_missed_errors ')
+    assert 'echo "eth1 ${c#statistics/} $(cat /sys/class/net/eth1/$c)"' in cmd
+    assert parse_link_counters("eth0 carrier_changes 2\neth0 rx_missed_errors 7\neth1 carrier_changes 5\n"
+                               "noise\neth2 rx_dropped \n") == {
+        "eth0": {"carrier_changes": 2, "rx_missed_errors": 7}, "eth1": {"carrier_changes": 5}}
     with pytest.raises(ValueError, match="not interface names"):
-        carrier_command(("eth0; reboot",))
+        link_command(("eth0; reboot",))
+
+
+def test_receive_drops_name_what_grew_and_lost_probes_say_where() -> None:
+    before = {"eth0": {"carrier_changes": 1, "rx_missed_errors": 3, "rx_dropped": 0}, "eth1": {"rx_dropped": 0}}
+    after = {"eth0": {"carrier_changes": 1, "rx_missed_errors": 25, "rx_dropped": 0}, "eth1": {"rx_dropped": 0}}
+    assert checks.receive_drops(before, after) == {"eth0": {"rx_missed_errors": 22}}
+    assert checks.carrier(after) == {"eth0": 1}
+    result = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
+    result.probe = {"lost": 22, "max_gap_ms": 900.0, "lost_before_stop": 0, "lost_in_downtime": 0,
+                    "lost_after_resume": 22}
+    result.rx_drops = checks.receive_drops(before, after)
+    with pytest.raises(checks.CheckFailed, match=r"22 probes lost \(0 sent before the source stopped, 0 in the "
+                       r"downtime, 22 after the resume\), more than 0.*receive drops across it: eth0 "
+                       r"rx_missed_errors \+22"):
+        checks.assert_thresholds(result, None, 0)
+    result.rx_drops = {}
+    with pytest.raises(checks.CheckFailed, match="NICs counted no receive drop"):
+        checks.assert_thresholds(result, None, 0)
 
 
 def test_link_flap_check_passes_unchanged_carrier_and_records_zero() -> None:
