@@ -193,5 +193,8 @@ def assert_thresholds(result: TransferResult, max_blackout_ms: float | None,
                           for c, d in grew.items())
         where = (f"; the guest counted receive drops across it: {drops}" if drops else
                  "; the guest's NICs counted no receive drop across it" if result.rx_drops is not None else "")
+        if capture := probe.get("probe_capture_drops"):
+            where += (f"; the harness's capture socket dropped {capture} frames (its buffer was full): a reply "
+                      f"among them reads as a lost probe")
         raise CheckFailed(f"transfer {result.index}: {probe.get('lost')} probes lost{phases}, more than "
                           f"{max_lost_probes}{where}{_where(logs)}")

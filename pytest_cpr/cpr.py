@@ -146,6 +146,7 @@ class TransferResult:
             "carrier_changes": self.carrier_changes,
             "rx_drops": None if self.rx_drops is None else sum(sum(d.values()) for d in self.rx_drops.values()),
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
+            "probe_capture_drops": probe.get("probe_capture_drops"),
             "probe_send_jitter_p99_ms": probe.get("send_jitter_p99_ms"),
             "lost_before_stop": probe.get("lost_before_stop"),
             "lost_in_downtime": probe.get("lost_in_downtime"),

@@ -4,12 +4,14 @@ the timeline picture, the cpr_ properties, and thresholds that fail a transfer."
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_cpr import checks, plot
 from pytest_cpr.checks import CheckFailed
+from pytest_cpr.net import traffic as traffic_module
 from pytest_cpr.vm import CprVM
 
 pytestmark = pytest.mark.cpr(mode="cpr-transfer")
@@ -68,3 +70,30 @@ def test_blackout_threshold_fails_a_real_transfer(cpr_vm: CprVM, cpr_thresholds:
     checks.assert_completed(result, cpr_vm.artifacts)
     with pytest.raises(CheckFailed, match=r"blackout .* ms exceeds 0.001 ms"):
         checks.assert_thresholds(result, logs=cpr_vm.artifacts, **cpr_thresholds)
+
+
+@pytest.mark.parametrize("capture", ["default-buffer", "tiny-buffer"])
+def test_reply_burst_after_a_pause_is_captured_or_its_drops_counted(
+        cpr_vm: CprVM, capture: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest paused for 300 probes, then let go: it answers every queued request at once. With
+    the capture's 8 MiB buffer every reply is seen (0 lost, 0 capture drops); with a tiny one (the
+    control) the burst overflows it, the kernel counts the drops (PACKET_STATISTICS) and the replies
+    it dropped read as lost probes: a loss the harness must name as its own, not the guest's."""
+    if capture == "tiny-buffer":
+        monkeypatch.setattr(traffic_module, "CAPTURE_BUFFER", 4096)
+    with cpr_vm.traffic(tcp=False) as traffic:
+        traffic.wait_answers(20, 60.0)
+        t0 = time.time()
+        cpr_vm.current.qmp.execute("stop")
+        traffic.wait_sent(300)
+        cpr_vm.current.qmp.execute("cont")
+        traffic.wait_answers(20, 60.0)
+        stats = traffic.probe.stats(t0, time.time(), grace_s=0.5)
+        drops = traffic.probe.capture_drops
+    print(f"{capture}: buffer {traffic.probe.capture_buffer} B, {stats.lost} of {stats.sent} lost, "
+          f"capture drops {drops}")
+    if capture == "tiny-buffer":
+        assert drops > 0 and stats.lost > 0, (drops, stats)
+    else:
+        assert traffic.probe.capture_buffer >= traffic_module.CAPTURE_BUFFER
+        assert (drops, stats.lost) == (0, 0), stats

@@ -208,6 +208,9 @@ def test_receive_drops_name_what_grew_and_lost_probes_say_where() -> None:
     result.rx_drops = {}
     with pytest.raises(checks.CheckFailed, match="NICs counted no receive drop"):
         checks.assert_thresholds(result, None, 0)
+    result.probe["probe_capture_drops"] = 40
+    with pytest.raises(checks.CheckFailed, match="capture socket dropped 40 frames"):
+        checks.assert_thresholds(result, None, 0)
 
 
 def test_link_flap_check_passes_unchanged_carrier_and_records_zero() -> None:
