@@ -135,15 +135,16 @@ def carrier(counters: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
     return {name: c["carrier_changes"] for name, c in counters.items() if "carrier_changes" in c}
 
 
-def receive_drops(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]]
-                  ) -> dict[str, dict[str, int]]:
-    """The receive-drop counters (guest.state.LINK_COUNTERS but carrier_changes) that grew across a
-    transfer, per interface: where lost probes were dropped, if in the guest's NIC or stack."""
+def drops_grown(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Mapping[str, int]],
+                side: str) -> dict[str, dict[str, int]]:
+    """The drop counters (procfs.DROP_COUNTERS) that grew across a transfer, per interface named
+    '<side> <ifname>' (side: guest, or host: the probing namespace): where lost probes were dropped,
+    if a NIC or a stack dropped them."""
     out: dict[str, dict[str, int]] = {}
     for name, counts in after.items():
         grew = {c: n - before.get(name, {}).get(c, n) for c, n in counts.items() if c != "carrier_changes"}
         if grew := {c: d for c, d in grew.items() if d}:
-            out[name] = grew
+            out[f"{side} {name}"] = grew
     return out
 
 
@@ -189,10 +190,11 @@ def assert_thresholds(result: TransferResult, max_blackout_ms: float | None,
         phases = "" if "lost_in_downtime" not in probe else (
             f" ({probe['lost_before_stop']} sent before the source stopped, {probe['lost_in_downtime']} "
             f"in the downtime, {probe['lost_after_resume']} after the resume)")
-        drops = ", ".join(f"{name} {c} +{d}" for name, grew in (result.rx_drops or {}).items()
+        drops = ", ".join(f"{name} {c} +{d}" for name, grew in (result.link_drops or {}).items()
                           for c, d in grew.items())
-        where = (f"; the guest counted receive drops across it: {drops}" if drops else
-                 "; the guest's NICs counted no receive drop across it" if result.rx_drops is not None else "")
+        where = (f"; interfaces counted drops across it: {drops}" if drops else
+                 "; no interface of the guest or the probing host counted a drop across it"
+                 if result.link_drops is not None else "")
         if capture := probe.get("probe_capture_drops"):
             where += (f"; the harness's capture socket dropped {capture} frames (its buffer was full): a reply "
                       f"among them reads as a lost probe")

@@ -76,9 +76,9 @@ class TransferResult:
     # carrier changes of the checked guest NICs across the transfer (0 expected: no reset, no flap;
     # None: not read)
     carrier_changes: int | None = None
-    # receive-drop counters of those NICs that grew across the transfer, {ifname: {counter: delta}}
-    # (checks.receive_drops; None: not read)
-    rx_drops: dict[str, dict[str, int]] | None = None
+    # drop counters that grew across the transfer on those guest NICs and the probing host's
+    # interfaces, {"guest eth1": {"rx_missed_errors": 3}} (checks.drops_grown; None: not read)
+    link_drops: dict[str, dict[str, int]] | None = None
     # locked/pinned memory in KiB of the old and new QEMU around a passthrough transfer, keyed
     # "<old|new>_qemu_<vmlck|vmpin>_<before|after|exit>" (passthrough.HostWatch; empty: not read)
     pinned_kib: dict[str, int] = field(default_factory=dict)
@@ -144,7 +144,7 @@ class TransferResult:
             "old_qemu_kvm_fds": self.old_qemu_kvm_fds,
             "vfio_containers": self.vfio_containers,
             "carrier_changes": self.carrier_changes,
-            "rx_drops": None if self.rx_drops is None else sum(sum(d.values()) for d in self.rx_drops.values()),
+            "link_drops": None if self.link_drops is None else sum(sum(d.values()) for d in self.link_drops.values()),
             "probe_send_stall_ms": probe.get("max_send_gap_ms"),
             "probe_capture_drops": probe.get("probe_capture_drops"),
             "probe_send_jitter_p99_ms": probe.get("send_jitter_p99_ms"),

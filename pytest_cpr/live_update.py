@@ -3,7 +3,8 @@
 Interrupt windows before and after the transfer (`window` answered probes each; the one after grows
 up to IRQ_WAIT_S for slow vectors), then every check: completed, old QEMU quit cleanly, QEMU quiet
 on stderr, connectivity, same boot, interrupts, no link flap (carrier_changes of the main NIC and
-any `links` unchanged; their receive drops are recorded), thresholds. A new check goes into
+any `links` unchanged; the drops the guest's and the probing host's interfaces counted are
+recorded), thresholds. A new check goes into
 `LiveUpdatePolicy.run`.
 """
 
@@ -44,7 +45,7 @@ class LiveUpdatePolicy:
         s0 = vm.snapshot()
         self._window()
         s1 = vm.snapshot()
-        links = vm.link_counters(self.links)
+        links, host_links = vm.link_counters(self.links), vm.network.link_counters()
         result = vm.transfer(target)
         checks.assert_completed(result, logs)
         checks.assert_source_quit(result, vm.known_bugs(result), logs)
@@ -52,7 +53,8 @@ class LiveUpdatePolicy:
         self._assert_connectivity(result)
         s2 = vm.snapshot()
         links_after = vm.link_counters(self.links)
-        result.rx_drops = checks.receive_drops(links, links_after)
+        result.link_drops = {**checks.drops_grown(links, links_after, "guest"),
+                             **checks.drops_grown(host_links, vm.network.link_counters(), "host")}
         self._window_after(result, s2)
         s3 = self._until_vectors_fire_again(checks.active_vectors(s0, s1, self.pattern), s2, vm.snapshot())
         checks.assert_same_boot(s1, s2, logs=logs)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The kernel's per-interface counts of frames a NIC or the stack dropped (rtnl link stats, the same
+# as /sys/class/net/<if>/statistics/): rx_missed_errors, a full receive ring; rx_over/fifo, an
+# overrun; rx_dropped, the stack; tx_dropped, a frame the interface could not send
+DROP_COUNTERS = ("rx_missed_errors", "rx_over_errors", "rx_fifo_errors", "rx_dropped", "tx_dropped")
+
 
 @dataclass(frozen=True)
 class IrqLine:

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from pytest_cpr.guest.ssh import GuestSSH
+from pytest_cpr.procfs import DROP_COUNTERS
 from pytest_cpr.procfs import IrqLine as IrqLine  # re-exported: their old home
 from pytest_cpr.procfs import parse_interrupts as parse_interrupts
 
@@ -80,12 +81,8 @@ def dmesg_failures(text: str, link_settled_s: float | None = None) -> list[str]:
 
 
 # What the kernel counts per guest interface across a transfer: carrier changes (every carrier down
-# and up a driver reports: a NIC reset or link flap) and the frames the NIC or driver dropped on
-# receive (rx_missed_errors: the NIC found no free descriptor, its ring was full; rx_over/fifo: it
-# overran; rx_dropped: the stack dropped it). A lost probe with none of these counted was not lost
-# in the guest's NIC.
-LINK_COUNTERS = ("carrier_changes", "statistics/rx_missed_errors", "statistics/rx_over_errors",
-                 "statistics/rx_fifo_errors", "statistics/rx_dropped")
+# and up a driver reports: a NIC reset or link flap) and the frames dropped (host.netns.DROP_COUNTERS).
+LINK_COUNTERS = ("carrier_changes", *(f"statistics/{c}" for c in DROP_COUNTERS))
 
 
 def link_command(ifnames: list[str] | tuple[str, ...]) -> str:

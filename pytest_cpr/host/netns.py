@@ -28,6 +28,7 @@ from pytest_cpr import leftovers
 from pytest_cpr.errors import CprSettingError
 from pytest_cpr.host import inuse
 from pytest_cpr.host.hostconfig import HostPaths
+from pytest_cpr.procfs import DROP_COUNTERS
 
 T = TypeVar("T")
 
@@ -135,6 +136,18 @@ class GuestNetwork:
             br = ns.link_lookup(ifname="br0")[0]
             ns.link("set", index=ns.link_lookup(ifname=tap)[0], master=br, state="up")
         return fd
+
+    def link_counters(self) -> dict[str, dict[str, int]]:
+        """The namespace's interfaces' drop counters (DROP_COUNTERS: the bridge, the taps, an adopted
+        peer port), by name: the host side of where a probe was dropped."""
+        with NetNS(self.name) as ns:
+            links = ns.get_links()
+        out = {}
+        for link in links:
+            stats = link.get_attr("IFLA_STATS64")
+            if stats is not None:
+                out[str(link.get_attr("IFLA_IFNAME"))] = {c: int(stats[c]) for c in DROP_COUNTERS}
+        return out
 
     def pin_neighbor(self, ip: str, mac: str, ifname: str = "br0") -> None:
         """A permanent neighbour entry for the guest on br0 (or an adopted peer port): the probes reach

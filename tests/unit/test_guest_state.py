@@ -192,21 +192,21 @@ def test_link_command_and_parser() -> None:
         link_command(("eth0; reboot",))
 
 
-def test_receive_drops_name_what_grew_and_lost_probes_say_where() -> None:
+def test_drops_grown_name_what_grew_and_lost_probes_say_where() -> None:
     before = {"eth0": {"carrier_changes": 1, "rx_missed_errors": 3, "rx_dropped": 0}, "eth1": {"rx_dropped": 0}}
     after = {"eth0": {"carrier_changes": 1, "rx_missed_errors": 25, "rx_dropped": 0}, "eth1": {"rx_dropped": 0}}
-    assert checks.receive_drops(before, after) == {"eth0": {"rx_missed_errors": 22}}
+    assert checks.drops_grown(before, after, "guest") == {"guest eth0": {"rx_missed_errors": 22}}
     assert checks.carrier(after) == {"eth0": 1}
     result = TransferResult(1, ProcessRef("g0"), ProcessRef("g1"), status="completed")
     result.probe = {"lost": 22, "max_gap_ms": 900.0, "lost_before_stop": 0, "lost_in_downtime": 0,
                     "lost_after_resume": 22}
-    result.rx_drops = checks.receive_drops(before, after)
+    result.link_drops = checks.drops_grown(before, after, "guest")
     with pytest.raises(checks.CheckFailed, match=r"22 probes lost \(0 sent before the source stopped, 0 in the "
-                       r"downtime, 22 after the resume\), more than 0.*receive drops across it: eth0 "
+                       r"downtime, 22 after the resume\), more than 0.*counted drops across it: guest eth0 "
                        r"rx_missed_errors \+22"):
         checks.assert_thresholds(result, None, 0)
-    result.rx_drops = {}
-    with pytest.raises(checks.CheckFailed, match="NICs counted no receive drop"):
+    result.link_drops = {}
+    with pytest.raises(checks.CheckFailed, match="no interface of the guest or the probing host counted a drop"):
         checks.assert_thresholds(result, None, 0)
     result.probe["probe_capture_drops"] = 40
     with pytest.raises(checks.CheckFailed, match="capture socket dropped 40 frames"):
