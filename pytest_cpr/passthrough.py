@@ -504,7 +504,6 @@ class PassthroughGuest:
     def __init__(self, vm: CprVM, devices: VfioDevices) -> None:
         self.vm, self.devices = vm, devices
         self.link_settled_s: float | None = None  # guest uptime when nic_traffic had set up the peers
-        self.rx_rings: dict[str, int | None] = {}  # receive ring size set per guest NIC (None: ethtool missing)
 
     @property
     def nics(self) -> list[tuple[DeviceConfig, Passthrough]]:
@@ -543,25 +542,9 @@ class PassthroughGuest:
         ifname = self.guest_ifname(dev)  # guest-setup addressed it from cpr.net<N>; make sure of it
         self.vm.run(f"ip addr replace {config.guest_ip} dev {ifname} && ip link set {ifname} up")
         if config.peer_interface not in self.vm.network.adopted:
-            self.rx_rings[ifname] = self.widen_rx_ring(ifname)  # before the link settles: it resets the NIC
             self.vm.network.adopt_interface(config.peer_interface, config.peer_ip)  # takes its link down once
             self.link_settled_s = self._link_settled(ifname)
         return config, ifname
-
-    def widen_rx_ring(self, ifname: str) -> int | None:
-        """Set the NIC's receive ring to the most its driver allows (ethtool -G; igb and e1000e: 4096
-        descriptors, 20 s of 5 ms probes). Frames that arrive while the guest is paused wait in that
-        ring; with igb's default 256 a pause over ~1.2 s overflowed it and the NIC dropped the rest,
-        counted nowhere (virtual host, cpr-exec: the 54 probes sent in the last 400 ms of a 1244 ms
-        pause, while every earlier one was answered late). The probes' "no loss" then measured the
-        ring, not the update. Returns the ring size now; None in a guest without ethtool (a user's
-        image), where the driver's default stays."""
-        out = self.vm.run(
-            f"command -v ethtool >/dev/null || exit 0; "
-            f"max=$(ethtool -g {ifname} | awk '/^Pre-set/{{p=1}} p && /^RX:/{{print $2; exit}}'); "
-            f"ethtool -G {ifname} rx \"$max\" 2>/dev/null; "
-            f"ethtool -g {ifname} | awk '/^Current/{{c=1}} c && /^RX:/{{print $2; exit}}'").stdout.strip()
-        return int(out) if out.isdigit() else None
 
     LINK_SETTLE_S = 3.0  # igb's watchdog reports a link change within 2 s
 

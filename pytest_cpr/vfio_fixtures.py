@@ -108,19 +108,13 @@ def cpr_vfio(request: pytest.FixtureRequest, cpr_settings: CprSettings, cpr_sour
 
 @pytest.fixture
 def cpr_vfio_guest(request: pytest.FixtureRequest, cpr_vfio: VfioDevices, cpr_vm_factory: Callable[..., CprVM],
-                   cpr_settings: CprSettings) -> Iterator[PassthroughGuest]:
+                   cpr_settings: CprSettings) -> PassthroughGuest:
     """A booted guest (full kernel, memory from the host config) with the test's VFIO devices on fixed
     guest PCI slots and its NICs addressed from the host config. cpr_vfio is set up first, so the
     guest is shut down before the devices go back to their drivers. With the `viommu` marker the
-    guest has an intel-iommu (its kernel translating DMA) and QEMU traces its IOAS allocations.
-    The receive ring each NIC got for its traffic is recorded as `cpr_nic_rx_ring`."""
+    guest has an intel-iommu (its kernel translating DMA) and QEMU traces its IOAS allocations."""
     viommu = request.node.get_closest_marker("viommu") is not None
-    guest = boot_passthrough_guest(cpr_vfio, cpr_vm_factory, cpr_settings, viommu)
-    yield guest
-    if guest.rx_rings:
-        rings = (f"{n}: {'driver default (no ethtool in the guest)' if r is None else r}"
-                 for n, r in guest.rx_rings.items())
-        request.node.user_properties.append(("cpr_nic_rx_ring", ", ".join(rings)))
+    return boot_passthrough_guest(cpr_vfio, cpr_vm_factory, cpr_settings, viommu)
 
 
 def boot_passthrough_guest(devices: VfioDevices, factory: Callable[..., CprVM], settings: CprSettings,

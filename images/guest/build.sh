@@ -9,7 +9,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/../lib/debootstrap.sh"
 SUITE=${CPR_GUEST_SUITE:-bookworm}
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PACKAGES=openssh-server,iproute2,iputils-ping,procps,busybox,ethtool
+PACKAGES=openssh-server,iproute2,iputils-ping,procps,busybox
 ROOTFS_SIZE=${CPR_GUEST_ROOTFS_SIZE:-768M}
 WORK="$OUT/work"
 step() { printf '[guest-image %(%H:%M:%S)T] %s\n' -1 "$*"; }
