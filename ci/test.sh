@@ -74,7 +74,7 @@ fi
 # (test_blackout_interrupt_check_catches_*): the NIC driver's 2 s watchdog can mend the interrupt it
 # drops within the check's bound, and in the last L1 run (2026-11-26 21:40) it did in all 3 of its
 # transfers on iommufd, so the control did not fail: a control that misses 1 run in a few cannot gate.
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not cross and not without_flr and not check_catches"'
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not cross and not viommu and not cpr_exec_keeps_nvme and not without_flr and not check_catches"'
 vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (62 min)
   # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
   timeout -k 60 "${CPR_VHOST_TIMEOUT:-3700}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
