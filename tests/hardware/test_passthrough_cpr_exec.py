@@ -22,8 +22,8 @@ pytestmark = pytest.mark.cpr(mode="cpr-exec")
 CPR_EXEC_MAX_BLACKOUT_MS = 20000.0
 
 
-# 9-1040 probes lost in pauses of 1.2-8.0 s (200 probes a second): with the capture fixed, still 16-54 in
-# the first exec of a test (the probes sent from ~1 s into the pause to its end) and 0 in the second; not
+# 9-1040 probes lost in pauses of 1.2-8.0 s (200 probes a second): with the capture fixed, still 0-54 per
+# exec (the probes sent from ~1 s into the pause to its end, most often in a test's first exec); not
 # the guest's RX ring (4096 descriptors lost the same), cause open (docs/virtual-host.md, "Where lost probes
 # went"); recorded, not bounded (the TCP stream, retransmitted, must arrive intact)
 @pytest.mark.cpr_thresholds(max_blackout_ms=CPR_EXEC_MAX_BLACKOUT_MS, max_lost_probes=None)
