@@ -10,6 +10,7 @@ from pytest_cpr.cpr import TransferResult
 from pytest_cpr.guest.state import GuestSnapshot, dmesg_failures
 from pytest_cpr.kinds import Phase
 from pytest_cpr.net.traffic import StreamResult
+from pytest_cpr.procfs import DROP_COUNTERS
 from pytest_cpr.qemu.bugs import KnownBug
 
 
@@ -142,7 +143,7 @@ def drops_grown(before: Mapping[str, Mapping[str, int]], after: Mapping[str, Map
     if a NIC or a stack dropped them."""
     out: dict[str, dict[str, int]] = {}
     for name, counts in after.items():
-        grew = {c: n - before.get(name, {}).get(c, n) for c, n in counts.items() if c != "carrier_changes"}
+        grew = {c: n - before.get(name, {}).get(c, n) for c, n in counts.items() if c in DROP_COUNTERS}
         if grew := {c: d for c, d in grew.items() if d}:
             out[f"{side} {name}"] = grew
     return out

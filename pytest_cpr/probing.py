@@ -131,7 +131,7 @@ class ProbeMeasurement(Observer):
                         **lost_by_phase(probes, t[Phase.STEP_START], window_end, t.get(Phase.SOURCE_STOPPED),
                                         t[Phase.TARGET_RUNNING]),
                         "probe_realtime": probe.realtime, "probe_uncaptured": probe.uncaptured,
-                        "probe_capture_drops": probe.capture_drops}
+                        "probe_capture_drops": probe.capture_drops()}
 
 
 def _window_start(probes: list[Probe], step_start: float) -> float:

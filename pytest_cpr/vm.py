@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pytest_cpr import checks
 from pytest_cpr.artifacts import ArtifactWriter
 from pytest_cpr.cpr import TransferResult
 from pytest_cpr.errors import CprError, CprTimeout
@@ -146,12 +147,12 @@ class CprVM:
         return out[1].split("@")[0]
 
     def link_counters(self, ifnames: Sequence[str]) -> dict[str, dict[str, int]]:
-        """The guest interfaces' carrier changes and receive drops (guest.state.LINK_COUNTERS), over SSH."""
+        """The guest interfaces' carrier changes and drop counters (guest.state.LINK_COUNTERS), over SSH."""
         return parse_link_counters(self.run(link_command(tuple(ifnames))).stdout) if ifnames else {}
 
     def carrier_changes(self, ifnames: Sequence[str]) -> dict[str, int]:
         """/sys/class/net/<if>/carrier_changes of the guest interfaces, over SSH."""
-        return {n: c["carrier_changes"] for n, c in self.link_counters(ifnames).items() if "carrier_changes" in c}
+        return checks.carrier(self.link_counters(ifnames))
 
     def collect_dmesg(self) -> str:
         """Guest kernel log, over SSH if it works, else over the serial console; saved to artifacts."""

@@ -81,7 +81,7 @@ def dmesg_failures(text: str, link_settled_s: float | None = None) -> list[str]:
 
 
 # What the kernel counts per guest interface across a transfer: carrier changes (every carrier down
-# and up a driver reports: a NIC reset or link flap) and the frames dropped (host.netns.DROP_COUNTERS).
+# and up a driver reports: a NIC reset or link flap) and the frames dropped (procfs.DROP_COUNTERS).
 LINK_COUNTERS = ("carrier_changes", *(f"statistics/{c}" for c in DROP_COUNTERS))
 
 

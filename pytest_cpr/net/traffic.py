@@ -242,10 +242,10 @@ class IcmpProbe:
                 else:
                     self._log.reply(echo[1], t)
 
-    @property
     def capture_drops(self) -> int:
-        """Frames the kernel dropped because the capture socket's buffer was full, since the start
-        (PACKET_STATISTICS): replies it dropped read as lost probes that the guest answered."""
+        """Frames the kernel dropped because the capture socket's buffer was full, since the start:
+        PACKET_STATISTICS resets at each read, so each call adds what it read to the total. Replies it
+        dropped read as lost probes that the guest answered."""
         if self._sock.fileno() >= 0:
             with self._lock:
                 _, drops = struct.unpack("@II", self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
@@ -274,7 +274,7 @@ class IcmpProbe:
             self._stop.set()
             if self._thread.is_alive():
                 self._thread.join(2)
-            _ = self.capture_drops  # counted before the socket goes
+            self.capture_drops()  # counted before the socket goes
             self._sock.close()
 
     def snapshot(self) -> list[Probe]:

@@ -89,7 +89,7 @@ def test_reply_burst_after_a_pause_is_captured_or_its_drops_counted(
         cpr_vm.current.qmp.execute("cont")
         traffic.wait_answers(20, 60.0)
         stats = traffic.probe.stats(t0, time.time(), grace_s=0.5)
-        drops = traffic.probe.capture_drops
+        drops = traffic.probe.capture_drops()
     print(f"{capture}: buffer {traffic.probe.capture_buffer} B, {stats.lost} of {stats.sent} lost, "
           f"capture drops {drops}")
     if capture == "tiny-buffer":
