@@ -381,7 +381,11 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-accel", f"tcg,thread={cfg.tcg_thread},tb-size={cfg.tb_size}" if tcg else "kvm",
         "-machine", "q35,kernel-irqchip=split", "-cpu", cfg.cpu if tcg else "host",
         "-smp", str(cfg.cpus), "-m", cfg.memory,
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-nodefaults", "-no-user-config", "-display", "none",
+        # an L1 reset (triple fault, or panic=-1) pauses L1 instead of ending QEMU: the harness reads the
+        # CPUs as the fault left them (l1-halt.txt), then quits it; -d cpu_reset logs "Triple fault"
+        "-action", "reboot=shutdown,shutdown=pause",
+        *(("-d", "cpu_reset", "-D", str(cfg.artifacts / "l1-qemu.log")) if tcg else ()),
         "-device", "intel-iommu,intremap=on,caching-mode=on",
         "-kernel", str(cfg.vmlinuz), "-initrd", str(cfg.image / "initrd.img"), "-append", append,
         "-drive", f"file={cfg.image / 'rootfs.img'},if=none,id=root,format=raw,snapshot=on",
@@ -459,6 +463,7 @@ class VirtualHost:
         self.agent: AgentChannel | None = None
         self.side: AgentChannel | None = None  # second agent (hvc1): usable while `agent` is busy
         self._rundir: Path | None = None
+        self._gone: str | None = None  # why L1 is gone, once known (its CPUs recorded once)
 
     def __enter__(self) -> VirtualHost:
         try:
@@ -526,14 +531,46 @@ class VirtualHost:
         return self.boot_seconds
 
     def _exit_reason(self) -> str | None:
-        """Why L1's QEMU exited (None while it runs), with L1's kernel panic line when its console
-        has one (an L1 reset under -no-reboot and panic=-1 is a panic or a triple fault)."""
+        """Why L1 is gone (None while it runs): its QEMU exited, or L1 reset itself (a panic under
+        panic=-1, or a triple fault) and QEMU holds it paused; then with L1's kernel panic line when
+        its console has one, "Triple fault" when QEMU logged one, and where each vCPU was."""
         assert self.process is not None
-        reason = self.process.exit_reason()
+        if self._gone is not None:
+            return self._gone
+        reason = self.process.halt_reason()
         if reason is None:
             return None
-        panic = l1_panic(self.config.artifacts / "l1-console.log")
-        return f"L1 kernel panic: {panic}; {reason}" if panic else reason
+        if (panic := l1_panic(self.config.artifacts / "l1-console.log")) is not None:
+            reason = f"L1 kernel panic: {panic}; {reason}"
+        elif "Triple fault" in tail(self.config.artifacts / "l1-qemu.log", 400):
+            reason = f"L1 triple fault (QEMU's -d cpu_reset log); {reason}"
+        if self.process.exit_reason() is None:  # held paused: record its CPUs, then it may go
+            dump = self.config.artifacts / "l1-halt.txt"
+            where = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"))
+            reason = f"{reason}; L1 vCPUs: {', '.join(where) or '?'} (registers {dump})"
+        self._gone = reason
+        return reason
+
+    def _record_cpus(self, dump: Path, commands: Sequence[str]) -> list[str]:
+        """Write QMP commands' (or HMP command lines') answers to `dump`, each vCPU's RIP named from
+        L1's kallsyms after each `info registers`; returns the names of the last."""
+        assert self.process is not None
+        symbols = load_kallsyms(self.inner / "l1-kallsyms.txt.gz")
+        where: list[str] = []
+        with dump.open("w") as fh:
+            for command in commands:
+                cmd, args = (("human-monitor-command", {"command-line": command}) if " " in command
+                             else (command, None))
+                try:
+                    reply = self.process.qmp.execute(cmd, args, timeout=20)
+                    fh.write(f"== {cmd} {args or ''}\n{reply}\n")
+                    if command.startswith("info registers") and isinstance(reply, str):
+                        where = [f"CPU#{cpu} at {where_is(rip, symbols)}{' (halted)' if hlt else ''}"
+                                 for cpu, rip, hlt in cpu_rips(reply)]
+                        fh.write("".join(f"== {w}\n" for w in where))
+                except Exception as exc:  # diagnostics only: record and go on
+                    fh.write(f"== {cmd}: {exc}\n")
+        return where
 
     def _setup(self) -> None:
         """What the admin of a hardware runner does once: write the host config (and keep a copy)."""
@@ -564,21 +601,8 @@ class VirtualHost:
         except CprTimeout:
             pass
         dump = self.config.artifacts / "l1-stuck.txt"
-        symbols = load_kallsyms(self.inner / "l1-kallsyms.txt.gz")
-        with dump.open("w") as fh:
-            for cmd, args in (("query-status", None), ("query-cpus-fast", None),
-                              ("human-monitor-command", {"command-line": "info registers -a"}),
-                              ("human-monitor-command", {"command-line": "info registers -a"}),
-                              ("human-monitor-command", {"command-line": "info lapic"}),
-                              ("human-monitor-command", {"command-line": "info jit"})):
-                try:
-                    reply = self.process.qmp.execute(cmd, args, timeout=20)
-                    fh.write(f"== {cmd} {args or ''}\n{reply}\n")
-                    if "registers" in str(args) and isinstance(reply, str):
-                        fh.write("".join(f"== CPU#{cpu} at {where_is(rip, symbols)} (halted: {hlt})\n"
-                                         for cpu, rip, hlt in cpu_rips(reply)))
-                except Exception as exc:  # diagnostics only: record and go on
-                    fh.write(f"== {cmd}: {exc}\n")
+        self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a", "info registers -a",
+                                 "info lapic", "info jit"))
         raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "
                          f"did not answer `cat /proc/uptime` within 60s (L1 frozen); L1 CPU state {dump}, "
                          f"console {self.config.artifacts / 'l1-console.log'}")
@@ -738,6 +762,49 @@ def failed_tests(junit: Path) -> list[str]:
         if node not in out:
             out.append(node)
     return out
+
+
+def first_lines(failure: ET.Element | None, lines: int = 3, limit: int = 600) -> str:
+    """The first lines of a JUnit failure's message, joined: what CI's log shows of an inner failure
+    (the inner artifacts stay on the runner)."""
+    message = (failure.get("message") or failure.text or "") if failure is not None else ""
+    kept = [line.strip() for line in message.strip().splitlines() if line.strip()][:lines]
+    return (" / ".join(kept) or "(no message)")[:limit]
+
+
+def gate_problems(junit: Path, args: Sequence[str], backends: Sequence[str], core: Sequence[str]) -> list[str]:
+    """What an inner run of the gate lacks, one sentence each; [] when it holds. It holds when no
+    test failed (each failure named with its message's first lines), a test passed on each backend
+    L1 offers with cpr_ numbers, and each core test the run selected passed on every backend with
+    its t1 downtime and blackout. A retry (`args` name node ids, or --deselect what the first
+    attempt finished) is asked this of the tests it ran, not of those it left out."""
+    cases = list(ET.parse(junit).getroot().iter("testcase"))  # noqa: S314 (our own pytest's JUnit XML)
+    names = [c.get("name") or "" for c in cases]
+    failed = [f"{c.get('name')}: {first_lines(failure_of(c))}" for c in cases if failure_of(c) is not None]
+    if failed:
+        return [f"inner tests failed: {f}" for f in failed]
+    passed = [c for c in cases if all(e.tag in ("properties", "system-out", "system-err") for e in c)]
+    numbers = {c.get("name") or "": {p.get("name") or "" for p in c.iter("property")} for c in passed}
+    retry = any("::" in a for a in args) or "--deselect" in args
+    problems = []
+    for backend in backends:
+        if retry and not any(f"[{backend}" in n for n in names):
+            continue
+        ok = [n for n in numbers if f"[{backend}" in n]
+        if not any(p.startswith("cpr_") for n in ok for p in numbers[n]):
+            problems.append(f"no {backend} passthrough test passed in L1 with cpr_ numbers: {names}")
+    selected = [t for t in core if any(n.startswith(f"test_{t}[") for n in names)]
+    if not selected:
+        problems.append(f"no core passthrough test ({', '.join(core)}) ran in L1: {names}")
+    for name in (f"test_{test}[{backend}]" for test in selected for backend in backends):
+        if retry and name not in names:
+            continue
+        if name not in numbers:
+            problems.append(f"{name} did not pass in L1: {names}")
+        else:
+            problems += [f"{name} has no {n}" for n in ("cpr_t1_qemu_downtime_ms", "cpr_t1_blackout_ms")
+                         if n not in numbers[name]]
+    return problems
 
 
 # a test's outcome in the inner pytest's -v output, streamed to L0 line by line as it runs

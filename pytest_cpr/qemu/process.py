@@ -168,12 +168,18 @@ class QemuProcess:
     def halt_reason(self) -> str | None:
         """exit_reason(), or why the guest cannot run although its QEMU does: the guest panicked
         (GUEST_PANICKED), or QEMU stopped the VM on an accelerator error (STOP with no RESUME after
-        it and a KVM_FATAL line on stderr: "KVM internal error. Suberror: 3", "KVM: entry failed").
+        it and a KVM_FATAL line on stderr: "KVM internal error. Suberror: 3", "KVM: entry failed"), or
+        the guest asked to reset or power off and QEMU, told `-action shutdown=pause`, paused it.
         A wait on the guest that polls this ends at once, naming QEMU's words, instead of at its
         timeout (seen in the virtual host: an L2 QEMU stopped on a KVM entry failure was waited out
         to the test's 900 s)."""
         if (reason := self.exit_reason()) is not None:
             return reason
+        asked = [e.get("data", {}) for e in self.qmp.events
+                 if e.get("event") == "SHUTDOWN" and e.get("data", {}).get("guest")]
+        if asked:  # QEMU runs on: -action shutdown=pause holds the guest's CPUs as they were
+            return (f"QEMU {self.label} holds the guest stopped after SHUTDOWN by the guest: "
+                    f"{asked[-1].get('reason', '?')}; stderr {self.stderr_path}")
         state = [e for e in self.qmp.events if e.get("event") in ("STOP", "RESUME", "GUEST_PANICKED")]
         if state and state[-1].get("event") == "GUEST_PANICKED":
             return f"QEMU {self.label} reports GUEST_PANICKED {state[-1].get('data', {})}; stderr {self.stderr_path}"

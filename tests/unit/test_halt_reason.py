@@ -66,3 +66,13 @@ def test_exited_qemu_reports_its_exit(proc: QemuProcess) -> None:
     proc.popen.wait()
     reason = proc.halt_reason()
     assert reason is not None and "exited (killed by signal 9" in reason
+
+
+def test_guest_reset_held_by_shutdown_pause_is_a_halt(proc: QemuProcess) -> None:
+    """L1 runs with `-action reboot=shutdown,shutdown=pause`: its triple fault leaves QEMU running with
+    the CPUs as they were (for the harness to read) and must count as gone. A host's quit does not."""
+    proc.qmp.events.append({"event": "SHUTDOWN", "data": {"guest": False, "reason": "host-qmp-quit"}})
+    assert proc.halt_reason() is None
+    proc.qmp.events += [{"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-reset"}}, {"event": "STOP"}]
+    reason = proc.halt_reason()
+    assert reason is not None and "SHUTDOWN by the guest: guest-reset" in reason
