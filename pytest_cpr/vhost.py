@@ -426,6 +426,23 @@ def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
     return out
 
 
+def page_walks(registers: str) -> list[str]:
+    """HMP commands that walk CPU 0's page tables (HMP's CPU) at the addresses a triple fault turns
+    on: CR2 (the last page fault), RSP, RIP, and the TSS, IDT and GDT the CPU reads to deliver an
+    exception; then the top-level table at CR3. Seen 2026-11-27: an L1 triple fault with CR2 in
+    the TSS (its IST slot): was that page unmapped in L1's tables, or mistranslated by TCG?"""
+    block = (re.split(r"^CPU#", registers, flags=re.M)[1:] or [""])[0]
+    found = {name: m.group(1) for name in ("CR2", "RSP", "RIP", "CR3")
+             if (m := re.search(rf"\b{name}=([0-9a-f]+)", block))}
+    for name in ("TR", "IDT", "GDT"):  # 'TR =0040 fffffe0000003000 ...', 'IDT=     fffffe0000000000 ...'
+        if (m := re.search(rf"^{name}\s*=\s*(?:[0-9a-f]{{4}} )?([0-9a-f]{{16}})", block, flags=re.M)):
+            found[name] = m.group(1)
+    out = [f"gva2gpa 0x{found[n]}" for n in ("CR2", "RSP", "RIP", "TR", "IDT", "GDT") if n in found]
+    if "CR3" in found:
+        out.append(f"xp /512gx 0x{int(found['CR3'], 16) & ~0xfff:x}")
+    return out
+
+
 def load_kallsyms(path: Path) -> list[tuple[int, str]]:
     """Sorted (address, name) of a gzipped /proc/kallsyms text-symbol list; empty if unreadable."""
     try:
@@ -546,19 +563,22 @@ class VirtualHost:
             reason = f"L1 triple fault (QEMU's -d cpu_reset log); {reason}"
         if self.process.exit_reason() is None:  # held paused: record its CPUs, then it may go
             dump = self.config.artifacts / "l1-halt.txt"
-            where = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"))
+            where = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"), walk=True)
             reason = f"{reason}; L1 vCPUs: {', '.join(where) or '?'} (registers {dump})"
         self._gone = reason
         return reason
 
-    def _record_cpus(self, dump: Path, commands: Sequence[str]) -> list[str]:
+    def _record_cpus(self, dump: Path, commands: Sequence[str], walk: bool = False) -> list[str]:
         """Write QMP commands' (or HMP command lines') answers to `dump`, each vCPU's RIP named from
-        L1's kallsyms after each `info registers`; returns the names of the last."""
+        L1's kallsyms after each `info registers`; returns the names of the last. With `walk`, then
+        the page walks of CPU 0's fault-relevant addresses (page_walks)."""
         assert self.process is not None
         symbols = load_kallsyms(self.inner / "l1-kallsyms.txt.gz")
         where: list[str] = []
+        pending = list(commands)
         with dump.open("w") as fh:
-            for command in commands:
+            while pending:
+                command = pending.pop(0)
                 cmd, args = (("human-monitor-command", {"command-line": command}) if " " in command
                              else (command, None))
                 try:
@@ -568,6 +588,9 @@ class VirtualHost:
                         where = [f"CPU#{cpu} at {where_is(rip, symbols)}{' (halted)' if hlt else ''}"
                                  for cpu, rip, hlt in cpu_rips(reply)]
                         fh.write("".join(f"== {w}\n" for w in where))
+                        if walk:
+                            pending += page_walks(reply)
+                            walk = False
                 except Exception as exc:  # diagnostics only: record and go on
                     fh.write(f"== {cmd}: {exc}\n")
         return where

@@ -396,3 +396,19 @@ def test_finished_tests_of_a_streamed_log_are_left_out_of_a_retry(tmp_path: Path
                                          "tests/hardware/test_b.py::test_mdev"]
     assert vhost.finished_tests(tmp_path / "missing.log") == []
     assert vhost.main(["finished", str(log)]) == 0
+
+
+def test_a_triple_fault_dump_walks_the_fault_addresses() -> None:
+    """After an L1 triple fault the harness asks QEMU to walk CPU 0's page tables at CR2, RSP, RIP,
+    TSS, IDT and GDT (the registers of the first one seen, 2026-11-27), and dumps CR3's top table."""
+    registers = ("CPU#0\nRAX=ff30924e4043c0b8\nRSP=ff30924e4043c000\n"
+                 "RIP=ffffffff91201a07 RFL=00000046 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0\n"
+                 "TR =0040 fffffe0000003000 00004087 00008b00 DPL=0 TSS64-busy\n"
+                 "GDT=     fffffe4e210ed000 0000007f\nIDT=     fffffe0000000000 00000fff\n"
+                 "CR0=80050033 CR2=fffffe0000003024 CR3=0000000130608000 CR4=00751ef0\n"
+                 "CPU#1\nRIP=ffffffff920611df HLT=1\nCR2=0000000000000001 CR3=0000000000001000\n")
+    assert vhost.page_walks(registers) == [
+        "gva2gpa 0xfffffe0000003024", "gva2gpa 0xff30924e4043c000", "gva2gpa 0xffffffff91201a07",
+        "gva2gpa 0xfffffe0000003000", "gva2gpa 0xfffffe0000000000", "gva2gpa 0xfffffe4e210ed000",
+        "xp /512gx 0x130608000"]
+    assert vhost.page_walks("") == []
