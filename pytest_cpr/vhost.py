@@ -308,6 +308,7 @@ class VhostConfig:
     tb_size: int = 512  # MiB of TCG translation cache for L1 (`info jit` in l1-jit.txt: flushes)
     cpu: str = "max"  # L1's CPU model under TCG (it must offer SVM: L2 runs on KVM inside L1)
     cross: Path | None = None  # the cached images/qemu-forky entry, shared as L1_CROSS (None: not built)
+    qemu_args: tuple[str, ...] = ()  # extra arguments of L1's QEMU (CPR_VHOST_QEMU_ARGS), e.g. a TCG plugin
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -328,7 +329,8 @@ class VhostConfig:
                    qemu=l0_qemu, kernel=l0_kernel, cross=cross if cross.is_dir() else None,
                    append=os.environ.get("CPR_VHOST_APPEND", ""),
                    tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
-                   tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")), **overrides)  # type: ignore[arg-type]
+                   tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")),
+                   qemu_args=tuple(shlex.split(os.environ.get("CPR_VHOST_QEMU_ARGS", ""))), **overrides)  # type: ignore[arg-type]
 
     @property
     def vmlinuz(self) -> Path:
@@ -412,6 +414,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-device", "virtconsole,chardev=agent1",
         "-chardev", f"socket,id=qmp0,path={rundir / 'qmp.sock'},server=on,wait=off",
         "-qmp", "chardev:qmp0",
+        *cfg.qemu_args,
     ]
 
 

@@ -118,6 +118,9 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
     assert "hubport,id=wire2,hubid=0" in text and re.search(r"e1000e,bus=rp3,netdev=wire2", text)
     assert f"virtio-net-pci,netdev=wire1,mac={vhost.PEER_MAC}" in text
     assert text.count("readonly=on") == 2 and "snapshot=on" in text
+    extra = VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a",
+                        qemu_args=("-plugin", "/opt/discon.so,out=/tmp/d.txt"))
+    assert vhost.l1_argv(extra, "qemu", "tcg", tmp_path, tmp_path / "nvme.img")[-2:] == list(extra.qemu_args)
     with pytest.raises(CprSettingError, match="cpr-image build vhost"):
         cfg.validate()
 
