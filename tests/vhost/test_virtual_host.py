@@ -107,12 +107,16 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
     """igb, e1000e and the peer NIC share hub 0 (a cable); igb, NVMe and e1000e sit behind their own
     root ports;
     the working tree and guest image are read-only in L1; the root disk is a throwaway snapshot; L1's
-    kernel skips its IO-APIC timer test (a loaded host made it panic: an L1 reset at boot)."""
+    kernel skips its IO-APIC timer test (a loaded host made it panic: an L1 reset at boot); an L1
+    reset is held paused for its CPU state."""
     cfg = VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a")
     argv = vhost.l1_argv(cfg, "qemu", "tcg", tmp_path, tmp_path / "nvme.img")
     text = " ".join(argv)
     assert "intel-iommu,intremap=on,caching-mode=on" in text and "kernel-irqchip=split" in text
     assert "no_timer_check" in argv[argv.index("-append") + 1]
+    # an L1 reset pauses L1 (its CPUs then read) instead of ending QEMU; TCG logs the triple fault
+    assert "-action reboot=shutdown,shutdown=pause" in text and "-no-reboot" not in argv
+    assert argv[argv.index("-d") + 1] == "cpu_reset" and argv[argv.index("-D") + 1].endswith("l1-qemu.log")
     assert re.search(r"igb,bus=rp1,netdev=wire0", text) and re.search(r"nvme,bus=rp2", text)
     assert "hubport,id=wire0,hubid=0" in text and "hubport,id=wire1,hubid=0" in text
     assert "hubport,id=wire2,hubid=0" in text and re.search(r"e1000e,bus=rp3,netdev=wire2", text)
