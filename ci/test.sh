@@ -59,26 +59,30 @@ if [ -f "$cloud" ]; then
   [ "$rc" = 0 ] && rc=$crc
 fi
 # Virtual hardware host tier (L1 VM under TCG with emulated VT-d, igb and NVMe bound to vfio-pci, the
-# iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1): the whole of tests/hardware on
-# both backends with --cpr-strict (a test the virtual host should serve and skips is a failure). It
-# gates: a failure fails CI. One retry, announced here and kept in the JUnit XML: vhost-gate.xml holds
-# the first attempt, vhost-gate-retry.xml the retry, which runs again only the tests that failed (all
-# of them when the first attempt left no JUnit XML), in a fresh L1. The measured failure rates of the
-# nested emulation behind that retry: docs/virtual-host.md (the stability runner's table). The rollback
-# and ioctl-fault tests (failed updates with NIC traffic and NVMe DMA running, 200-600 s each), the
-# vIOMMU test and the cross-version passthrough tests (every pair completes; at host load 5-9 8 of 10
-# cases exceeded the passthrough loss bounds, as did the same-build NIC test beside them) are not in
-# CI yet: not yet seen through with every check of today on an idle host (docs/virtual-host.md).
-# The reproducer of target-resets-device-without-flr (test_device_without_flr_*) stays out too: the MSI
-# blackout test's strict expected failure shows the same bug in CI. So does the blackout check's control
-# (test_blackout_interrupt_check_catches_*): the NIC driver's 2 s watchdog can mend the interrupt it
-# drops within the check's bound, and in the last L1 run (2026-11-26 21:40) it did in all 3 of its
-# transfers on iommufd, so the control did not fail: a control that misses 1 run in a few cannot gate.
-VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not cross and not viommu and not cpr_exec_keeps_nvme and not without_flr and not check_catches"'
-vhost_run() {  # $1: run name, $2: the inner pytest arguments; at most CPR_VHOST_TIMEOUT s (62 min)
-  # JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests), vhost-$1.xml (the inner run)
-  timeout -k 60 "${CPR_VHOST_TIMEOUT:-3700}" env CPR_VHOST=1 CPR_VHOST_TESTS="$2" CPR_VHOST_NAME="$1" \
-    "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/vhost-l0-$1.xml" "${ARGS[@]}"
+# iommufd-capable kernel and an mdev; the L2 guests on KVM inside L1): tests/hardware on both backends
+# with --cpr-strict (a test the virtual host should serve and skips is a failure), in two parts.
+# - The gate: every passthrough test over the NICs (traffic and interrupts through cpr-transfer and
+#   cpr-exec, fd passing, the old QEMU's KVM fds and answers, mdev, memlock). A failure fails CI, after
+#   one announced retry in a fresh L1 of the tests that failed (vhost-gate.xml holds the first attempt,
+#   vhost-gate-retry.xml the retry; with no JUnit XML back, L1 died mid-run, the gate less what its
+#   streamed log shows done).
+# - The NVMe DMA tests (nvme_dma, two_groups, cpr_exec_keeps_nvme, viommu) run after it in a fresh L1
+#   and report: under minutes of NVMe DMA the nested emulation loses an L2 or L1 itself in about one
+#   test in ten on this 2-core TCG host (an L1 triple fault holding the L2's task register, L2 resets;
+#   docs/virtual-host.md, "L1 resets"), so they cannot gate until that is fixed at its root. Their
+#   results: vhost-nvme.xml and the ::warning:: line below; on a hardware runner they run like the rest.
+# Left out of both: rollback and ioctl-fault tests (200-600 s each), the cross-version passthrough
+# tests (L2 resets at migrate), the reproducer of target-resets-device-without-flr (the MSI blackout
+# test's strict expected failure shows the same bug in CI) and the blackout check's control (the NIC
+# driver's 2 s watchdog can mend the interrupt it drops within the check's bound).
+VHOST_GATE='tests/hardware --cpr-strict=on -k "not rollback and not ioctl and not cross and not viommu and not nvme and not two_groups and not without_flr and not check_catches"'
+VHOST_NVME='tests/hardware --cpr-strict=on -k "nvme_dma_through_transfer or two_groups or cpr_exec_keeps_nvme or viommu"'
+vhost_run() {  # $1: run name, $2: the inner pytest arguments, then the L0 run's own; at most
+  # CPR_VHOST_TIMEOUT s (62 min). JUnit XML: artifacts/junit/vhost-l0-$1.xml (the tier's own tests),
+  # vhost-$1.xml (the inner run)
+  local name=$1 tests=$2; shift 2
+  timeout -k 60 "${CPR_VHOST_TIMEOUT:-3700}" env CPR_VHOST=1 CPR_VHOST_TESTS="$tests" CPR_VHOST_NAME="$name" \
+    "${PYTEST[@]}" tests/vhost --junitxml="artifacts/junit/vhost-l0-$name.xml" "${ARGS[@]}" "$@"
 }
 if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]; then
   echo "== virtual hardware host tier: its images are not built; ci/bootstrap.sh builds them (~15 min on two" \
@@ -108,9 +112,20 @@ if [ "$TIER2" != 0 ]; then
     echo "::warning::virtual host tier failed (exit $vrc); its one retry follows, announced, in a fresh L1:" \
          "$again (both attempts' JUnit XML and artifacts are kept)"
     vrc=0
-    vhost_run gate-retry "$again" || vrc=$?
+    vhost_run gate-retry "$again" -k test_inner_passthrough_transfer || vrc=$?
   fi
   [ "$vrc" = 5 ] && vrc=0
   [ "$rc" = 0 ] && rc=$vrc
+  if [ -z "${CPR_VHOST_TESTS:-}" ] && [ "${CPR_VHOST_NVME:-1}" != 0 ]; then
+    echo "== virtual hardware host tier, NVMe DMA tests (report, do not gate): $VHOST_NVME"
+    nrc=0
+    CPR_VHOST_TIMEOUT=1800 vhost_run nvme "$VHOST_NVME" -k test_inner_passthrough_transfer || nrc=$?
+    if [ "$nrc" = 0 ]; then echo "== NVMe DMA tests in the virtual host: all passed"
+    else
+      failed=$(.venv/bin/python -m pytest_cpr.vhost failed artifacts/junit/vhost-nvme.xml | tr '\n' ' ')
+      echo "::warning::NVMe DMA tests in the virtual host failed (exit $nrc; they report, do not gate):" \
+           "${failed:-no inner JUnit XML came back (L1 died: see the L0 test failure above)}"
+    fi
+  fi
 fi
 exit "$rc"
