@@ -429,6 +429,23 @@ def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
     return out
 
 
+def foreign_task_registers(registers: str) -> list[str]:
+    """Each vCPU whose task register is not its kernel's, as a sentence. Linux puts a CPU's TSS two
+    pages after its GDT (struct cpu_entry_area), so on an L1 CPU TR base = GDT base + 0x2000; a TR
+    elsewhere is a guest's, loaded by VMLOAD: the CPU was inside KVM's world switch. Seen 2026-11-27:
+    an L1 triple fault with the L2 kernel's TSS (fffffe0000003000) in TR."""
+    out = []
+    for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
+        cpu = re.match(r"(\d+)", block)
+        tr = re.search(r"^TR\s*=\s*[0-9a-f]{4} ([0-9a-f]{16})", block, flags=re.M)
+        gdt = re.search(r"^GDT=\s*([0-9a-f]{16})", block, flags=re.M)
+        if cpu and tr and gdt and int(tr.group(1), 16) != int(gdt.group(1), 16) + 0x2000:
+            out.append(f"CPU#{cpu.group(1)} holds a task register that is not its kernel's (TR base "
+                       f"{tr.group(1)}, its GDT's TSS {int(gdt.group(1), 16) + 0x2000:016x}): a guest's, "
+                       "so it was inside KVM's world switch")
+    return out
+
+
 def page_walks(registers: str) -> list[str]:
     """HMP commands that walk CPU 0's page tables (HMP's CPU) at the addresses a triple fault turns
     on: CR2 (the last page fault), RSP, RIP, and the TSS, IDT and GDT the CPU reads to deliver an
@@ -567,7 +584,8 @@ class VirtualHost:
         if self.process.exit_reason() is None:  # held paused: record its CPUs, then it may go
             dump = self.config.artifacts / "l1-halt.txt"
             where = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"), walk=True)
-            reason = f"{reason}; L1 vCPUs: {', '.join(where) or '?'} (registers {dump})"
+            foreign = "".join(f"; {f}" for f in foreign_task_registers(dump.read_text(errors="replace")))
+            reason = f"{reason}; L1 vCPUs: {', '.join(where) or '?'}{foreign} (registers {dump})"
         self._gone = reason
         return reason
 

@@ -419,3 +419,18 @@ def test_a_triple_fault_dump_walks_the_fault_addresses() -> None:
         "gva2gpa 0xfffffe0000003000", "gva2gpa 0xfffffe0000000000", "gva2gpa 0xfffffe4e210ed000",
         "xp /512gx 0x130608000"]
     assert vhost.page_walks("") == []
+
+
+def test_a_task_register_not_the_kernels_is_named() -> None:
+    """On an L1 CPU the TSS sits two pages after the GDT; the first caught L1 triple fault had the L2
+    kernel's TSS in TR (inside KVM's world switch). The control: the idle CPU beside it, and the CPUs
+    of a triple fault made on purpose, hold their own."""
+    hunt1 = ("CPU#0\nTR =0040 fffffe0000003000 00004087 00008b00 DPL=0 TSS64-busy\n"
+             "GDT=     fffffe4e210ed000 0000007f\n"
+             "CPU#1\nTR =0040 fffffe0acb523000 00004087 00008900 DPL=0 TSS64-avl\n"
+             "GDT=     fffffe0acb521000 0000007f\n")
+    assert vhost.foreign_task_registers(hunt1) == [
+        "CPU#0 holds a task register that is not its kernel's (TR base fffffe0000003000, its GDT's TSS "
+        "fffffe4e210ef000): a guest's, so it was inside KVM's world switch"]
+    own = ("CPU#0\nTR =0040 fffffe751c361000 00004087 00008900 DPL=0 TSS64-avl\nGDT=     fffffe751c35f000 0000007f\n")
+    assert vhost.foreign_task_registers(own) == []
