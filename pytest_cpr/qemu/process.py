@@ -178,7 +178,7 @@ class QemuProcess:
         asked = [e.get("data", {}) for e in self.qmp.events
                  if e.get("event") == "SHUTDOWN" and e.get("data", {}).get("guest")]
         if asked:  # QEMU runs on: -action shutdown=pause holds the guest's CPUs as they were
-            return (f"QEMU {self.label} holds the guest stopped after SHUTDOWN by the guest: "
+            return (f"QEMU {self.label} stopped the guest after SHUTDOWN by the guest: "
                     f"{asked[-1].get('reason', '?')}; stderr {self.stderr_path}")
         state = [e for e in self.qmp.events if e.get("event") in ("STOP", "RESUME", "GUEST_PANICKED")]
         if state and state[-1].get("event") == "GUEST_PANICKED":
