@@ -429,6 +429,31 @@ def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
     return out
 
 
+def lost_wakeups(dump: str) -> list[str]:
+    """Each vCPU that sleeps (HLT, interrupts enabled) while its local APIC holds a vector it could
+    take (IRR above the processor priority), as a sentence: a wakeup the emulator lost, since the
+    APIC raises the CPU for exactly that. `dump`: QMP answers with `info registers -a` and `info lapic
+    N` (l1-stuck.txt). Seen 2026-11-27: an L1 "freeze" was CPU 1 spinning in smp_call_function_many_cond
+    for CPU 0, asleep for 159 s with the timer (236), a reschedule IPI (253) and a device vector pending."""
+    sleeping = {}
+    registers = dump.split("info registers -a")[-1]
+    for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
+        cpu, flags = re.match(r"(\d+)", block), re.search(r"RFL=([0-9a-f]+).*HLT=1", block)
+        if cpu and flags and int(flags.group(1), 16) & 0x200:
+            sleeping[int(cpu.group(1))] = True
+    out = []
+    for lapic in re.split(r"dumping local APIC state for CPU ", dump)[1:]:
+        cpu, irr, ppr = (re.match(r"(\d+)", lapic), re.search(r"^IRR\s+([0-9 ]+)$", lapic, flags=re.M),
+                         re.search(r"PPR 0x([0-9a-f]+)", lapic))
+        if not (cpu and irr and ppr) or int(cpu.group(1)) not in sleeping:
+            continue
+        vectors = [int(v) for v in irr.group(1).split()]
+        if any(v & 0xf0 > int(ppr.group(1), 16) & 0xf0 for v in vectors):
+            out.append(f"CPU#{cpu.group(1)} sleeps (HLT, interrupts on) with vectors {' '.join(map(str, vectors))} "
+                       f"pending above its priority (PPR 0x{ppr.group(1)}): a wakeup the emulator lost")
+    return out
+
+
 def foreign_task_registers(registers: str) -> list[str]:
     """Each vCPU whose task register is not its kernel's, as a sentence. Linux puts a CPU's TSS two
     pages after its GDT (struct cpu_entry_area), so on an L1 CPU TR base = GDT base + 0x2000; a TR
@@ -645,11 +670,12 @@ class VirtualHost:
         except CprTimeout:
             pass
         dump = self.config.artifacts / "l1-stuck.txt"
-        self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a", "info registers -a",
-                                 "info lapic", "info jit"))
+        where = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a", "info registers -a",
+                                         *(f"info lapic {cpu}" for cpu in range(self.config.cpus)), "info jit"))
+        lost = "".join(f"; {w}" for w in lost_wakeups(dump.read_text(errors="replace")))
         raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "
-                         f"did not answer `cat /proc/uptime` within 60s (L1 frozen); L1 CPU state {dump}, "
-                         f"console {self.config.artifacts / 'l1-console.log'}")
+                         f"did not answer `cat /proc/uptime` within 60s (L1 frozen; vCPUs: {', '.join(where) or '?'}"
+                         f"{lost}); L1 CPU state {dump}, console {self.config.artifacts / 'l1-console.log'}")
 
     def side_run(self, command: str, timeout: float = 60.0) -> AgentResult:
         """Run a bash command in L1 on the second agent: works while run() or pytest() is busy

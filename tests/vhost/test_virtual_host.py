@@ -434,3 +434,21 @@ def test_a_task_register_not_the_kernels_is_named() -> None:
         "fffffe4e210ef000): a guest's, so it was inside KVM's world switch"]
     own = ("CPU#0\nTR =0040 fffffe751c361000 00004087 00008900 DPL=0 TSS64-avl\nGDT=     fffffe751c35f000 0000007f\n")
     assert vhost.foreign_task_registers(own) == []
+
+
+def test_a_sleeping_cpu_with_pending_vectors_is_a_lost_wakeup() -> None:
+    """The first L1 "freeze" read this way (2026-11-27): CPU 0 asleep with interrupts on and the timer,
+    a reschedule IPI and a device vector pending above its priority. Controls: a CPU with nothing
+    pending, one whose vectors sit below its priority, and one that runs."""
+    registers = ("== human-monitor-command {'command-line': 'info registers -a'}\n"
+                 "CPU#0\nRIP=ffffffffbe4611df RFL=00000212 [----A--] CPL=0 II=0 A20=1 SMM=0 HLT=1\n"
+                 "CPU#1\nRIP=ffffffff832a4435 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0\n")
+    def lapic(cpu: int, irr: str, ppr: str) -> str:
+        return (f"== human-monitor-command {{'command-line': 'info lapic {cpu}'}}\n"
+                f"dumping local APIC state for CPU {cpu} \n\nISR\t (none)\nIRR\t {irr}\n\n"
+                f"APR 0x00 TPR {ppr} DFR 0x0f LDR 0x00 PPR {ppr}\n")
+    assert vhost.lost_wakeups(registers + lapic(0, "47 236 253 ", "0x10") + lapic(1, "236 ", "0x00")) == [
+        "CPU#0 sleeps (HLT, interrupts on) with vectors 47 236 253 pending above its priority (PPR 0x10): "
+        "a wakeup the emulator lost"]
+    assert vhost.lost_wakeups(registers + lapic(0, "(none)", "0x10")) == []
+    assert vhost.lost_wakeups(registers + lapic(0, "33 ", "0x20")) == []
