@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import errno
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
 from pytest_cpr.host.vfio import IOMMU_IOAS_CHANGE_PROCESS, VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA
+from pytest_cpr.qemu.native import build_shared
 
 SHIM_SOURCE = Path(__file__).resolve().parent / "qemu" / "ioctl_fault.c"
 STRUCK = "failed ioctl"
@@ -57,16 +57,8 @@ IOAS_CHANGE_PROCESS = IoctlCall("IOMMU_IOAS_CHANGE_PROCESS", IOMMU_IOAS_CHANGE_P
 
 def build_shim(out: Path, compiler: str | None = None) -> Path:
     """Compile the shim into `out` (a .so); raises CprError with the compiler's words."""
-    cc = compiler or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise CprError(f"no C compiler (cc, gcc) to build {SHIM_SOURCE.name}: install gcc, or set --cpr-ioctl-shim "
-                       "/ CPR_IOCTL_SHIM to a copy built elsewhere (with a C library as old as this host's, or older)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o", str(out), str(SHIM_SOURCE)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    if done.returncode != 0:
-        raise CprError(f"{cc} could not build {SHIM_SOURCE}: {done.stderr.strip() or done.stdout.strip()}")
-    return out
+    return build_shared(SHIM_SOURCE, out, "or set --cpr-ioctl-shim / CPR_IOCTL_SHIM to a copy built elsewhere, "
+                        "with a C library as old as this host's, or older", compiler)
 
 
 def shim_library(prebuilt: str | None, workdir: Path) -> Path:

@@ -47,6 +47,7 @@ from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
 from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir, verify_existing
 from pytest_cpr.ioctl_faults import build_shim
 from pytest_cpr.progress import heartbeat
+from pytest_cpr.qemu.native import TCG_DISCON_SOURCE, build_shared
 from pytest_cpr.qemu.probe import kvm_boots, resolve_binary
 from pytest_cpr.qemu.process import QemuProcess, tail
 
@@ -308,7 +309,8 @@ class VhostConfig:
     tb_size: int = 512  # MiB of TCG translation cache for L1 (`info jit` in l1-jit.txt: flushes)
     cpu: str = "max"  # L1's CPU model under TCG (it must offer SVM: L2 runs on KVM inside L1)
     cross: Path | None = None  # the cached images/qemu-forky entry, shared as L1_CROSS (None: not built)
-    qemu_args: tuple[str, ...] = ()  # extra arguments of L1's QEMU (CPR_VHOST_QEMU_ARGS), e.g. a TCG plugin
+    qemu_args: tuple[str, ...] = ()  # extra arguments of L1's QEMU (CPR_VHOST_QEMU_ARGS), e.g. -d flags
+    trace: bool = False  # CPR_VHOST_TRACE=1: under TCG, record each vCPU's last interrupts and exceptions
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -330,7 +332,8 @@ class VhostConfig:
                    append=os.environ.get("CPR_VHOST_APPEND", ""),
                    tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
                    tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")),
-                   qemu_args=tuple(shlex.split(os.environ.get("CPR_VHOST_QEMU_ARGS", ""))), **overrides)  # type: ignore[arg-type]
+                   qemu_args=tuple(shlex.split(os.environ.get("CPR_VHOST_QEMU_ARGS", ""))),
+                   trace=os.environ.get("CPR_VHOST_TRACE") == "1", **overrides)  # type: ignore[arg-type]
 
     @property
     def vmlinuz(self) -> Path:
@@ -388,6 +391,9 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         # CPUs as the fault left them (l1-halt.txt), then quits it; -d cpu_reset logs "Triple fault"
         "-action", "reboot=shutdown,shutdown=pause",
         *(("-d", "cpu_reset", "-D", str(cfg.artifacts / "l1-qemu.log")) if tcg else ()),
+        # each vCPU's last interrupts and exceptions, written when QEMU exits (`python -m pytest_cpr.vhost discon`)
+        *(("-plugin", f"{cfg.artifacts / TCG_DISCON_SO},out={cfg.artifacts / TCG_DISCON_OUT}") if tcg and cfg.trace
+          else ()),
         "-device", "intel-iommu,intremap=on,caching-mode=on",
         "-kernel", str(cfg.vmlinuz), "-initrd", str(cfg.image / "initrd.img"), "-append", append,
         "-drive", f"file={cfg.image / 'rootfs.img'},if=none,id=root,format=raw,snapshot=on",
@@ -416,6 +422,34 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
         "-qmp", "chardev:qmp0",
         *cfg.qemu_args,
     ]
+
+
+TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
+TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
+
+
+def discon_events(text: str) -> dict[int, list[tuple[int, str, int, int]]]:
+    """The TCG plugin's record (tcg_discon.c): per vCPU, (ns, kind, from PC, to PC), oldest first."""
+    out: dict[int, list[tuple[int, str, int, int]]] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and not line.startswith("#"):
+            cpu, ns, kind, frm, to = fields
+            out.setdefault(int(cpu), []).append((int(ns), kind, int(frm, 16), int(to, 16)))
+    return out
+
+
+def describe_discon(events: dict[int, list[tuple[int, str, int, int]]], symbols: list[tuple[int, str]],
+                    last: int = 20) -> list[str]:
+    """Each vCPU's last `last` events, its PCs named by kernel symbol, times in ms before the newest
+    event of all vCPUs (a vCPU whose newest event is long before the others' stopped taking any)."""
+    newest = max((e[-1][0] for e in events.values() if e), default=0)
+    lines = []
+    for cpu, evs in sorted(events.items()):
+        lines.append(f"vCPU {cpu}: {len(evs)} events recorded, the last {min(last, len(evs))}:")
+        lines += [f"  {(ns - newest) / 1e6:11.3f} ms {kind:9} {where_is(frm, symbols)} -> {where_is(to, symbols)}"
+                  for ns, kind, frm, to in evs[-last:]]
+    return lines
 
 
 def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
@@ -565,6 +599,8 @@ class VirtualHost:
         self._choose_accel(qemu)
         self.say(f"booting L1 on {self.accel} ({self.accel_reason}) with {qemu}, kernel {cfg.vmlinuz}; "
                  f"artifacts {cfg.artifacts}")
+        if cfg.trace and self.accel == "tcg":
+            build_shared(TCG_DISCON_SOURCE, cfg.artifacts / TCG_DISCON_SO, "CPR_VHOST_TRACE=1 needs it")
         argv = l1_argv(cfg, qemu, self.accel, self._rundir, nvme)
         self.process = QemuProcess(qemu, argv, "vhost", self._rundir, cfg.artifacts,
                                    self._rundir / "qmp.sock", self._rundir / "agent.sock",
@@ -908,6 +944,18 @@ def _cmd_finished(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_discon(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    try:
+        text = (run / TCG_DISCON_OUT).read_text()
+    except OSError as exc:
+        raise CprSettingError(f"{run / TCG_DISCON_OUT}: {exc.strerror}; run L1 with CPR_VHOST_TRACE=1 "
+                              "(the plugin writes it when L1's QEMU exits)") from None
+    print("\n".join(describe_discon(discon_events(text), load_kallsyms(run / "inner" / "l1-kallsyms.txt.gz"),
+                                    args.last)))
+    return 0
+
+
 def sigterm_as_ctrl_c(signum: int, frame: object) -> None:
     """SIGTERM (`kill`, a job timeout) as Ctrl-C: the `with` blocks shut what they started down."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -938,8 +986,13 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("finished", help="--deselect for each test an inner pytest log shows done (passed, "
                                         "skipped, xfail): a retry after an L1 that died mid-run")
     d.add_argument("log", nargs="+")
+    t = sub.add_parser("discon", help="a traced L1 run's last interrupts and exceptions per vCPU, by kernel symbol "
+                                      "(CPR_VHOST_TRACE=1)")
+    t.add_argument("run", help="the run's artifacts folder (artifacts/vhost/<name>-<stamp>)")
+    t.add_argument("--last", type=int, default=20)
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed, "finished": _cmd_finished}
+    commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed, "finished": _cmd_finished,
+                "discon": _cmd_discon}
     return run_as_cli("cpr-vhost", lambda: commands[args.cmd](args))
 
 

@@ -24,6 +24,8 @@ def test_the_wheel_holds_every_image_recipe_file(wheel: Path) -> None:
                for p in (ROOT / "images").rglob("*") if p.is_file()}
     assert recipes and recipes <= names, sorted(recipes - names)
     assert "pytest_cpr/py.typed" in names
+    # the C pieces built where they run: the ioctl fault shim and the TCG plugin
+    assert {"pytest_cpr/qemu/ioctl_fault.c", "pytest_cpr/qemu/tcg_discon.c"} <= names, sorted(names)
 
 
 def test_cpr_image_path_works_from_a_fresh_virtualenv(wheel_venv: Callable[..., Venv], tmp_path: Path) -> None:

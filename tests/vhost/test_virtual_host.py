@@ -22,6 +22,7 @@ from pytest_cpr import vhost
 from pytest_cpr.errors import CprSettingError, QemuExited
 from pytest_cpr.host import hostconfig
 from pytest_cpr.images import cached_path, file_hashes
+from pytest_cpr.qemu.native import TCG_DISCON_SOURCE, build_shared
 from pytest_cpr.settings import CprSettings
 from pytest_cpr.vhost import L1_PYTHON, L1_SRC, VhostConfig, VirtualHost
 
@@ -452,3 +453,32 @@ def test_a_sleeping_cpu_with_pending_vectors_is_a_lost_wakeup() -> None:
         "a wakeup the emulator lost"]
     assert vhost.lost_wakeups(registers + lapic(0, "(none)", "0x10")) == []
     assert vhost.lost_wakeups(registers + lapic(0, "33 ", "0x20")) == []
+
+
+def test_traced_l1_events_are_named_and_the_plugin_builds(tmp_path: Path) -> None:
+    """CPR_VHOST_TRACE=1 builds the TCG plugin (a real compile) and puts it on L1's command line; its
+    record reads back per vCPU with kernel symbols, times before the newest event of all (a vCPU that
+    stopped taking interrupts shows as far behind)."""
+    cfg = VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a", trace=True)
+    argv = vhost.l1_argv(cfg, "qemu", "tcg", tmp_path, tmp_path / "nvme.img")
+    out = tmp_path / "a"
+    assert argv[argv.index("-plugin") + 1] == f"{out / 'tcg-discon.so'},out={out / 'l1-discon.txt'}"
+    assert "-plugin" not in vhost.l1_argv(VhostConfig(image=tmp_path, guest_image=tmp_path, artifacts=tmp_path),
+                                          "qemu", "tcg", tmp_path, tmp_path)
+    try:
+        built = build_shared(TCG_DISCON_SOURCE, tmp_path / "tcg-discon.so", "test")
+    except vhost.CprError as exc:
+        pytest.skip(str(exc))
+    assert built.stat().st_size > 0
+    record = ("0 1000000000 interrupt ffffffff8364f129 ffffffff83800ef0\n"
+              "1 1000000000 interrupt ffffffffbda30679 ffffffffbd6014b0\n"
+              "1 160000000000 interrupt ffffffffbda30679 ffffffffbd6014b0\n")
+    symbols = [(0xffffffffbd6014b0, "asm_sysvec_apic_timer_interrupt"),
+               (0xffffffffbda30400, "smp_call_function_many_cond")]
+    lines = vhost.describe_discon(vhost.discon_events(record), symbols, last=1)
+    assert lines == [
+        "vCPU 0: 1 events recorded, the last 1:",
+        "  -159000.000 ms interrupt 0xffffffff8364f129 -> 0xffffffff83800ef0",
+        "vCPU 1: 2 events recorded, the last 1:",
+        "        0.000 ms interrupt smp_call_function_many_cond+0x279 (0xffffffffbda30679) -> "
+        "asm_sysvec_apic_timer_interrupt+0x0 (0xffffffffbd6014b0)"]
