@@ -67,10 +67,11 @@ fi
 #   vhost-gate-retry.xml the retry; with no JUnit XML back, L1 died mid-run, the gate less what its
 #   streamed log shows done).
 # - The NVMe DMA tests (nvme_dma, two_groups, cpr_exec_keeps_nvme, viommu) run after it in a fresh L1
-#   and report: under minutes of NVMe DMA the nested emulation loses an L2 or L1 itself in about one
-#   test in ten on this 2-core TCG host (an L1 triple fault holding the L2's task register, L2 resets;
-#   docs/virtual-host.md, "L1 resets"), so they cannot gate until that is fixed at its root. Their
-#   results: vhost-nvme.xml and the ::warning:: line below; on a hardware runner they run like the rest.
+#   and report: under minutes of NVMe DMA the nested emulation loses an L2 or L1 itself (5 of 20 such
+#   test runs on 2026-11-27 on this 2-core TCG host, against 0 of 15 NIC tests: an L1 triple fault
+#   holding the L2's task register, an L1 CPU never woken, L2 resets; docs/virtual-host.md, "L1
+#   resets"), so they cannot gate until that is fixed at its root. Their results: vhost-nvme.xml and
+#   the ::warning:: line below; on a hardware runner they run like the rest.
 # Left out of both: rollback and ioctl-fault tests (200-600 s each), the cross-version passthrough
 # tests (L2 resets at migrate), the reproducer of target-resets-device-without-flr (the MSI blackout
 # test's strict expected failure shows the same bug in CI) and the blackout check's control (the NIC
