@@ -452,15 +452,19 @@ def describe_discon(events: dict[int, list[tuple[int, str, int, int]]], symbols:
     return lines
 
 
-def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
-    """(cpu, RIP, halted) per vCPU from HMP `info registers -a`."""
+def cpu_blocks(registers: str) -> list[tuple[int, str]]:
+    """(cpu index, its block) of each vCPU in HMP `info registers -a` output."""
     out = []
     for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
-        cpu = re.match(r"(\d+)", block)
-        rip = re.search(r"RIP=([0-9a-f]+)", block)
-        if cpu and rip:
-            out.append((int(cpu.group(1)), int(rip.group(1), 16), "HLT=1" in block))
+        if (cpu := re.match(r"(\d+)", block)) is not None:
+            out.append((int(cpu.group(1)), block))
     return out
+
+
+def cpu_rips(registers: str) -> list[tuple[int, int, bool]]:
+    """(cpu, RIP, halted) per vCPU from HMP `info registers -a`."""
+    return [(cpu, int(rip.group(1), 16), "HLT=1" in block) for cpu, block in cpu_blocks(registers)
+            if (rip := re.search(r"RIP=([0-9a-f]+)", block))]
 
 
 def lost_wakeups(dump: str) -> list[str]:
@@ -469,12 +473,8 @@ def lost_wakeups(dump: str) -> list[str]:
     APIC raises the CPU for exactly that. `dump`: QMP answers with `info registers -a` and `info lapic
     N` (l1-stuck.txt). Seen 2026-11-27: an L1 "freeze" was CPU 1 spinning in smp_call_function_many_cond
     for CPU 0, asleep for 159 s with the timer (236), a reschedule IPI (253) and a device vector pending."""
-    sleeping = {}
-    registers = dump.split("info registers -a")[-1]
-    for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
-        cpu, flags = re.match(r"(\d+)", block), re.search(r"RFL=([0-9a-f]+).*HLT=1", block)
-        if cpu and flags and int(flags.group(1), 16) & 0x200:
-            sleeping[int(cpu.group(1))] = True
+    sleeping = {cpu for cpu, block in cpu_blocks(dump.split("info registers -a")[-1])
+                if (flags := re.search(r"RFL=([0-9a-f]+).*HLT=1", block)) and int(flags.group(1), 16) & 0x200}
     out = []
     for lapic in re.split(r"dumping local APIC state for CPU ", dump)[1:]:
         cpu, irr, ppr = (re.match(r"(\d+)", lapic), re.search(r"^IRR\s+([0-9 ]+)$", lapic, flags=re.M),
@@ -494,12 +494,11 @@ def foreign_task_registers(registers: str) -> list[str]:
     elsewhere is a guest's, loaded by VMLOAD: the CPU was inside KVM's world switch. Seen 2026-11-27:
     an L1 triple fault with the L2 kernel's TSS (fffffe0000003000) in TR."""
     out = []
-    for block in re.split(r"^CPU#", registers, flags=re.M)[1:]:
-        cpu = re.match(r"(\d+)", block)
+    for cpu, block in cpu_blocks(registers):
         tr = re.search(r"^TR\s*=\s*[0-9a-f]{4} ([0-9a-f]{16})", block, flags=re.M)
         gdt = re.search(r"^GDT=\s*([0-9a-f]{16})", block, flags=re.M)
-        if cpu and tr and gdt and int(tr.group(1), 16) != int(gdt.group(1), 16) + 0x2000:
-            out.append(f"CPU#{cpu.group(1)} holds a task register that is not its kernel's (TR base "
+        if tr and gdt and int(tr.group(1), 16) != int(gdt.group(1), 16) + 0x2000:
+            out.append(f"CPU#{cpu} holds a task register that is not its kernel's (TR base "
                        f"{tr.group(1)}, its GDT's TSS {int(gdt.group(1), 16) + 0x2000:016x}): a guest's, "
                        "so it was inside KVM's world switch")
     return out
@@ -510,7 +509,7 @@ def page_walks(registers: str) -> list[str]:
     on: CR2 (the last page fault), RSP, RIP, and the TSS, IDT and GDT the CPU reads to deliver an
     exception; then the top-level table at CR3. Seen 2026-11-27: an L1 triple fault with CR2 in
     the TSS (its IST slot): was that page unmapped in L1's tables, or mistranslated by TCG?"""
-    block = (re.split(r"^CPU#", registers, flags=re.M)[1:] or [""])[0]
+    block = next((b for cpu, b in cpu_blocks(registers) if cpu == 0), "")
     found = {name: m.group(1) for name in ("CR2", "RSP", "RIP", "CR3")
              if (m := re.search(rf"\b{name}=([0-9a-f]+)", block))}
     for name in ("TR", "IDT", "GDT"):  # 'TR =0040 fffffe0000003000 ...', 'IDT=     fffffe0000000000 ...'
