@@ -26,9 +26,8 @@ from pathlib import Path
 
 from pytest_cpr.errors import CprError
 from pytest_cpr.host.vfio import IOMMU_IOAS_CHANGE_PROCESS, VFIO_IOMMU_MAP_DMA, VFIO_IOMMU_UNMAP_DMA
-from pytest_cpr.qemu.native import build_shared
+from pytest_cpr.qemu.native import SHIM_SOURCE, build_shared
 
-SHIM_SOURCE = Path(__file__).resolve().parent / "qemu" / "ioctl_fault.c"
 STRUCK = "failed ioctl"
 LOADED = "loaded in pid"
 

@@ -643,38 +643,39 @@ class VirtualHost:
             reason = f"L1 triple fault (QEMU's -d cpu_reset log); {reason}"
         if self.process.exit_reason() is None:  # held paused: record its CPUs, then it may go
             dump = self.config.artifacts / "l1-halt.txt"
-            where = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"), walk=True)
-            foreign = "".join(f"; {f}" for f in foreign_task_registers(dump.read_text(errors="replace")))
+            where, text = self._record_cpus(dump, ("query-status", "info registers -a", "info lapic"), walk=True)
+            foreign = "".join(f"; {f}" for f in foreign_task_registers(text))
             reason = f"{reason}; L1 vCPUs: {', '.join(where) or '?'}{foreign} (registers {dump})"
         self._gone = reason
         return reason
 
-    def _record_cpus(self, dump: Path, commands: Sequence[str], walk: bool = False) -> list[str]:
+    def _record_cpus(self, dump: Path, commands: Sequence[str], walk: bool = False) -> tuple[list[str], str]:
         """Write QMP commands' (or HMP command lines') answers to `dump`, each vCPU's RIP named from
-        L1's kallsyms after each `info registers`; returns the names of the last. With `walk`, then
-        the page walks of CPU 0's fault-relevant addresses (page_walks)."""
+        L1's kallsyms after each `info registers`; returns the names of the last, and what was written.
+        With `walk`, then the page walks of CPU 0's fault-relevant addresses (page_walks)."""
         assert self.process is not None
         symbols = load_kallsyms(self.inner / "l1-kallsyms.txt.gz")
         where: list[str] = []
+        out: list[str] = []
         pending = list(commands)
-        with dump.open("w") as fh:
-            while pending:
-                command = pending.pop(0)
-                cmd, args = (("human-monitor-command", {"command-line": command}) if " " in command
-                             else (command, None))
-                try:
-                    reply = self.process.qmp.execute(cmd, args, timeout=20)
-                    fh.write(f"== {cmd} {args or ''}\n{reply}\n")
-                    if command.startswith("info registers") and isinstance(reply, str):
-                        where = [f"CPU#{cpu} at {where_is(rip, symbols)}{' (halted)' if hlt else ''}"
-                                 for cpu, rip, hlt in cpu_rips(reply)]
-                        fh.write("".join(f"== {w}\n" for w in where))
-                        if walk:
-                            pending += page_walks(reply)
-                            walk = False
-                except Exception as exc:  # diagnostics only: record and go on
-                    fh.write(f"== {cmd}: {exc}\n")
-        return where
+        while pending:
+            command = pending.pop(0)
+            cmd, args = (("human-monitor-command", {"command-line": command}) if " " in command
+                         else (command, None))
+            try:
+                reply = self.process.qmp.execute(cmd, args, timeout=20)
+                out.append(f"== {cmd} {args or ''}\n{reply}\n")
+                if command.startswith("info registers") and isinstance(reply, str):
+                    where = [f"CPU#{cpu} at {where_is(rip, symbols)}{' (halted)' if hlt else ''}"
+                             for cpu, rip, hlt in cpu_rips(reply)]
+                    out.append("".join(f"== {w}\n" for w in where))
+                    if walk:
+                        pending += page_walks(reply)
+                        walk = False
+            except Exception as exc:  # diagnostics only: record and go on
+                out.append(f"== {cmd}: {exc}\n")
+            dump.write_text("".join(out))  # as it grows: L1 may take the monitor with it
+        return where, "".join(out)
 
     def _setup(self) -> None:
         """What the admin of a hardware runner does once: write the host config (and keep a copy)."""
@@ -705,9 +706,10 @@ class VirtualHost:
         except CprTimeout:
             pass
         dump = self.config.artifacts / "l1-stuck.txt"
-        where = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a", "info registers -a",
-                                         *(f"info lapic {cpu}" for cpu in range(self.config.cpus)), "info jit"))
-        lost = "".join(f"; {w}" for w in lost_wakeups(dump.read_text(errors="replace")))
+        where, text = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a",
+                                               "info registers -a",
+                                               *(f"info lapic {cpu}" for cpu in range(self.config.cpus)), "info jit"))
+        lost = "".join(f"; {w}" for w in lost_wakeups(text))
         raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "
                          f"did not answer `cat /proc/uptime` within 60s (L1 frozen; vCPUs: {', '.join(where) or '?'}"
                          f"{lost}); L1 CPU state {dump}, console {self.config.artifacts / 'l1-console.log'}")

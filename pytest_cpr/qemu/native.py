@@ -11,6 +11,7 @@ from pytest_cpr.errors import CprError
 
 HERE = Path(__file__).resolve().parent
 TCG_DISCON_SOURCE = HERE / "tcg_discon.c"
+SHIM_SOURCE = HERE / "ioctl_fault.c"
 
 
 def build_shared(source: Path, out: Path, what: str, compiler: str | None = None) -> Path:

@@ -175,11 +175,11 @@ class QemuProcess:
         to the test's 900 s)."""
         if (reason := self.exit_reason()) is not None:
             return reason
-        asked = [e.get("data", {}) for e in self.qmp.events
-                 if e.get("event") == "SHUTDOWN" and e.get("data", {}).get("guest")]
-        if asked:  # QEMU runs on: -action shutdown=pause holds the guest's CPUs as they were
+        # QEMU runs on after a guest's SHUTDOWN: -action shutdown=pause holds the CPUs as they were
+        shutdown = self._last_shutdown()
+        if shutdown is not None and shutdown.get("guest"):
             return (f"QEMU {self.label} stopped the guest after SHUTDOWN by the guest: "
-                    f"{asked[-1].get('reason', '?')}; stderr {self.stderr_path}")
+                    f"{shutdown.get('reason', '?')}; stderr {self.stderr_path}")
         state = [e for e in self.qmp.events if e.get("event") in ("STOP", "RESUME", "GUEST_PANICKED")]
         if state and state[-1].get("event") == "GUEST_PANICKED":
             return f"QEMU {self.label} reports GUEST_PANICKED {state[-1].get('data', {})}; stderr {self.stderr_path}"
@@ -194,12 +194,16 @@ class QemuProcess:
     def _shutdown_reason(self) -> str:
         """', after SHUTDOWN (guest-reset)' when QMP saw why: a guest reset under -no-reboot is a crash
         (panic=-1, or a triple fault) of the guest kernel."""
-        events = [e for e in self.qmp.events if e.get("event") == "SHUTDOWN"]
-        if not events:
+        data = self._last_shutdown()
+        if data is None:
             return ""
-        data = events[-1].get("data", {})
         who = "by the guest" if data.get("guest") else "by the host"
         return f", after SHUTDOWN {who}: {data.get('reason', '?')}"
+
+    def _last_shutdown(self) -> dict[str, Any] | None:
+        """The data of the last SHUTDOWN event QMP saw ({"guest": bool, "reason": ...}), None before one."""
+        events = [e for e in self.qmp.events if e.get("event") == "SHUTDOWN"]
+        return events[-1].get("data", {}) if events else None
 
     def wait_for_path(self, path: Path, timeout: float, what: str, listening: bool = False) -> float:
         """Wait until QEMU creates a socket path (with `listening`: and listens on it, since bind()
