@@ -310,7 +310,7 @@ class VhostConfig:
     cpu: str = "max"  # L1's CPU model under TCG (it must offer SVM: L2 runs on KVM inside L1)
     cross: Path | None = None  # the cached images/qemu-forky entry, shared as L1_CROSS (None: not built)
     qemu_args: tuple[str, ...] = ()  # extra arguments of L1's QEMU (CPR_VHOST_QEMU_ARGS), e.g. -d flags
-    trace: bool = False  # CPR_VHOST_TRACE=1: under TCG, record each vCPU's last interrupts and exceptions
+    trace: bool = False  # CPR_VHOST_TRACE=1: under TCG, each vCPU's last interrupts and exceptions; L1's KVM trace
 
     @classmethod
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
@@ -424,6 +424,16 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
     ]
 
 
+# With CPR_VHOST_TRACE=1, L1's KVM tracepoints for its L2 guests (exits, injected exceptions and
+# interrupts, page faults, exits to QEMU) in a 16 MiB ring per vCPU that stops at the first L2 triple
+# fault (SVM_EXIT_SHUTDOWN, 0x7f: the L2's reset with a silent console), written at the end as
+# inner/l1-kvm-trace.txt: the events that led an L2 guest to its reset.
+L1_KVM_TRACE = "l1-kvm-trace.txt"
+L1_KVM_TRACE_ON = ("t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs nodev $t; echo 0 > $t/tracing_on; "
+                   "echo 16384 > $t/buffer_size_kb; for e in kvm_exit kvm_inj_exception kvm_inj_virq kvm_page_fault "
+                   "kvm_userspace_exit; do echo 1 > $t/events/kvm/$e/enable; done; "
+                   "echo 'traceoff if exit_reason == 127' > $t/events/kvm/kvm_exit/trigger; echo 1 > $t/tracing_on; "
+                   "cat $t/events/kvm/kvm_exit/trigger")
 TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
 TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
 
@@ -688,6 +698,8 @@ class VirtualHost:
                      f"{L1_CROSS} && {L1_CROSS}/bin/qemu-system-x86_64 --version", 120).check()
         # L1's kernel text symbols of this boot (KASLR): names the vCPU RIPs should L1 freeze
         self.run(f"grep -E ' [tT] ' /proc/kallsyms | gzip -1 > {L1_OUT}/l1-kallsyms.txt.gz", 60)
+        if self.config.trace:  # what L1's KVM saw of its L2 guests, kept up to the first L2 triple fault
+            self.run(f"({L1_KVM_TRACE_ON}) > {L1_OUT}/{L1_KVM_TRACE}.setup 2>&1", 60)
 
     def run(self, command: str, timeout: float = 60.0, sink: Sink | None = None) -> AgentResult:
         """Run a bash command in L1 (as root, cwd /root)."""
@@ -777,7 +789,8 @@ class VirtualHost:
                 (self.config.artifacts / "l1-jit.txt").write_text(str(jit))
         if self.agent is not None:
             with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
-                self.agent.run(f"dmesg > {L1_OUT}/l1-dmesg.log; sync", 30)
+                keep = f"cat /sys/kernel/tracing/trace > {L1_OUT}/{L1_KVM_TRACE}; " if self.config.trace else ""
+                self.agent.run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; sync", 120)
             self.agent.close()
             self.agent = None
         if self.side is not None:
