@@ -425,13 +425,15 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
 
 
 # With CPR_VHOST_TRACE=1, L1's KVM tracepoints for its L2 guests (exits, injected exceptions and
-# interrupts, page faults, exits to QEMU) in a 16 MiB ring per vCPU that stops at the first L2 triple
-# fault (SVM_EXIT_SHUTDOWN, 0x7f: the L2's reset with a silent console), written at the end as
-# inner/l1-kvm-trace.txt: the events that led an L2 guest to its reset.
+# interrupts, page faults, exits to QEMU, memory slot changes, fast zaps of the nested page tables) in a
+# 16 MiB ring per vCPU that stops at the first L2 triple fault (SVM_EXIT_SHUTDOWN, 0x7f: the L2's reset
+# with a silent console), written at the end as inner/l1-kvm-trace.txt: what led an L2 to its reset.
 L1_KVM_TRACE = "l1-kvm-trace.txt"
+L1_KVM_EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_exception", "kvm/kvm_inj_virq", "kvm/kvm_page_fault",
+                 "kvm/kvm_userspace_exit", "kvm/kvm_set_user_memory_region", "kvmmmu/kvm_mmu_zap_all_fast")
 L1_KVM_TRACE_ON = ("t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs nodev $t; echo 0 > $t/tracing_on; "
-                   "echo 16384 > $t/buffer_size_kb; for e in kvm_exit kvm_inj_exception kvm_inj_virq kvm_page_fault "
-                   "kvm_userspace_exit; do echo 1 > $t/events/kvm/$e/enable; done; "
+                   f"echo 16384 > $t/buffer_size_kb; for e in {' '.join(L1_KVM_EVENTS)}; "
+                   "do echo 1 > $t/events/$e/enable || echo \"no event $e\"; done; "
                    "echo 'traceoff if exit_reason == 127' > $t/events/kvm/kvm_exit/trigger; echo 1 > $t/tracing_on; "
                    "cat $t/events/kvm/kvm_exit/trigger")
 TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
