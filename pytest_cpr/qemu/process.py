@@ -114,7 +114,7 @@ class QemuProcess:
         self.stderr_path = artifacts / f"qemu-{label}.stderr"
         self.pass_fds = pass_fds
         self.popen: subprocess.Popen[bytes] | None = None
-        self.qmp = QmpSession(label, artifacts / "qmp-transcript.jsonl")
+        self.qmp = QmpSession(label, artifacts / "qmp-transcript.jsonl", why_gone=self._why_qmp_closed)
         self.console: Console | None = None
         self.t_spawn = 0.0
         self.quit_sent = False  # QEMU acknowledged `quit` over QMP (shutdown): its exit status is its own
@@ -190,6 +190,13 @@ class QemuProcess:
             return None
         return (f"QEMU {self.label} stopped the guest: {fatal[0]}; stderr {self.stderr_path}:\n"
                 f"{tail(self.stderr_path)}")
+
+    def _why_qmp_closed(self) -> str:
+        """Why QMP closed under a command: QEMU exited (given a moment: the monitor closes before the
+        process is gone), with its reason, or it runs on without its monitor."""
+        if self.popen is not None:
+            self.wait_exit(5.0)
+        return self.exit_reason() or f"QEMU {self.label} still runs; stderr {self.stderr_path}"
 
     def _shutdown_reason(self) -> str:
         """', after SHUTDOWN (guest-reset)' when QMP saw why: a guest reset under -no-reboot is a crash

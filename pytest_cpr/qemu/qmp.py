@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from pytest_cpr.errors import CprError, CprTimeout
 
@@ -32,11 +32,18 @@ class QmpError(CprError):
         self.command, self.error_class, self.desc = command, error_class, desc
 
 
-class QmpSession:
-    """One QMP connection to a QEMU monitor on a UNIX socket."""
+class QmpGone(CprError):
+    """The QMP connection closed under a command: QEMU exited (its reason in the message) or closed its
+    monitor. Not QEMU's answer: qemu.qmp's ExecInterruptedError and kin, named."""
 
-    def __init__(self, name: str, transcript: Path) -> None:
+
+class QmpSession:
+    """One QMP connection to a QEMU monitor on a UNIX socket. `why_gone`, when given, says why the
+    connection closed under a command (the QEMU process's exit and its stderr)."""
+
+    def __init__(self, name: str, transcript: Path, why_gone: Callable[[], str] | None = None) -> None:
         self.name = name
+        self.why_gone = why_gone
         self.events: list[Event] = []
         self._cond = threading.Condition()
         self._transcript = transcript.open("a", encoding="utf-8")
@@ -94,6 +101,11 @@ class QmpSession:
             desc = str(exc)
             self._log("error", {"execute": command, "class": exc.error_class, "desc": desc})
             raise QmpError(command, exc.error_class, desc) from None
+        except QMPError as exc:  # the connection, not an answer (e.g. QEMU exited under the command)
+            self._log("error", {"execute": command, "class": type(exc).__name__, "desc": str(exc)})
+            why = f": {self.why_gone()}" if self.why_gone is not None else ""
+            raise QmpGone(f"QMP {self.name}: no answer to {command}, the connection closed "
+                          f"({type(exc).__name__}: {exc}){why}") from exc
         self._log("return", {"execute": command, "return": reply})
         return reply
 
