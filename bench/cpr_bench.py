@@ -148,10 +148,11 @@ def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, s
                 resumed_s: float) -> dict[str, float]:
     """Where the seconds from QEMU's start to the first SSH answer went, from the guest's own clock:
     qemu (QEMU starting paused, the harness connecting QMP and console, to the RESUME of its `cont`,
-    `resumed_s`), firmware (SeaBIOS, loading and unpacking the kernel: up to the kernel's t=0), kernel
-    (to 'Run /init'), initrd (to the root file system mounted), setup (busybox init and
-    cpr-guest-setup: addresses, host key; to CPR-SETUP-DONE on the console), sshd (sshd starting and the
-    harness's SSH connect, authentication and first command). `uptime_s` was read `uptime_at_s` seconds
+    `resumed_s`), firmware (SeaBIOS, then QEMU's PVH option ROM entering the kernel ELF, or for a bzImage
+    its setup and decompressor: up to the kernel's t=0), kernel (to 'Run /init'), initrd (to the root
+    file system mounted), setup (busybox init and cpr-guest-setup: addresses, host key; to
+    CPR-SETUP-DONE on the console), sshd (the SSH server, dropbear, starting and the harness's SSH
+    connect, authentication and first command). `uptime_s` was read `uptime_at_s` seconds
     after QEMU started; `ssh_ready_s` is boot-to-SSH on the same clock."""
     lines = [(float(m.group(1)), m.group(2)) for line in dmesg.splitlines() if (m := _DMESG.match(line))]
     init = next((t for t, text in lines if text.startswith("Run /init")), None)

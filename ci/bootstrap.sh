@@ -25,7 +25,7 @@ fi
 log "apt: QEMU and image tools"
 apt-get update -q >/dev/null || log "apt-get update reported errors (continuing with the lists it has)"
 apt-get install -y -q --no-install-recommends "${QEMU_SUITE[@]}" qemu-system-x86 qemu-utils >/dev/null
-apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd \
+apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd lz4 \
   e2fsprogs iproute2 ca-certificates mmdebstrap gdisk mount >/dev/null
 if [ "${CPR_VHOST:-1}" != 0 ]; then
   log "apt: kernel build tools (the virtual host's iommufd-capable kernel, images/vhost-kernel)"

@@ -103,10 +103,12 @@ class GuestImage:
     manifest: dict[str, object]
 
     def boot_files(self, flavor: str = "cloud") -> tuple[Path, Path]:
-        """(kernel, initrd) of a kernel flavour: "cloud" (virtio only, fastest boot) or "full"
-        (Debian's generic kernel with NVMe, igb/igbvf and e1000e drivers, for passthrough guests)."""
-        if flavor == "cloud":
-            return self.kernel, self.initrd
+        """(kernel, initrd) of a kernel flavour: "cloud" (virtio only, fastest boot: booted as an ELF through
+        its PVH entry when the image has one) or "full" (Debian's generic kernel with NVMe, igb/igbvf and
+        e1000e drivers, for passthrough guests)."""
+        if flavor == "cloud":  # its kernel ELF for PVH boot where the build found a PVH entry (images/guest)
+            pvh = self.directory / "vmlinux"
+            return (pvh if pvh.is_file() else self.kernel), self.initrd
         if flavor == "full":
             kernel, initrd = self.directory / "vmlinuz-full", self.directory / "initrd-full.img"
             if kernel.is_file() and initrd.is_file():

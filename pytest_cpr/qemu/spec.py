@@ -19,6 +19,13 @@ def opt(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+# Guest kernel work skipped, each slow under TCG (bench/README.md, boot-to-SSH): the crypto self-tests
+# at boot (~0.3 s), the check that the timer interrupt works, zeroing every page the kernel allocates
+# (a hardening default) and the Spectre mitigations (retpolines make each indirect call several
+# translated blocks). A test guest needs none of them.
+FAST_BOOT_ARGS = ("cryptomgr.notests", "no_timer_check", "init_on_alloc=0", "mitigations=off")
+
+
 @dataclass(frozen=True)
 class Nic:
     """A virtio-net NIC on a tap whose fd the harness owns and hands to every QEMU process."""
@@ -30,9 +37,10 @@ class Nic:
     vnet_hdr: bool = False
 
     def args(self) -> list[str]:
-        # vnet_hdr follows the tap's IFF_VNET_HDR flag: QEMU rejects vnet_hdr= together with fd=
+        # vnet_hdr follows the tap's IFF_VNET_HDR flag: QEMU rejects vnet_hdr= together with fd=. No option
+        # ROM (romfile=): the guest never boots from the network, and SeaBIOS would start iPXE at every boot.
         return ["-netdev", f"tap,id={self.netdev_id},fd={self.tap_fd}",
-                "-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},id=nic-{self.netdev_id}"]
+                "-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},id=nic-{self.netdev_id},romfile="]
 
     def kernel_arg(self, index: int) -> str:
         return f"cpr.net{index}={self.mac},{self.guest_cidr}"
@@ -159,7 +167,7 @@ class VmSpec:
 
     def append_line(self) -> str:
         nets = [nic.kernel_arg(i) for i, nic in enumerate(self.nics)]
-        return " ".join(["console=ttyS0", "quiet", "panic=-1", *nets, *self.cmdline])
+        return " ".join(["console=ttyS0", "quiet", "panic=-1", *FAST_BOOT_ARGS, *nets, *self.cmdline])
 
     def ram_backend(self) -> str:
         size, share = f"size={self.memory_mib}M", "on" if self.ram_share else "off"

@@ -349,3 +349,13 @@ def test_manifest_poison_of_the_virtual_host_qemu_is_refused(tmp_path: Path, cac
     qemu.write_text("#!/bin/sh\nexec /bin/sh\n")
     with pytest.raises(CprSettingError, match=r"qemu-next-[0-9a-f]{16}: bin/qemu-system-x86_64 does not match"):
         VhostConfig.from_cache(tmp_path / "art", cache_dir=cache)
+
+
+def test_the_cloud_flavour_boots_the_pvh_kernel_elf_when_the_image_has_one(tmp_path: Path) -> None:
+    for f in ("vmlinuz", "initrd.img", "vmlinuz-full", "initrd-full.img"):
+        (tmp_path / f).write_text(f)
+    img = images.GuestImage(tmp_path, tmp_path / "vmlinuz", tmp_path / "initrd.img", tmp_path / "rootfs.img", {})
+    assert img.boot_files("cloud") == (tmp_path / "vmlinuz", tmp_path / "initrd.img")  # an older build: no vmlinux
+    (tmp_path / "vmlinux").write_text("elf")
+    assert img.boot_files("cloud") == (tmp_path / "vmlinux", tmp_path / "initrd.img")
+    assert img.boot_files("full") == (tmp_path / "vmlinuz-full", tmp_path / "initrd-full.img")

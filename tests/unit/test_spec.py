@@ -54,6 +54,16 @@ def test_kernel_cmdline_carries_nic_addresses() -> None:
     assert s.append_line().endswith("cpr.sshkey=AAAA")
 
 
+def test_kernel_cmdline_skips_the_boot_work_a_test_guest_needs_not() -> None:
+    line = spec().append_line().split()
+    assert {"cryptomgr.notests", "no_timer_check", "init_on_alloc=0", "mitigations=off"} <= set(line)
+
+
+def test_the_nic_has_no_option_rom_for_seabios_to_start() -> None:
+    nic = [a for a in argv(spec()) if a.startswith("virtio-net-pci")]
+    assert len(nic) == 1 and nic[0].endswith(",romfile=")
+
+
 def test_probe_of_a_build_that_dies_mid_probe_is_one_clear_error(tmp_path: Path) -> None:
     """A broken build (e.g. missing its modules) accepts the QMP connection, then dies: the probe
     must say which setting, which binary and what it printed, not raise a protocol traceback."""
