@@ -102,13 +102,15 @@ class GuestImage:
     rootfs: Path
     manifest: dict[str, object]
 
-    def boot_files(self, flavor: str = "cloud") -> tuple[Path, Path]:
+    def boot_files(self, flavor: str = "cloud", pvh: bool = True) -> tuple[Path, Path]:
         """(kernel, initrd) of a kernel flavour: "cloud" (virtio only, fastest boot: booted as an ELF through
-        its PVH entry when the image has one) or "full" (Debian's generic kernel with NVMe, igb/igbvf and
-        e1000e drivers, for passthrough guests)."""
-        if flavor == "cloud":  # its kernel ELF for PVH boot where the build found a PVH entry (images/guest)
-            pvh = self.directory / "vmlinux"
-            return (pvh if pvh.is_file() else self.kernel), self.initrd
+        its PVH entry when the image has one and `pvh`) or "full" (Debian's generic kernel with NVMe,
+        igb/igbvf and e1000e drivers, for passthrough guests). A guest that suspends to RAM needs
+        pvh=False: Debian's kernel booted through PVH did not wake from S3 in QEMU 11.1.3 (SeaBIOS),
+        the bzImage did (tests/integration/test_modes.py, cpr-reboot with suspend)."""
+        if flavor == "cloud":
+            elf = self.directory / "vmlinux"
+            return (elf if pvh and elf.is_file() else self.kernel), self.initrd
         if flavor == "full":
             kernel, initrd = self.directory / "vmlinuz-full", self.directory / "initrd-full.img"
             if kernel.is_file() and initrd.is_file():

@@ -177,7 +177,7 @@ class Machine:
         if img is None:
             raise CprSettingError("no guest image: build one with `cpr-image build guest` or set "
                                   "--cpr-user-image / CPR_USER_IMAGE")
-        kernel, initrd = img.boot_files(self.config.kernel_flavor)
+        kernel, initrd = img.boot_files(self.config.kernel_flavor, pvh=not self.config.suspends_for_reboot)
         return self._spec(nic, kernel=kernel, initrd=initrd, rootfs=img.rootfs,
                           cmdline=(f"cpr.sshkey={self.key.public_base64}", *self.config.cmdline))
 

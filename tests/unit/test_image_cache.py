@@ -358,4 +358,5 @@ def test_the_cloud_flavour_boots_the_pvh_kernel_elf_when_the_image_has_one(tmp_p
     assert img.boot_files("cloud") == (tmp_path / "vmlinuz", tmp_path / "initrd.img")  # an older build: no vmlinux
     (tmp_path / "vmlinux").write_text("elf")
     assert img.boot_files("cloud") == (tmp_path / "vmlinux", tmp_path / "initrd.img")
+    assert img.boot_files("cloud", pvh=False) == (tmp_path / "vmlinuz", tmp_path / "initrd.img")  # S3 guests
     assert img.boot_files("full") == (tmp_path / "vmlinuz-full", tmp_path / "initrd-full.img")
