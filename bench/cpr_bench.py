@@ -167,11 +167,31 @@ def boot_phases(dmesg: str, console: str, uptime_s: float, uptime_at_s: float, s
             "setup_s": round(setup_done - root, 3), "sshd_s": round(ssh_ready_s - kernel_zero - setup_done, 3)}
 
 
+VCPU_KEYS = ("vcpu_run_s", "vcpu_wait_s")
+
+
+def vcpu_seconds(pid: int) -> dict[str, float]:
+    """What a QEMU's vCPU threads have done so far, from the scheduler's statistics: seconds on a host CPU
+    (the guest's own work, translation included under TCG) and seconds runnable but waiting for one (what
+    other load on the host added). On a loaded host boot-to-SSH minus the wait is near an idle host's."""
+    run = wait = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if not task.joinpath("comm").read_text().startswith("CPU "):  # -name debug-threads=on: "CPU 0/TCG"
+                continue
+            ran, waited, _ = task.joinpath("schedstat").read_text().split()
+        except OSError:  # a thread that just ended
+            continue
+        run, wait = run + int(ran) / 1e9, wait + int(waited) / 1e9
+    return {"vcpu_run_s": round(run, 3), "vcpu_wait_s": round(wait, 3)}
+
+
 def bench_boots(bench: Bench) -> tuple[list[float], list[dict[str, float]]]:
     times, phases = [], []
     for i in range(bench.args.boots):
         with CprVM(bench.config(f"boot{i}", plots=False)) as vm:
             times.append(round(vm.boot(), 3))
+            vcpu = vcpu_seconds(vm.current.pid)
             t_spawn = vm.current.t_spawn
             out = vm.run("cat /proc/uptime; dmesg").stdout
             uptime_at = time.time() - t_spawn
@@ -179,7 +199,7 @@ def bench_boots(bench: Bench) -> tuple[list[float], list[dict[str, float]]]:
             resume = next(e for e in vm.current.qmp.events if e.get("event") == "RESUME")
             resumed = resume["timestamp"]["seconds"] + resume["timestamp"]["microseconds"] / 1e6 - t_spawn
             phases.append(boot_phases(out, vm.current.console_log.read_text(errors="replace"),
-                                      float(out.split()[0]), uptime_at, times[-1], resumed))
+                                      float(out.split()[0]), uptime_at, times[-1], resumed) | vcpu)
         progress(f"boot {i + 1}/{bench.args.boots}: {times[-1]:.2f} s to SSH "
                  f"({', '.join(f'{k[:-2]} {v:.2f}' for k, v in phases[-1].items())})")
     return times, phases
@@ -446,6 +466,7 @@ def summary(bench: Bench, boots: list[float], phases: list[dict[str, float]], re
     return {
         "boot_to_ssh_s": median(boots), "boot_to_ssh_max_s": max(boots, default=None), "boots": len(boots),
         "boot_phases_s": {k: median([p[k] for p in phases if k in p]) for k in BOOT_PHASES},
+        **{f"boot_{k}": median([p[k] for p in phases if k in p]) for k in VCPU_KEYS},
         "load_average_start": bench.load_start, "load_average_end": round(os.getloadavg()[0], 2),
         "overhead_ratio": median(ratios), "overhead_ratio_max": max(ratios, default=None),
         "blackout_ms": median(blackouts), "blackout_max_ms": max(blackouts, default=None),
@@ -491,7 +512,10 @@ def table(s: dict[str, Any], results: list[TransferResult]) -> str:
              f"probe every {s['probe_interval_ms']:g} ms",
              f"boot-to-SSH       median {_f(s['boot_to_ssh_s'], 2)} s, max {_f(s['boot_to_ssh_max_s'], 2)} s "
              f"({s['boots']} boots, load average {s['load_average_start']:.1f}); medians: "
-             + ", ".join(f"{k[:-2]} {_f(v, 2)} s" for k, v in s["boot_phases_s"].items()), "",
+             + ", ".join(f"{k[:-2]} {_f(v, 2)} s" for k, v in s["boot_phases_s"].items())
+             + f"; vCPU on a host CPU {_f(s['boot_vcpu_run_s'], 2)} s, "
+             f"waiting for one {_f(s['boot_vcpu_wait_s'], 2)} s",
+             "",
              f"{'#':>3}  {'QEMU downtime ms':>16}  {'QEMU total ms':>13}  {'guest blackout ms':>17}  "
              f"{'lost':>4}  {'spawn->listen ms':>16}  {'step ms':>7}  {'overhead':>8}"]
     for r in results:

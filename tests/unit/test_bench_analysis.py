@@ -65,3 +65,32 @@ def test_ratios_are_to_the_smallest_measured_size(bench: ModuleType) -> None:
     out = bench.with_ratios(rows)
     assert [r["blackout_ratio"] for r in out] == [1.0, 1.1, None]
     assert out[1]["normal_total_ratio"] == 4.0 and out[1]["qemu_downtime_ratio"] == 1.0
+
+
+BUSY = """import ctypes, sys, time
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)  # PR_SET_NAME: the thread's comm
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize(("comm", "counted"), [("CPU 0/TCG", True), ("worker", False)])
+def test_vcpu_seconds_count_the_vcpu_threads_alone(bench: ModuleType, comm: str, counted: bool) -> None:
+    """A thread named as QEMU names its vCPUs (debug-threads=on) is counted with its CPU time; another
+    thread of the same process is not."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", BUSY, comm], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "done\n"
+        seconds = bench.vcpu_seconds(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (seconds["vcpu_run_s"] >= 0.25) is counted and seconds["vcpu_wait_s"] >= 0
+    if not counted:
+        assert seconds == {"vcpu_run_s": 0.0, "vcpu_wait_s": 0.0}
