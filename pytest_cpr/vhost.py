@@ -425,12 +425,12 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
 
 
 # With CPR_VHOST_TRACE=1, L1's KVM tracepoints for its L2 guests (exits, injected exceptions and
-# interrupts, page faults, exits to QEMU, memory slot changes, fast zaps of the nested page tables) in a
+# interrupts, page faults, exits to QEMU, fast zaps of the nested page tables: memory slot changes) in a
 # 16 MiB ring per vCPU that stops at the first L2 triple fault (SVM_EXIT_SHUTDOWN, 0x7f: the L2's reset
 # with a silent console), written at the end as inner/l1-kvm-trace.txt: what led an L2 to its reset.
 L1_KVM_TRACE = "l1-kvm-trace.txt"
 L1_KVM_EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_exception", "kvm/kvm_inj_virq", "kvm/kvm_page_fault",
-                 "kvm/kvm_userspace_exit", "kvm/kvm_set_user_memory_region", "kvmmmu/kvm_mmu_zap_all_fast")
+                 "kvm/kvm_userspace_exit", "kvmmmu/kvm_mmu_zap_all_fast")  # L1's 7.3 has no memslot event
 L1_KVM_TRACE_ON = ("t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs nodev $t; echo 0 > $t/tracing_on; "
                    f"echo 16384 > $t/buffer_size_kb; for e in {' '.join(L1_KVM_EVENTS)}; "
                    "do echo 1 > $t/events/$e/enable || echo \"no event $e\"; done; "
