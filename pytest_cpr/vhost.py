@@ -427,7 +427,7 @@ def l1_argv(cfg: VhostConfig, qemu: str, accel: str, rundir: Path, nvme_image: P
 # With CPR_VHOST_TRACE=1, L1's KVM tracepoints for its L2 guests (exits, injected exceptions and
 # interrupts, page faults, exits to QEMU, fast zaps of the nested page tables: memory slot changes) in a
 # 16 MiB ring per vCPU that stops at the first L2 triple fault (SVM_EXIT_SHUTDOWN, 0x7f: the L2's reset
-# with a silent console), written at the end as inner/l1-kvm-trace.txt: what led an L2 to its reset.
+# with a silent console), written at the end as inner/l1-kvm-trace.txt[.gz]: what led an L2 to its reset.
 L1_KVM_TRACE = "l1-kvm-trace.txt"
 L1_KVM_EVENTS = ("kvm/kvm_exit", "kvm/kvm_inj_exception", "kvm/kvm_inj_virq", "kvm/kvm_page_fault",
                  "kvm/kvm_userspace_exit", "kvmmmu/kvm_mmu_zap_all_fast")  # L1's 7.3 has no memslot event
@@ -436,6 +436,9 @@ L1_KVM_TRACE_ON = ("t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs 
                    "do echo 1 > $t/events/$e/enable || echo \"no event $e\"; done; "
                    "echo 'traceoff if exit_reason == 127' > $t/events/kvm/kvm_exit/trigger; echo 1 > $t/tracing_on; "
                    "cat $t/events/kvm/kvm_exit/trigger")
+# at the end: all of it (~100 MB, gzip) when an L2 triple fault stopped it, else its last 20000 lines
+L1_KVM_TRACE_KEEP = ("t=/sys/kernel/tracing; if [ \"$(cat $t/tracing_on)\" = 0 ]; then gzip -1 < $t/trace > {out}.gz; "
+                     "else cat $t/trace | tail -n 20000 > {out}; fi; ")
 TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
 TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
 
@@ -791,7 +794,7 @@ class VirtualHost:
                 (self.config.artifacts / "l1-jit.txt").write_text(str(jit))
         if self.agent is not None:
             with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
-                keep = f"cat /sys/kernel/tracing/trace > {L1_OUT}/{L1_KVM_TRACE}; " if self.config.trace else ""
+                keep = L1_KVM_TRACE_KEEP.format(out=f"{L1_OUT}/{L1_KVM_TRACE}") if self.config.trace else ""
                 self.agent.run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; sync", 120)
             self.agent.close()
             self.agent = None
