@@ -436,6 +436,11 @@ L1_KVM_TRACE_ON = ("t=/sys/kernel/tracing; [ -d $t/events ] || mount -t tracefs 
                    "do echo 1 > $t/events/$e/enable || echo \"no event $e\"; done; "
                    "echo 'traceoff if exit_reason == 127' > $t/events/kvm/kvm_exit/trigger; echo 1 > $t/tracing_on; "
                    "cat $t/events/kvm/kvm_exit/trigger")
+# L1's memory management at the end: page migration, compaction and huge page collapses move the pages
+# under its L2 guests' nested page tables (each move a nested page table change the emulator must honour)
+L1_MM_STATE = ("(grep -E '^(pgmigrate|compact_|thp_|numa_)' /proc/vmstat; "
+               "head /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/shmem_enabled "
+               "/sys/kernel/mm/transparent_hugepage/defrag /proc/sys/vm/compaction_proactiveness)")
 # at the end: all of it (~100 MB, gzip) when an L2 triple fault stopped it, else its last 20000 lines
 L1_KVM_TRACE_KEEP = ("t=/sys/kernel/tracing; if [ \"$(cat $t/tracing_on)\" = 0 ]; then gzip -1 < $t/trace > {out}.gz; "
                      "else cat $t/trace | tail -n 20000 > {out}; fi; ")
@@ -795,7 +800,7 @@ class VirtualHost:
         if self.agent is not None:
             with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
                 keep = L1_KVM_TRACE_KEEP.format(out=f"{L1_OUT}/{L1_KVM_TRACE}") if self.config.trace else ""
-                self.agent.run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; sync", 120)
+                self.agent.run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; {L1_MM_STATE} > {L1_OUT}/l1-mm.txt; sync", 120)
             self.agent.close()
             self.agent = None
         if self.side is not None:
