@@ -448,6 +448,52 @@ TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=
 TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
 
 
+_KVM_EXIT = re.compile(r"^\s*(?P<task>.+?)\s+\[(?P<cpu>\d+)\]\s+\S+\s+(?P<t>[\d.]+): kvm_exit: vcpu (?P<vcpu>\d+) "
+                       r"reason (?P<reason>\S+) rip (?P<rip>0x[0-9a-f]+) info1 (?P<info1>0x[0-9a-f]+) "
+                       r"info2 (?P<info2>0x[0-9a-f]+) intr_info (?P<intr>0x[0-9a-f]+) error_code (?P<err>0x[0-9a-f]+)")
+_EVENT_TYPES = {0: "external interrupt", 2: "NMI", 3: "exception", 4: "software interrupt"}
+_VECTORS = {0: "#DE", 1: "#DB", 3: "#BP", 6: "#UD", 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF",
+            17: "#AC", 18: "#MC"}
+
+
+def event_info(intr: int, err: int) -> str:
+    """SVM's exit interrupt information in words: the event the CPU was delivering when it exited
+    (vector, type, error code; for a page fault its error code's bits)."""
+    if not intr & 0x80000000:
+        return "no event being delivered"
+    vector, kind = intr & 0xFF, (intr >> 8) & 7
+    name = _VECTORS.get(vector, "") if kind == 3 else ""
+    words = f"{_EVENT_TYPES.get(kind, f'type {kind}')} {name} (vector {vector})"
+    if intr & 0x800:
+        words += f", error code {err:#x}"
+        if vector == 14 and kind == 3:
+            access = "instruction fetch" if err & 16 else "write" if err & 2 else "read"
+            bits = ["page present" if err & 1 else "page not present", access,
+                    "user mode" if err & 4 else "kernel mode", *(["reserved bit set"] if err & 8 else [])]
+            words += f": {', '.join(bits)}"
+    return " ".join(words.split())
+
+
+def l2_triple_faults(trace: str, before: int = 12) -> list[str]:
+    """From L1's KVM trace (CPR_VHOST_TRACE=1): each L2 triple fault (kvm_exit reason shutdown), the
+    event the emulator was delivering then, and the `before` exits of that vCPU thread that led there."""
+    lines = trace.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = _KVM_EXIT.match(line)
+        if m is None or m["reason"] != "shutdown":
+            continue
+        task = m["task"]
+        mine = [ln for ln in lines[:i] if ln.lstrip().startswith(task) and "kvm_exit:" in ln]
+        last_npf = next((j for j, ln in enumerate(reversed(mine)) if " reason npf " in ln), None)
+        out.append(f"L2 vCPU {m['vcpu']} ({task.strip()}) triple fault at {m['t']} s, RIP {m['rip']}, delivering "
+                   f"{event_info(int(m['intr'], 16), int(m['err'], 16))}; "
+                   + ("no nested page fault exit before it in the trace" if last_npf is None else
+                      f"{last_npf} exits since its last nested page fault exit"))
+        out += [f"  {ln.strip()}" for ln in mine[-before:]]
+    return out
+
+
 def discon_events(text: str) -> dict[int, list[tuple[int, str, int, int]]]:
     """The TCG plugin's record (tcg_discon.c): per vCPU, (ns, kind, from PC, to PC), oldest first."""
     out: dict[int, list[tuple[int, str, int, int]]] = {}
@@ -980,6 +1026,18 @@ def _cmd_discon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_l2reset(args: argparse.Namespace) -> int:
+    inner = Path(args.run) / "inner"
+    try:
+        whole = inner / f"{L1_KVM_TRACE}.gz"
+        text = (gzip.decompress(whole.read_bytes()).decode(errors="replace") if whole.is_file()
+                else (inner / L1_KVM_TRACE).read_text(errors="replace"))
+    except OSError as exc:
+        raise CprSettingError(f"{inner / L1_KVM_TRACE}: {exc.strerror}; run L1 with CPR_VHOST_TRACE=1") from None
+    print("\n".join(l2_triple_faults(text, args.before)) or "no L2 triple fault in L1's KVM trace")
+    return 0
+
+
 def sigterm_as_ctrl_c(signum: int, frame: object) -> None:
     """SIGTERM (`kill`, a job timeout) as Ctrl-C: the `with` blocks shut what they started down."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -1014,9 +1072,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "(CPR_VHOST_TRACE=1)")
     t.add_argument("run", help="the run's artifacts folder (artifacts/vhost/<name>-<stamp>)")
     t.add_argument("--last", type=int, default=20)
+    k = sub.add_parser("l2reset", help="a traced L1 run's L2 triple faults from L1's KVM trace, with the exits "
+                                       "before each (CPR_VHOST_TRACE=1)")
+    k.add_argument("run", help="the run's artifacts folder (artifacts/vhost/<name>-<stamp>)")
+    k.add_argument("--before", type=int, default=12)
     args = parser.parse_args(argv)
     commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed, "finished": _cmd_finished,
-                "discon": _cmd_discon}
+                "discon": _cmd_discon, "l2reset": _cmd_l2reset}
     return run_as_cli("cpr-vhost", lambda: commands[args.cmd](args))
 
 

@@ -482,3 +482,43 @@ def test_traced_l1_events_are_named_and_the_plugin_builds(tmp_path: Path) -> Non
         "vCPU 1: 2 events recorded, the last 1:",
         "        0.000 ms interrupt smp_call_function_many_cond+0x279 (0xffffffffbda30679) -> "
         "asm_sysvec_apic_timer_interrupt+0x0 (0xffffffffbd6014b0)"]
+
+
+def _exit(task: str, cpu: int, t: str, vcpu: int, reason: str, rip: str, info2: str = "0", intr: str = "0",
+          err: str = "0") -> str:
+    """One kvm_exit line as L1's 7.3 kernel writes it."""
+    return (f"       {task}     [{cpu:03d}] d..1.    {t}: kvm_exit: vcpu {vcpu} reason {reason} rip {rip} "
+            f"info1 0x0000000000000000 info2 0x{int(info2, 16):016x} intr_info 0x{int(intr, 16):08x} "
+            f"error_code 0x{int(err, 16):08x} requests 0x0000000000000000")
+
+
+L2_TRIPLE_FAULT = "\n".join([
+    "# tracer: nop",
+    _exit("CPU 0/KVM-271", 1, "93.981078", 0, "npf", "0xffffffffa49eb987", info2="3266000"),
+    "       CPU 0/KVM-271     [001] .....    93.981089: kvm_page_fault: vcpu 0 rip 0xffffffffa49eb987 address "
+    "0x0000000003266000 error_code 0x100000006",
+    _exit("CPU 1/KVM-300", 0, "93.990000", 1, "hlt", "0xffffffff81000000"),
+    _exit("CPU 0/KVM-271", 0, "94.037932", 0, "io", "0xffffffffa46a4456", info2="ffffffffa46a4457", intr="b0e"),
+    "       CPU 0/KVM-271     [000] .....    94.037974: kvm_userspace_exit: reason KVM_EXIT_IO (2)",
+    _exit("CPU 0/KVM-271", 0, "94.038788", 0, "shutdown", "0xffffffffa46a4457", intr="80000b0e", err="10"),
+    ""])
+
+
+def test_an_l2_triple_fault_in_l1s_kvm_trace_is_read_out(tmp_path: Path) -> None:
+    """The first L2 reset caught in L1's KVM trace (2026-11-27, cross-version run, abridged): the
+    emulator was delivering a page fault for an instruction fetch of a page not present, in kernel
+    mode, right after an I/O exit's resume, one exit after the last nested page fault. Controls: a
+    trace without a shutdown has none; an exit's stale event bits without the valid bit are no event."""
+    found = vhost.l2_triple_faults(L2_TRIPLE_FAULT, before=2)
+    assert found[0] == ("L2 vCPU 0 (CPU 0/KVM-271) triple fault at 94.038788 s, RIP 0xffffffffa46a4457, delivering "
+                        "exception #PF (vector 14), error code 0x10: page not present, instruction fetch, kernel "
+                        "mode; 1 exits since its last nested page fault exit")
+    assert len(found) == 3 and "reason npf" in found[1] and "reason io" in found[2]  # its own thread's exits only
+    assert vhost.l2_triple_faults(L2_TRIPLE_FAULT.rsplit("\n", 2)[0]) == []
+    assert vhost.event_info(0x00000B0E, 0) == "no event being delivered"
+    assert vhost.event_info(0x800000EC, 0) == "external interrupt (vector 236)"
+    run = tmp_path / "run"
+    (run / "inner").mkdir(parents=True)
+    (run / "inner" / "l1-kvm-trace.txt").write_text(L2_TRIPLE_FAULT)
+    assert vhost.main(["l2reset", str(run)]) == 0
+    assert vhost.main(["l2reset", str(tmp_path / "none")]) == 2
