@@ -844,9 +844,12 @@ class VirtualHost:
                 jit = self.process.qmp.execute("human-monitor-command", {"command-line": "info jit"}, timeout=20)
                 (self.config.artifacts / "l1-jit.txt").write_text(str(jit))
         if self.agent is not None:
-            with contextlib.suppress(CprError, OSError):  # L1's kernel log (L1 may be gone: then none)
-                keep = L1_KVM_TRACE_KEEP.format(out=f"{L1_OUT}/{L1_KVM_TRACE}") if self.config.trace else ""
-                self.agent.run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; {L1_MM_STATE} > {L1_OUT}/l1-mm.txt; sync", 120)
+            # L1's kernel log, memory counters and KVM trace (L1 may be gone: then none), on the second
+            # agent when there is one: the first may still run a command a stop interrupted on L0
+            keep = L1_KVM_TRACE_KEEP.format(out=f"{L1_OUT}/{L1_KVM_TRACE}") if self.config.trace else ""
+            with contextlib.suppress(CprError, OSError):
+                (self.side or self.agent).run(f"{keep}dmesg > {L1_OUT}/l1-dmesg.log; {L1_MM_STATE} > "
+                                              f"{L1_OUT}/l1-mm.txt; sync", 120)
             self.agent.close()
             self.agent = None
         if self.side is not None:
