@@ -770,9 +770,14 @@ class VirtualHost:
         assert self.side is not None and self.process is not None
         try:
             self.side.run("cat /proc/uptime", 60)
-            return
         except CprTimeout:
             pass
+        else:
+            if (stuck := l1_nic_stuck(self.config.artifacts / "l1-console.log")) is not None:
+                raise CprTimeout(f"virtual host's NIC stopped transmitting, L1's kernel says: {stuck} (the "
+                                 f"emulator lost its notification or interrupt: the tests' traffic cannot flow; "
+                                 f"console {self.config.artifacts / 'l1-console.log'})")
+            return
         dump = self.config.artifacts / "l1-stuck.txt"
         where, text = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a",
                                                "info registers -a",
@@ -861,6 +866,21 @@ class VirtualHost:
         if self._rundir is not None:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
+
+
+NIC_STUCK_MS = 60000  # a transmit queue silent this long (L1's NETDEV WATCHDOG says) is no hiccup
+
+
+def l1_nic_stuck(console: Path) -> str | None:
+    """The last NETDEV WATCHDOG line of L1's console when its queue has been stuck NIC_STUCK_MS or
+    more, else None. Seen 2026-11-27: L1's virtio-net to the tests' peer stopped transmitting for good
+    while L1 itself answered; the inner tests then waited out their 900 s timeouts one after another."""
+    try:
+        found = re.findall(r"(\S+): NETDEV WATCHDOG: (.*?transmit queue \d+ timed out (\d+) ms)",
+                           console.read_text(errors="replace"))
+    except FileNotFoundError:
+        return None
+    return f"{found[-1][0]}: {found[-1][1]}" if found and int(found[-1][2]) >= NIC_STUCK_MS else None
 
 
 def l1_panic(console: Path) -> str | None:

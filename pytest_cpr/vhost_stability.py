@@ -59,6 +59,7 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
 # failure classes, first match wins: (class, pattern over the failure text)
 CLASSES: tuple[tuple[str, str], ...] = (
     ("L1 freeze", r"virtual host stopped answering"),
+    ("L1 NIC stuck", r"virtual host's NIC stopped transmitting"),
     ("L1 panic", r"L1 kernel panic"),
     ("L1 reset", r"virtual host (exited|agent socket closed)"),
     ("L2 KVM internal error", r"QEMU internal-error|KVM internal error"),

@@ -386,6 +386,21 @@ def test_l1_panic_line_is_read_from_its_console(tmp_path: Path) -> None:
     assert vhost.l1_panic(console) == "timer doesn't work through Interrupt-remapped IO-APIC"
 
 
+def test_a_stuck_l1_nic_is_read_from_its_console(tmp_path: Path) -> None:
+    """L1's peer NIC that stopped transmitting for good (seen 2026-11-27, 635 s and counting) is named;
+    the controls: no console, and a queue silent for less than a minute (a hiccup the watchdog reports
+    too)."""
+    console = tmp_path / "l1-console.log"
+    assert vhost.l1_nic_stuck(console) is None
+    console.write_text("[  236.641336] virtio_net virtio1 cprpeer0: NETDEV WATCHDOG: CPU: 1: transmit queue 0 timed "
+                       "out 5650 ms\n")
+    assert vhost.l1_nic_stuck(console) is None
+    with console.open("a") as fh:
+        fh.write("[  866.401120] virtio_net virtio1 cprpeer0: NETDEV WATCHDOG: CPU: 1: transmit queue 0 timed out "
+                 "635410 ms\n[  866.401839] virtio_net virtio1 cprpeer0: TX timeout on queue: 0\n")
+    assert vhost.l1_nic_stuck(console) == "cprpeer0: CPU: 1: transmit queue 0 timed out 635410 ms"
+
+
 def test_finished_tests_of_a_streamed_log_are_left_out_of_a_retry(tmp_path: Path) -> None:
     """L1 died mid-run (no JUnit XML): the retry leaves out what the streamed -v log shows done, and runs
     again what failed, errored at teardown, or was running when L1 died."""
