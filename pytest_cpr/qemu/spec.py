@@ -23,8 +23,7 @@ def opt(value: object) -> str:
 # at boot (~0.3 s), the check that the timer interrupt works, zeroing every page the kernel allocates
 # (a hardening default) and the Spectre mitigations (retpolines make each indirect call several
 # translated blocks). A test guest needs none of them under TCG; on KVM they are not given (the guest
-# boots as a user's would): in the virtual host's fresh-clone CI of 2026-11-26, L2 guests on KVM booted
-# with them reset themselves (SHUTDOWN guest-reset, nothing on the console) in 3 of 19 tests.
+# boots as a user's would, and they pay little there).
 FAST_BOOT_ARGS = ("cryptomgr.notests", "no_timer_check", "init_on_alloc=0", "mitigations=off")
 
 
