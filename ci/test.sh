@@ -102,7 +102,8 @@ fi
 vhost_report() {  # $1: run name, $2: what ran, $3: its exit status; a failure is a warning, not a red run
   if [ "$3" = 0 ] || [ "$3" = 5 ]; then echo "== $2 in the virtual host: all passed"; return; fi
   local failed
-  failed=$(.venv/bin/python -m pytest_cpr.vhost failed "artifacts/junit/vhost-$1.xml" | tr '\n' ' ')
+  failed=$(.venv/bin/python -m pytest_cpr.vhost failed "artifacts/junit/vhost-$1.xml")
+  failed=${failed//$'\n'/ }  # (the substitution dropped the trailing newline: none failed is empty)
   echo "::warning::$2 in the virtual host failed (exit $3; they report, they do not gate):" \
        "${failed:-no inner JUnit XML came back (L1 died: see the L0 test failure above)}"
 }
