@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pytest_cpr.errors import CprError, CprSettingError, CprTimeout, QemuExited
 from pytest_cpr.images import cached_path, default_cache_dir, guest_image_dir, verify_existing
@@ -443,7 +444,7 @@ L1_MM_STATE = ("(grep -E '^(pgmigrate|compact_|thp_|numa_)' /proc/vmstat; "
                "/sys/kernel/mm/transparent_hugepage/defrag /proc/sys/vm/compaction_proactiveness)")
 # at the end: all of it (~100 MB, gzip) when an L2 triple fault stopped it, else its last 20000 lines
 L1_KVM_TRACE_KEEP = ("t=/sys/kernel/tracing; if [ \"$(cat $t/tracing_on)\" = 0 ]; then gzip -1 < $t/trace > {out}.gz; "
-                     "else cat $t/trace | tail -n 20000 > {out}; fi; ")
+                     "else tail -n 20000 $t/trace > {out}; fi; ")
 TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
 TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
 
@@ -875,21 +876,22 @@ def l1_nic_stuck(console: Path) -> str | None:
     """The last NETDEV WATCHDOG line of L1's console when its queue has been stuck NIC_STUCK_MS or
     more, else None. Seen 2026-11-27: L1's virtio-net to the tests' peer stopped transmitting for good
     while L1 itself answered; the inner tests then waited out their 900 s timeouts one after another."""
-    try:
-        found = re.findall(r"(\S+): NETDEV WATCHDOG: (.*?transmit queue \d+ timed out (\d+) ms)",
-                           console.read_text(errors="replace"))
-    except FileNotFoundError:
-        return None
+    found = _console_findall(console, r"(\S+): NETDEV WATCHDOG: (.*?transmit queue \d+ timed out (\d+) ms)")
     return f"{found[-1][0]}: {found[-1][1]}" if found and int(found[-1][2]) >= NIC_STUCK_MS else None
 
 
 def l1_panic(console: Path) -> str | None:
     """The last 'Kernel panic - not syncing: <why>' of L1's console log, or None."""
-    try:
-        found = re.findall(r"Kernel panic - not syncing: ([^\r\n]*)", console.read_text(errors="replace"))
-    except FileNotFoundError:
-        return None
+    found = _console_findall(console, r"Kernel panic - not syncing: ([^\r\n]*)")
     return found[-1].strip() if found else None
+
+
+def _console_findall(console: Path, pattern: str) -> list[Any]:  # str or tuple per match
+    """re.findall of `pattern` over L1's console log; none before L1 wrote one."""
+    try:
+        return re.findall(pattern, console.read_text(errors="replace"))
+    except FileNotFoundError:
+        return []
 
 
 def _sh(text: str) -> str:
