@@ -444,7 +444,7 @@ L1_MM_STATE = ("(grep -E '^(pgmigrate|compact_|thp_|numa_)' /proc/vmstat; "
                "/sys/kernel/mm/transparent_hugepage/defrag /proc/sys/vm/compaction_proactiveness)")
 # at the end: all of it (~100 MB, gzip) when an L2 triple fault stopped it, else its last 20000 lines
 L1_KVM_TRACE_KEEP = ("t=/sys/kernel/tracing; if [ \"$(cat $t/tracing_on)\" = 0 ]; then gzip -1 < $t/trace > {out}.gz; "
-                     "else tail -n 20000 $t/trace > {out}; fi; ")
+                     "else cat $t/trace | tail -n 20000 > {out}; fi; ")  # tracefs: read it as a stream
 TCG_DISCON_SO = "tcg-discon.so"  # in the run's artifacts, with CPR_VHOST_TRACE=1
 TCG_DISCON_OUT = "l1-discon.txt"  # what the plugin writes when L1's QEMU exits
 
