@@ -28,8 +28,11 @@ apt-get install -y -q --no-install-recommends "${QEMU_SUITE[@]}" qemu-system-x86
 apt-get install -y -q --no-install-recommends debootstrap busybox-static cpio kmod xz-utils zstd lz4 \
   e2fsprogs iproute2 ca-certificates mmdebstrap gdisk mount >/dev/null
 if [ "${CPR_VHOST:-1}" != 0 ]; then
-  log "apt: kernel build tools (the virtual host's iommufd-capable kernel, images/vhost-kernel)"
-  apt-get install -y -q --no-install-recommends build-essential bc bison flex libelf-dev libssl-dev >/dev/null
+  log "apt: build tools (the virtual host's iommufd-capable kernel, images/vhost-kernel, and the QEMU that runs it," \
+      "images/qemu-l0)"
+  apt-get install -y -q --no-install-recommends build-essential bc bison flex libelf-dev libssl-dev \
+    ninja-build pkg-config python3-venv dpkg-dev patch libglib2.0-dev libpixman-1-dev libfdt-dev libattr1-dev \
+    libcap-ng-dev >/dev/null
 fi
 qemu-system-x86_64 --version | head -1
 # The guest image builds while pip installs (both mostly wait on downloads): pytest_cpr.images needs
@@ -49,7 +52,7 @@ trap - EXIT
 for recipe in images/*/; do
   name=$(basename "$recipe")
   [ "$name" = guest ] || [ ! -f "$recipe/build.sh" ] && continue
-  case "$name" in vhost* | qemu-next | qemu-forky | cloud)
+  case "$name" in vhost* | qemu-next | qemu-forky | qemu-l0 | cloud)
     if [ "${CPR_VHOST:-1}" = 0 ]; then  # the demo needs only the guest; ci/test.sh builds these when it needs them
       log "skipping the $name image (CPR_VHOST=0); ci/test.sh builds it when it first needs it (cached)"; continue
     fi ;;

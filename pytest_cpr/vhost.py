@@ -261,15 +261,19 @@ class AgentChannel:
 
 # ---- on L0: the L1 VM ------------------------------------------------------------------------------
 
-def l1_qemu(wanted: str, cache: Path) -> str:
-    """The QEMU that runs L1. auto: the cached qemu-next build (QEMU 11.x) when there is one, else the
-    system's. QEMU 10.0.2's TCG emulation of nested SVM froze L1 or made L1's KVM stop the L2 ("KVM
-    internal error", see docs/virtual-host.md) with the Debian kernel in L1; with 11.1.3 those two were
-    not seen again. Speed is about the same (bench/vhost_bench.py --l0 both)."""
+def l1_qemu(wanted: str, cache: Path, plugin: bool = False) -> str:
+    """The QEMU that runs L1. auto: the cached qemu-l0 build (Debian's 10.0 source with our fix of TCG's
+    hflags2 race, images/qemu-l0: every Debian binary build lets another vCPU's XRSTOR undo CPU 0's GIF
+    and nested-paging bits, which reset L2 guests and L1 itself; docs/virtual-host.md, "The emulator's
+    race"), else the cached qemu-next build (QEMU 11.x), else the system's. With `plugin` (the TCG
+    plugin of CPR_VHOST_TRACE needs plugin API 7, QEMU >= 10.1) qemu-l0 is passed over."""
     if wanted != "auto":
         return wanted
-    nxt = cached_path("qemu-next", cache) / "bin/qemu-system-x86_64"
-    return str(nxt) if nxt.is_file() else "qemu-system-x86_64"
+    for name in ("qemu-next",) if plugin else ("qemu-l0", "qemu-next"):
+        built = cached_path(name, cache) / "bin/qemu-system-x86_64"
+        if built.is_file():
+            return str(built)
+    return "qemu-system-x86_64"
 
 
 def l1_kernel(wanted: str, cache: Path) -> Path | None:
@@ -317,10 +321,12 @@ class VhostConfig:
     def from_cache(cls, artifacts: Path, cache_dir: Path | None = None, qemu: str | None = None,
                    kernel: str | None = None, **overrides: object) -> VhostConfig:
         """Images from the cache of the current recipes (`cpr-image build vhost`, `cpr-image build guest`,
-        and `cpr-image build qemu-next` / `vhost-kernel` when built); see `l1_qemu` and `l1_kernel`."""
+        and `cpr-image build qemu-l0` / `qemu-next` / `vhost-kernel` when built); see `l1_qemu` and
+        `l1_kernel`."""
         cache = cache_dir or default_cache_dir()
         guest = guest_image_dir(os.environ.get("CPR_IMAGE"), cache)
-        l0_qemu = l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache)
+        trace = os.environ.get("CPR_VHOST_TRACE") == "1"
+        l0_qemu = l1_qemu(qemu or os.environ.get("CPR_VHOST_QEMU") or "auto", cache, plugin=trace)
         l0_kernel = l1_kernel(kernel or os.environ.get("CPR_VHOST_KERNEL") or "auto", cache)
         cross = cached_path(CROSS_IMAGE, cache)
         # cache entries are checked against their manifests: root runs this QEMU and boots these files
@@ -334,7 +340,7 @@ class VhostConfig:
                    tcg_thread=os.environ.get("CPR_VHOST_TCG_THREAD", "multi"),
                    tb_size=int(os.environ.get("CPR_VHOST_TB_SIZE", "512")),
                    qemu_args=tuple(shlex.split(os.environ.get("CPR_VHOST_QEMU_ARGS", ""))),
-                   trace=os.environ.get("CPR_VHOST_TRACE") == "1", **overrides)  # type: ignore[arg-type]
+                   trace=trace, **overrides)  # type: ignore[arg-type]
 
     @property
     def vmlinuz(self) -> Path:
@@ -921,7 +927,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                  kernel=args.kernel, junit_dir=Path(args.artifacts).resolve() / "junit")
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     t0 = time.monotonic()
-    summary: dict[str, object] = {"pytest_args": pytest_args}
+    summary: dict[str, object] = {"pytest_args": pytest_args, "l0_qemu": cfg.qemu}
     try:
         with VirtualHost(cfg) as l1:
             summary.update(accel=l1.accel, l1_boot_s=round(l1.boot_seconds, 1))
@@ -1076,8 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=("auto", "kvm", "tcg"))
     r.add_argument("--memory", default="5G", help="L1 memory (default 5G)")
     r.add_argument("--qemu", default=None,
-                   help="QEMU that runs L1 (default $CPR_VHOST_QEMU, else auto: the cached qemu-next build "
-                        "if any, else qemu-system-x86_64)")
+                   help="QEMU that runs L1 (default $CPR_VHOST_QEMU, else auto: the cached qemu-l0 build, "
+                        "else qemu-next, else qemu-system-x86_64)")
     r.add_argument("--kernel", default=None,
                    help="L1 kernel: auto (default, $CPR_VHOST_KERNEL), distro, iommufd or a bzImage path")
     r.add_argument("--name", default="vhost", help="name of the JUnit file: artifacts/junit/vhost-<name>.xml")

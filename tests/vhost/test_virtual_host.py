@@ -131,7 +131,8 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
 
 
 def test_l1_qemu_and_kernel_choice(tmp_path: Path) -> None:
-    """auto picks the cached qemu-next build and the cached iommufd-capable kernel when they exist, else
+    """auto picks the cached qemu-l0 build (else qemu-next; qemu-next when the TCG plugin is wanted) and the
+    cached iommufd-capable kernel when they exist, else
     the system QEMU and the image's Debian kernel; asking for the custom kernel when it is not built
     is an error that says how to build it."""
     assert vhost.l1_qemu("auto", tmp_path) == "qemu-system-x86_64"
@@ -144,6 +145,11 @@ def test_l1_qemu_and_kernel_choice(tmp_path: Path) -> None:
         f.parent.mkdir(parents=True)
         f.touch()
     assert vhost.l1_qemu("auto", tmp_path) == str(nxt)
+    fixed = cached_path("qemu-l0", tmp_path) / "bin/qemu-system-x86_64"  # the build with the race fixed
+    fixed.parent.mkdir(parents=True)
+    fixed.touch()
+    assert vhost.l1_qemu("auto", tmp_path) == str(fixed)
+    assert vhost.l1_qemu("auto", tmp_path, plugin=True) == str(nxt)  # the TCG plugin needs QEMU >= 10.1
     assert vhost.l1_qemu("/opt/q", tmp_path) == "/opt/q"
     assert vhost.l1_kernel("auto", tmp_path) == kernel == vhost.l1_kernel("iommufd", tmp_path)
     assert vhost.l1_kernel("distro", tmp_path) is None
