@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The QEMU that runs the virtual host (L1) under TCG: Debian's QEMU source (trixie's, 10.0.x) built for
 # x86_64 system emulation only, with our fix of a TCG race that kills the nested guests
-# (ignne-hflags2.patch; docs/virtual-host.md, "The emulator's race"). Debian's binary packages (10.0.x,
-# 11.1.x) all have the race. Called by `cpr-image build qemu-l0` with OUT set; writes
+# (ignne-hflags2.patch; docs/virtual-host.md, "The emulator's race"). Debian's binary builds run L1 with
+# the race (read in 10.0.13's source; 11.1.3 fails the same way). Called by `cpr-image build qemu-l0` with OUT set; writes
 # OUT/bin/qemu-system-x86_64 (a wrapper that adds the firmware paths of the host's packages) and
 # OUT/libexec/qemu-system-x86_64 (the build). Needs the host's build tools and libraries
 # (ci/bootstrap.sh installs them) and meson 1.5 from PyPI (the +ds source has no python/wheels).
 set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 SUITE=${CPR_QEMU_L0_SUITE:-trixie}
+FIX=${CPR_QEMU_L0_FIX:-1}  # 0: without ignne-hflags2.patch, i.e. the race's reproducer (with the probes)
 PROBES=${CPR_QEMU_L0_PROBES:-0}  # 1: also probes.patch (what found the race; off at run time without CPR_WALK_CHECK)
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -38,8 +39,13 @@ step "qemu source from $SUITE"
 S=$(ls -d "$WORK"/qemu-[0-9]*/ | head -1)
 S=${S%/}
 basename "$S" | sed 's/^qemu-/qemu /' > "$OUT/source-package"
-step "  $(cat "$OUT/source-package"), patched: ignne-hflags2.patch"
-patch -s -d "$S" -p1 < "$HERE/ignne-hflags2.patch"
+if [ "$FIX" = 1 ]; then
+  step "  $(cat "$OUT/source-package"), patched: ignne-hflags2.patch"
+  patch -s -d "$S" -p1 < "$HERE/ignne-hflags2.patch"
+else
+  step "  $(cat "$OUT/source-package"), NOT fixed (CPR_QEMU_L0_FIX=0: a build that shows the race)"
+  echo "unfixed" >> "$OUT/source-package"
+fi
 if [ "$PROBES" = 1 ]; then
   step "  and probes.patch (CPR_QEMU_L0_PROBES=1)"
   patch -s -d "$S" -p1 < "$HERE/probes.patch"
