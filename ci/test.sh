@@ -159,7 +159,7 @@ if [ "$TIER2" != 0 ]; then
   if [ -z "${CPR_VHOST_TESTS:-}" ] && [ "${CPR_VHOST_ROLLBACK:-1}" != 0 ]; then
     echo "== virtual hardware host tier, rollback and ioctl-fault tests (report, do not gate): $VHOST_ROLLBACK"
     brc=0
-    CPR_VHOST_TIMEOUT=2400 vhost_run rollback "$VHOST_ROLLBACK" -k test_inner_passthrough_transfer || brc=$?
+    CPR_VHOST_TIMEOUT=1500 vhost_run rollback "$VHOST_ROLLBACK" -k test_inner_passthrough_transfer || brc=$?
     vhost_report rollback "Rollback and ioctl-fault tests" "$brc"
   fi
 fi
