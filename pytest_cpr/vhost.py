@@ -263,10 +263,11 @@ class AgentChannel:
 
 def l1_qemu(wanted: str, cache: Path, plugin: bool = False) -> str:
     """The QEMU that runs L1. auto: the cached qemu-l0 build (Debian's 10.0 source with our fix of TCG's
-    hflags2 race, images/qemu-l0: every Debian binary build lets another vCPU's XRSTOR undo CPU 0's GIF
-    and nested-paging bits, which reset L2 guests and L1 itself; docs/virtual-host.md, "The emulator's
-    race"), else the cached qemu-next build (QEMU 11.x), else the system's. With `plugin` (the TCG
-    plugin of CPR_VHOST_TRACE needs plugin API 7, QEMU >= 10.1) qemu-l0 is passed over."""
+    hflags2 race, images/qemu-l0: without it another vCPU's XRSTOR can undo CPU 0's GIF and nested-paging
+    bits, which reset L2 guests and L1 itself; read in 10.0.13's source, and 11.1.3 fails the same way;
+    docs/virtual-host.md, "The emulator's race"), else the cached qemu-next build (QEMU 11.x), else the
+    system's. With `plugin` (the TCG plugin of CPR_VHOST_TRACE needs plugin API 7, QEMU >= 10.1)
+    qemu-l0 is passed over."""
     if wanted != "auto":
         return wanted
     for name in ("qemu-next",) if plugin else ("qemu-l0", "qemu-next"):

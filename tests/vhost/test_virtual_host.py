@@ -132,9 +132,8 @@ def test_l1_command_line_wires_the_peer_port(tmp_path: Path) -> None:
 
 def test_l1_qemu_and_kernel_choice(tmp_path: Path) -> None:
     """auto picks the cached qemu-l0 build (else qemu-next; qemu-next when the TCG plugin is wanted) and the
-    cached iommufd-capable kernel when they exist, else
-    the system QEMU and the image's Debian kernel; asking for the custom kernel when it is not built
-    is an error that says how to build it."""
+    cached iommufd-capable kernel when they exist, else the system QEMU and the image's Debian kernel;
+    asking for the custom kernel when it is not built is an error that says how to build it."""
     assert vhost.l1_qemu("auto", tmp_path) == "qemu-system-x86_64"
     assert vhost.l1_kernel("auto", tmp_path) is None
     with pytest.raises(CprSettingError, match="cpr-image build vhost-kernel"):
