@@ -37,7 +37,8 @@ NETNS_DIR = Path("/var/run/netns")
 NETNS_PREFIX = "cprt-"
 # pytest-cpr runs every QEMU with its QMP socket in a private run directory /tmp/cpr-XXXXXXXX
 # (vm.CprVM); tests/unit/test_cleanup.py checks this against the real command line (VmSpec.argv).
-HARNESS_QMP = re.compile(r"(?:^|,)path=/tmp/cpr-[A-Za-z0-9_]+/qmp-[A-Za-z0-9_.-]+\.sock(?:,|$)")
+# a guest's QMP socket (/tmp/cpr-<id>/qmp-g0.sock) or the virtual host's L1 (/tmp/cpr-vhost-<id>/qmp.sock)
+HARNESS_QMP = re.compile(r"(?:^|,)path=/tmp/cpr-[A-Za-z0-9_-]+/qmp(?:-[A-Za-z0-9_.-]+)?\.sock(?:,|$)")
 HARNESS_NETNS = re.compile(r"^cprt-(\d+)-[A-Za-z0-9_]+$")
 FAILED_PREFIX = "could not clean"
 

@@ -785,6 +785,9 @@ class VirtualHost:
                 raise CprTimeout(f"virtual host's NIC stopped transmitting, L1's kernel says: {stuck} (the "
                                  f"emulator lost its notification or interrupt: the tests' traffic cannot flow; "
                                  f"console {self.config.artifacts / 'l1-console.log'})")
+            if (stalled := l1_cpu_stalled(self.config.artifacts / "l1-console.log")) is not None:
+                raise CprTimeout(f"virtual host's {stalled} (a wakeup the emulator lost: what runs there "
+                                 f"never finishes; console {self.config.artifacts / 'l1-console.log'})")
             return
         dump = self.config.artifacts / "l1-stuck.txt"
         where, text = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a",
@@ -885,6 +888,20 @@ def l1_nic_stuck(console: Path) -> str | None:
     while L1 itself answered; the inner tests then waited out their 900 s timeouts one after another."""
     found = _console_findall(console, r"(\S+): NETDEV WATCHDOG: (.*?transmit queue \d+ timed out (\d+) ms)")
     return f"{found[-1][0]}: {found[-1][1]}" if found and int(found[-1][2]) >= NIC_STUCK_MS else None
+
+
+def l1_cpu_stalled(console: Path) -> str | None:
+    """'CPU <n> takes no timer interrupt any more' when L1's RCU reported the same CPU twice with the same
+    timer softirq count ('Possible timer handling issue on cpu=<n> timer-softirq=<k>': the count did not
+    move between reports minutes apart), else None. Seen 2026-11-27 on CPU 0 in the CI's rollback run:
+    CPU 1 and the second agent answered, and the inner test waited out the whole run's timeout."""
+    seen: set[tuple[str, str]] = set()
+    for cpu, count in _console_findall(console, r"Possible timer handling issue on cpu=(\d+) timer-softirq=(\d+)"):
+        if (cpu, count) in seen:
+            return (f"CPU {cpu} takes no timer interrupt any more (RCU reported it twice, "
+                    f"timer-softirq={count} both times)")
+        seen.add((cpu, count))
+    return None
 
 
 def l1_panic(console: Path) -> str | None:

@@ -60,6 +60,7 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
 CLASSES: tuple[tuple[str, str], ...] = (
     ("L1 freeze", r"virtual host stopped answering"),
     ("L1 NIC stuck", r"virtual host's NIC stopped transmitting"),
+    ("L1 CPU stalled", r"virtual host's CPU \d+ takes no timer interrupt"),
     ("L1 panic", r"L1 kernel panic"),
     ("L1 reset", r"virtual host (exited|agent socket closed)"),
     ("L2 KVM internal error", r"QEMU internal-error|KVM internal error"),

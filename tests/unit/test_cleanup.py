@@ -58,6 +58,23 @@ def test_harness_fingerprint_matches_the_real_command_line() -> None:
     assert cleanup.is_harness_qemu(info)
 
 
+def test_the_virtual_hosts_l1_qemu_is_a_harness_qemu_too(tmp_path: Path) -> None:
+    """The L1 QEMU of the virtual host, whose L0 harness was killed (the CI of 2026-11-27 11:39: the rollback
+    run's timeout), is found by its real command line (its QMP socket is <rundir>/qmp.sock in a
+    /tmp/cpr-vhost-* run directory, as VirtualHost makes it); the control: libvirt's socket is not."""
+    from pytest_cpr import vhost
+
+    rundir = Path(tempfile.mkdtemp(prefix="cpr-vhost-", dir="/tmp"))
+    try:
+        cfg = vhost.VhostConfig(image=tmp_path / "img", guest_image=tmp_path / "guest", artifacts=tmp_path / "a")
+        argv = vhost.l1_argv(cfg, "/c/qemu-l0-x/libexec/qemu-system-x86_64", "tcg", rundir, tmp_path / "nvme.img")
+    finally:
+        rundir.rmdir()
+    assert cleanup.is_harness_qemu(cleanup.ProcInfo(10, 1, "qemu-system-x86", tuple(argv)))
+    libvirt = ("/usr/bin/qemu-system-x86_64", "-chardev", "socket,id=charmonitor,path=/var/lib/libvirt/qemu/qmp.sock")
+    assert not cleanup.is_harness_qemu(cleanup.ProcInfo(11, 1, "qemu-system-x86", libvirt))
+
+
 def test_orphans_are_pytest_cpr_qemus_without_a_python_parent(proc: FakeProc) -> None:
     proc.add(200, "qemu-system-x86", 1, ["/usr/bin/qemu-system-x86_64", "-name", "vm0,debug-threads=on",
                                          *QMP_ARGS])  # harness died: reparented to init

@@ -406,6 +406,26 @@ def test_a_stuck_l1_nic_is_read_from_its_console(tmp_path: Path) -> None:
     assert vhost.l1_nic_stuck(console) == "cprpeer0: CPU: 1: transmit queue 0 timed out 635410 ms"
 
 
+def test_an_l1_cpu_that_takes_no_timer_interrupt_is_read_from_its_console(tmp_path: Path) -> None:
+    """L1's CPU 0 that stopped taking timer interrupts (the CI's rollback run of 2026-11-27: RCU reported it
+    every three minutes with the same timer softirq count) is named; the controls: no console, one
+    report, and two reports whose count moved (a CPU that was slow, not stopped)."""
+    console = tmp_path / "l1-console.log"
+    assert vhost.l1_cpu_stalled(console) is None
+    report = ("[  {t}] rcu: rcu_preempt kthread timer wakeup didn't happen for 20995 jiffies! g59381 f0x0 "
+              "RCU_GP_WAIT_FQS(5) ->state=I\n[  {t}] rcu: \tPossible timer handling issue on cpu=0 "
+              "timer-softirq={k}\n")
+    console.write_text(report.format(t="430.539666", k=7413))
+    assert vhost.l1_cpu_stalled(console) is None
+    with console.open("a") as fh:
+        fh.write(report.format(t="610.880120", k=7502))
+    assert vhost.l1_cpu_stalled(console) is None
+    with console.open("a") as fh:
+        fh.write(report.format(t="790.880120", k=7502))
+    assert vhost.l1_cpu_stalled(console) == ("CPU 0 takes no timer interrupt any more (RCU reported it twice, "
+                                             "timer-softirq=7502 both times)")
+
+
 def test_finished_tests_of_a_streamed_log_are_left_out_of_a_retry(tmp_path: Path) -> None:
     """L1 died mid-run (no JUnit XML): the retry leaves out what the streamed -v log shows done, and runs
     again what failed, errored at teardown, or was running when L1 died."""
