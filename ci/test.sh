@@ -99,28 +99,27 @@ if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path vhost 2>/dev/null)" ]
        "cores; CPR_VHOST=0 leaves the tier out)"
   CPR_VHOST=1 bash ci/bootstrap.sh || rc=1
 fi
-# the cross-version passthrough tests' second QEMU (forky's, tests/hardware/test_cross_passthrough.py),
-# shared into L1 when cached: built here when missing (~1 min, cached by recipe hash)
-if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path qemu-forky 2>/dev/null)" ]; then
-  echo "== virtual hardware host tier: building qemu-forky (the cross-version passthrough tests' second QEMU)"
-  .venv/bin/cpr-image build qemu-forky || rc=1
-fi
-# the QEMU that runs L1: Debian's 10.0 source with our fix of TCG's hflags2 race (images/qemu-l0; without it
-# another vCPU's XRSTOR undoes CPU 0's GIF and nested-paging bits and the nested guests die: docs/virtual-host.md,
-# "The emulator's race"); built here when missing (~5 min on two cores, cached by recipe hash)
-if [ "$TIER2" != 0 ] && [ ! -d "$(.venv/bin/cpr-image path qemu-l0 2>/dev/null)" ]; then
-  echo "== virtual hardware host tier: building qemu-l0 (the QEMU that runs L1)"
-  .venv/bin/cpr-image build qemu-l0 || rc=1
+build_missing() {  # $1: image name, $2: what it is; built when its cache entry is missing (cached by recipe hash)
+  [ -d "$(.venv/bin/cpr-image path "$1" 2>/dev/null)" ] && return 0
+  echo "== virtual hardware host tier: building $1 ($2)"
+  .venv/bin/cpr-image build "$1" || rc=1
+}
+if [ "$TIER2" != 0 ]; then
+  # shared into L1 when cached (tests/hardware/test_cross_passthrough.py; ~1 min)
+  build_missing qemu-forky "the cross-version passthrough tests' second QEMU"
+  # Debian's 10.0 source with our fix of TCG's hflags2 race (without it another vCPU's XRSTOR undoes CPU 0's
+  # GIF and nested-paging bits and the nested guests die: docs/virtual-host.md, "The emulator's race"; ~3 min)
+  build_missing qemu-l0 "the QEMU that runs L1"
 fi
 # CI stops a run at 90 min: a report-only part starts only if its own timeout still fits in the budget
 # (CPR_CI_BUDGET_S, 80 min from CPR_CI_T0, which .ci/run sets before bootstrapping), else it is skipped
 # with a warning. The gating parts always run.
 T0=${CPR_CI_T0:-$(date +%s)}
 fits_budget() {  # $1: seconds the part may take, $2: what it is
-  local used=$(( $(date +%s) - T0 ))
-  if [ $(( used + $1 )) -le "${CPR_CI_BUDGET_S:-4800}" ]; then return 0; fi
+  local used=$(( $(date +%s) - T0 )) budget=${CPR_CI_BUDGET_S:-4800}
+  if [ $(( used + $1 )) -le "$budget" ]; then return 0; fi
   echo "::warning::$2 skipped: CI has run $(( used / 60 )) min and the part may take $(( $1 / 60 )) min of a" \
-       "$(( ${CPR_CI_BUDGET_S:-4800} / 60 )) min budget (CPR_CI_BUDGET_S)"
+       "$(( budget / 60 )) min budget (CPR_CI_BUDGET_S)"
   return 1
 }
 vhost_report() {  # $1: run name, $2: what ran, $3: its exit status; a failure is a warning, not a red run
