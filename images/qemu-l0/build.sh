@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The QEMU that runs the virtual host (L1) under TCG: Debian's QEMU source (trixie's, 10.0.x) built for
-# x86_64 system emulation only, with our fix of a TCG race that kills the nested guests
-# (ignne-hflags2.patch; docs/virtual-host.md, "The emulator's race"). Debian's binary builds run L1 with
-# the race (read in 10.0.13's source; 11.1.3 fails the same way). Called by `cpr-image build qemu-l0` with OUT set; writes
+# x86_64 system emulation only, with our fixes of two TCG races that kill the nested guests
+# (docs/virtual-host.md, "The emulator's races"): ignne-hflags2.patch (another vCPU's thread writes back
+# CPU 0's stale SVM flags; 10.0.13 and 11.1.3 have it) and virq-bql.patch (VMRUN sets an interrupt bit
+# without the BQL and can lose the APIC's; fixed upstream in 10.2 by atomic interrupt_request). Called by `cpr-image build qemu-l0` with OUT set; writes
 # OUT/bin/qemu-system-x86_64 (a wrapper that adds the firmware paths of the host's packages) and
 # OUT/libexec/qemu-system-x86_64 (the build). Needs the host's build tools and libraries
 # (ci/bootstrap.sh installs them) and meson 1.5 from PyPI (the +ds source has no python/wheels).
 set -euo pipefail
 : "${OUT:?OUT must name the staging directory}"
 SUITE=${CPR_QEMU_L0_SUITE:-trixie}
-FIX=${CPR_QEMU_L0_FIX:-1}  # 0: without ignne-hflags2.patch, i.e. the race's reproducer (with the probes)
+FIX=${CPR_QEMU_L0_FIX:-1}  # 1: both fixes; 0: neither (the races' reproducer, with the probes); ignne: only the first
 PROBES=${CPR_QEMU_L0_PROBES:-0}  # 1: also probes.patch (what found the race; off at run time without CPR_WALK_CHECK)
 MIRROR=${CPR_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -39,12 +40,19 @@ step "qemu source from $SUITE"
 S=$(ls -d "$WORK"/qemu-[0-9]*/ | head -1)
 S=${S%/}
 basename "$S" | sed 's/^qemu-/qemu /' > "$OUT/source-package"
-if [ "$FIX" = 1 ]; then
-  step "  $(cat "$OUT/source-package"), patched: ignne-hflags2.patch"
-  patch -s -d "$S" -p1 < "$HERE/ignne-hflags2.patch"
-else
-  step "  $(cat "$OUT/source-package"), NOT fixed (CPR_QEMU_L0_FIX=0: a build that shows the race)"
-  echo "unfixed" >> "$OUT/source-package"
+case "$FIX" in
+  1) FIXES="ignne-hflags2 virq-bql" ;;
+  ignne) FIXES="ignne-hflags2" ;;
+  0) FIXES="" ;;
+  *) echo "CPR_QEMU_L0_FIX=$FIX: use 1 (both fixes), ignne (only ignne-hflags2.patch) or 0 (none)" >&2; exit 2 ;;
+esac
+for fix in $FIXES; do
+  step "  $(head -1 "$OUT/source-package"), patched: $fix.patch"
+  patch -s -d "$S" -p1 < "$HERE/$fix.patch"
+done
+if [ "$FIX" != 1 ]; then
+  step "  $(head -1 "$OUT/source-package"), NOT fully fixed (CPR_QEMU_L0_FIX=$FIX: a build that shows the races)"
+  echo "fixes: ${FIXES:-none}" >> "$OUT/source-package"
 fi
 if [ "$PROBES" = 1 ]; then
   step "  and probes.patch (CPR_QEMU_L0_PROBES=1)"

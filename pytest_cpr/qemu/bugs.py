@@ -164,6 +164,18 @@ TCG_IGNNE_CLOBBERS_CPU0_HFLAGS2 = KnownBug(
               "cpu_set_fpus; read in QEMU 10.0.13's source; Debian's 11.1.3 shows the same failures",
     source_exit="")
 
+TCG_VMRUN_SETS_VIRQ_WITHOUT_BQL = KnownBug(
+    key="tcg-vmrun-sets-virq-without-bql",
+    summary="TCG: VMRUN sets CPU_INTERRUPT_VIRQ in interrupt_request by a plain read-modify-write in the vCPU's "
+            "thread without the BQL, while the APIC sets CPU_INTERRUPT_HARD there under the BQL from other "
+            "threads (the main loop's timers, other vCPUs' IPIs); the old word written back loses the interrupt "
+            "with its vector left in the APIC's IRR, and a halted CPU waiting for its one-shot timer never wakes",
+    since=(10, 0, 0), fixed_in=(10, 2, 0), accel=Accel.TCG, vfio=False,
+    reference="target/i386/tcg/system/svm_helper.c helper_vmrun (ctl_has_irq); read in QEMU 10.0.13's source; "
+              "named on qemu-devel on 2025-08-26 in the series that made interrupt_request atomic "
+              "(cpu_set_interrupt), after 10.1",
+    source_exit="")
+
 KNOWN_BUGS = (KVM_STATE_NULL_AFTER_CPR, KVM_CALL_UNDER_TCG, CPR_EXEC_VOLATILE_RAM_NOT_BLOCKED)
 
 
