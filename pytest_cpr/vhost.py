@@ -882,6 +882,36 @@ class VirtualHost:
 NIC_STUCK_MS = 60000  # a transmit queue silent this long (L1's NETDEV WATCHDOG says) is no hiccup
 
 
+# Faults of the virtual host itself, the emulated machine that stands in for a hardware runner (not the
+# QEMU, kernel or plugin under test), by the words the harness names them with; first match wins. A gating
+# set of the tier gets one announced retry in a fresh L1 for these only (l1_fault): any other failure fails
+# CI at once. vhost_stability's failure classes start with these.
+L1_FAULTS: tuple[tuple[str, str], ...] = (
+    ("L1 freeze", r"virtual host stopped answering"),
+    ("L1 NIC stuck", r"virtual host's NIC stopped transmitting"),
+    ("L1 CPU stalled", r"virtual host's CPU \d+ takes no timer interrupt"),
+    ("L1 panic", r"L1 kernel panic"),
+    ("L1 reset", r"virtual host (exited|agent socket closed)|L1 triple fault"),
+)
+
+
+def l1_fault(junit: Path) -> str | None:
+    """'<fault class>: <first lines>' of the first failure an L0 tier JUnit XML (vhost-l0-<run>.xml)
+    records whose text names an L1 fault (L1_FAULTS), else None (no such failure, or no readable file)."""
+    try:
+        root = ET.parse(junit).getroot()  # noqa: S314 (the JUnit XML our own pytest wrote)
+    except (OSError, ET.ParseError):
+        return None
+    for case in root.iter("testcase"):
+        if (failure := failure_of(case)) is None:
+            continue
+        text = f"{failure.get('message') or ''}\n{failure.text or ''}"
+        for name, pattern in L1_FAULTS:
+            if re.search(pattern, text):
+                return f"{name}: {first_lines(failure, lines=2, limit=400)}"
+    return None
+
+
 def l1_nic_stuck(console: Path) -> str | None:
     """The last NETDEV WATCHDOG line of L1's console when its queue has been stuck NIC_STUCK_MS or
     more, else None. Seen 2026-11-27: L1's virtio-net to the tests' peer stopped transmitting for good
@@ -1063,6 +1093,13 @@ def _cmd_finished(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_l1fault(args: argparse.Namespace) -> int:
+    fault = l1_fault(Path(args.junit))
+    if fault is not None:
+        print(fault)
+    return 0 if fault is not None else 1
+
+
 def _cmd_discon(args: argparse.Namespace) -> int:
     run = Path(args.run)
     try:
@@ -1117,6 +1154,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("finished", help="--deselect for each test an inner pytest log shows done (passed, "
                                         "skipped, xfail): a retry after an L1 that died mid-run")
     d.add_argument("log", nargs="+")
+    g = sub.add_parser("l1fault", help="the L1 fault an L0 tier JUnit XML records (exit 0, printed), or none "
+                                       "(exit 1): a gating set's retry is for L1 faults only")
+    g.add_argument("junit")
     t = sub.add_parser("discon", help="a traced L1 run's last interrupts and exceptions per vCPU, by kernel symbol "
                                       "(CPR_VHOST_TRACE=1)")
     t.add_argument("run", help="the run's artifacts folder (artifacts/vhost/<name>-<stamp>)")
@@ -1127,7 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--before", type=int, default=12)
     args = parser.parse_args(argv)
     commands = {"run": _cmd_run, "hostconfig": _cmd_hostconfig, "failed": _cmd_failed, "finished": _cmd_finished,
-                "discon": _cmd_discon, "l2reset": _cmd_l2reset}
+                "l1fault": _cmd_l1fault, "discon": _cmd_discon, "l2reset": _cmd_l2reset}
     return run_as_cli("cpr-vhost", lambda: commands[args.cmd](args))
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, failure_of, run_as_cli
+from pytest_cpr.vhost import L1_FAULTS, L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, failure_of, run_as_cli
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -58,11 +58,7 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
 
 # failure classes, first match wins: (class, pattern over the failure text)
 CLASSES: tuple[tuple[str, str], ...] = (
-    ("L1 freeze", r"virtual host stopped answering"),
-    ("L1 NIC stuck", r"virtual host's NIC stopped transmitting"),
-    ("L1 CPU stalled", r"virtual host's CPU \d+ takes no timer interrupt"),
-    ("L1 panic", r"L1 kernel panic"),
-    ("L1 reset", r"virtual host (exited|agent socket closed)"),
+    *L1_FAULTS,
     ("L2 KVM internal error", r"QEMU internal-error|KVM internal error"),
     ("L2 boot hang", r"did not finish booting|CPR-HOSTKEY|SSH to \S+ not ready"),
     ("L2 reset", r"guest-reset|the guest is gone"),

@@ -329,6 +329,31 @@ def test_failed_tests_of_a_junit_file_are_node_ids(tmp_path: Path) -> None:
     assert vhost.failed_tests(tmp_path / "missing.xml") == []
 
 
+def test_l1_fault_allows_a_retry_only_when_l1_itself_failed(tmp_path: Path) -> None:
+    """A gating set's retry is for faults of the virtual host itself: an L0 test that failed on L1's
+    kernel panic or a stalled L1 CPU names it; a failed CPR check inside L1 (the code under test) is no
+    L1 fault, and neither is a passed run or a missing file (control)."""
+    def l0_junit(name: str, message: str | None) -> Path:
+        path = tmp_path / f"{name}.xml"
+        body = "" if message is None else f'<failure message="{message}">traceback</failure>'
+        path.write_text('<testsuites><testsuite name="pytest"><testcase classname="tests.vhost.test_virtual_host" '
+                        f'name="test_inner_passthrough_transfer">{body}</testcase></testsuite></testsuites>')
+        return path
+
+    panic = l0_junit("panic", "virtual host exited while waiting for pytest: L1 kernel panic: Fatal exception in "
+                              "interrupt; guest-panicked")
+    assert vhost.l1_fault(panic) == ("L1 panic: virtual host exited while waiting for pytest: L1 kernel panic: "
+                                     "Fatal exception in interrupt; guest-panicked")
+    stalled = l0_junit("stalled", "CprTimeout: virtual host's CPU 0 takes no timer interrupt any more")
+    assert (vhost.l1_fault(stalled) or "").startswith("L1 CPU stalled: ")
+    check = l0_junit("check", "tests/hardware/test_rollback.py::test_rollback_with_live_nic_and_nvme[legacy-"
+                              "kill-after-cpr-state]: the NVMe vectors stayed silent after the rollback")
+    assert vhost.l1_fault(check) is None
+    assert vhost.l1_fault(l0_junit("passed", None)) is None
+    assert vhost.l1_fault(tmp_path / "missing.xml") is None
+    assert vhost.main(["l1fault", str(panic)]) == 0 and vhost.main(["l1fault", str(check)]) == 1
+
+
 def _gate_junit(path: Path, *cases: tuple[str, str]) -> Path:
     """A JUnit XML file of inner cases: (name, 'pass' | 'fail: <message>' | 'bare'); a passed case
     carries its t1 numbers, a bare one none."""
