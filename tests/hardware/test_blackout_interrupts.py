@@ -36,7 +36,7 @@ from pytest_cpr.blackout import (
 )
 from pytest_cpr.checks import CheckFailed
 from pytest_cpr.host.vfio import host_vfio_irqs, pci_command
-from pytest_cpr.kinds import Role
+from pytest_cpr.kinds import Accel, Role
 from pytest_cpr.qemu.bugs import TARGET_RESETS_DEVICE_WITHOUT_FLR
 from pytest_cpr.qemu.probe import QemuBuild
 from pytest_cpr.settings import CprSettings
@@ -84,10 +84,20 @@ def _record(delivery: Delivery, request: pytest.FixtureRequest) -> None:
           f"PCI command {delivery.window.pci_command}")
 
 
+def _held_transfer(guest: PassthroughGuest, burst: BlackoutBurst, drop: bool = False) -> Delivery:
+    """One held transfer with the host watched, as every passthrough transfer is: the old QEMU's KVM fds
+    and containers counted into its result (cpr_t<i>_old_qemu_kvm_fds), none of them left under KVM."""
+    with guest.host_watch() as watch, guest.vm.observing(watch):
+        delivery = burst.through_transfer(drop=drop)
+    if guest.vm.config.accel == Accel.KVM and delivery.result.status == "completed":
+        watch.check_kvm_closed(delivery.result, guest.vm.artifacts)
+    return delivery
+
+
 def _two_held_transfers(guest: PassthroughGuest, irq_mode: IrqMode, request: pytest.FixtureRequest) -> None:
     with _burst(guest, irq_mode, request) as burst:
         for _ in range(2):
-            delivery = burst.through_transfer()
+            delivery = _held_transfer(guest, burst)
             _record(delivery, request)
             assert_raised_in_blackout(delivery, guest.vm.artifacts)
             assert_delivered_promptly(delivery, logs=guest.vm.artifacts)
@@ -133,7 +143,7 @@ def test_blackout_interrupt_check_catches_a_lost_interrupt(blackout_guest: Passt
     caught: list[str] = []
     with _burst(guest, irq_mode, request) as burst:
         for _ in range(CONTROL_TRANSFERS):
-            delivery = burst.through_transfer(drop=True)
+            delivery = _held_transfer(guest, burst, drop=True)
             _record(delivery, request)
             assert_raised_in_blackout(delivery, guest.vm.artifacts)
             assert delivery.window.dropped and all(delivery.window.dropped.values()), \
