@@ -145,7 +145,7 @@ vhost_set() {  # $1: run name, $2: what it is, $3: the inner selection, $4: its 
     # what failed, by node id; with no JUnit XML back (L1 died mid-run) the set less what its streamed
     # log shows done
     again=$(.venv/bin/python -m pytest_cpr.vhost failed "artifacts/junit/vhost-$name.xml")
-    log=$(ls -t artifacts/vhost/"$name"-*/pytest-"$name".log 2>/dev/null | head -1)
+    log=$(ls -t artifacts/vhost/*/pytest-"$name".log 2>/dev/null | head -1)
     if [ -n "$again" ]; then again="$again --cpr-strict=on"
     elif [ ! -f "artifacts/junit/vhost-$name.xml" ] && [ -n "$log" ]; then
       again="$tests $(.venv/bin/python -m pytest_cpr.vhost finished "$log")"
