@@ -69,9 +69,10 @@ fi
 #   backend), the NVMe set (DMA through transfers, two groups, cpr-exec, a container per device with a guest
 #   vIOMMU) and the rollback set (fault points and failed ioctls with live NIC + NVMe). These GATE: a failed
 #   CPR check fails CI at once; a fault of L1 itself (frozen, panicked, reset: the emulated machine, named by
-#   the harness) gets one announced retry in a fresh L1 of what it had not finished. They reported while
-#   two races in QEMU's TCG killed L2 guests and L1 (docs/virtual-host.md, "The emulator's race"); both are
-#   fixed in the QEMU that runs L1 (images/qemu-l0). CPR_VHOST_GATE=0 makes them report (vhost-<set>.xml and
+#   the harness) gets one announced retry in a fresh L1 of what it had not finished: an L1 CPU 0 that stops
+#   taking timer interrupts is left (2 of 15 set runs on the fixed L1 QEMU). They reported while races in
+#   QEMU's TCG killed L2 guests and L1 (docs/virtual-host.md, "The emulator's race"); two are fixed in the
+#   QEMU that runs L1 (images/qemu-l0). CPR_VHOST_GATE=0 makes them report (vhost-<set>.xml and
 #   a ::warning:: naming what failed). The NVMe and rollback sets start only if their timeout fits CI's
 #   budget (fits_budget; skipped with a warning otherwise).
 # On a hardware runner every test gates (the CI kit).

@@ -723,6 +723,12 @@ class VirtualHost:
         self._gone = reason
         return reason
 
+    def _cpu_state_commands(self) -> tuple[str, ...]:
+        """What a stuck or stalled L1's CPUs are recorded with: run state, registers twice (moving or not),
+        each local APIC (IRR, ISR, timer) and the JIT's counters."""
+        return ("query-status", "query-cpus-fast", "info registers -a", "info registers -a",
+                *(f"info lapic {cpu}" for cpu in range(self.config.cpus)), "info jit")
+
     def _record_cpus(self, dump: Path, commands: Sequence[str], walk: bool = False) -> tuple[list[str], str]:
         """Write QMP commands' (or HMP command lines') answers to `dump`, each vCPU's RIP named from
         L1's kallsyms after each `info registers`; returns the names of the last, and what was written.
@@ -786,13 +792,14 @@ class VirtualHost:
                                  f"emulator lost its notification or interrupt: the tests' traffic cannot flow; "
                                  f"console {self.config.artifacts / 'l1-console.log'})")
             if (stalled := l1_cpu_stalled(self.config.artifacts / "l1-console.log")) is not None:
+                dump = self.config.artifacts / "l1-stalled.txt"  # halted or not, IF, the APIC's IRR/ISR, its timer
+                where, _ = self._record_cpus(dump, self._cpu_state_commands())
                 raise CprTimeout(f"virtual host's {stalled} (a wakeup the emulator lost: what runs there "
-                                 f"never finishes; console {self.config.artifacts / 'l1-console.log'})")
+                                 f"never finishes; vCPUs: {', '.join(where) or '?'}; L1 CPU state {dump}, "
+                                 f"console {self.config.artifacts / 'l1-console.log'})")
             return
         dump = self.config.artifacts / "l1-stuck.txt"
-        where, text = self._record_cpus(dump, ("query-status", "query-cpus-fast", "info registers -a",
-                                               "info registers -a",
-                                               *(f"info lapic {cpu}" for cpu in range(self.config.cpus)), "info jit"))
+        where, text = self._record_cpus(dump, self._cpu_state_commands())
         lost = "".join(f"; {w}" for w in lost_wakeups(text))
         raise CprTimeout(f"virtual host stopped answering: a long command was quiet and the second agent "
                          f"did not answer `cat /proc/uptime` within 60s (L1 frozen; vCPUs: {', '.join(where) or '?'}"
