@@ -126,6 +126,9 @@ say_failed() {  # $1: run name, $2: what ran, $3: its exit status, $4: ::warning
   local failed
   failed=$(.venv/bin/python -m pytest_cpr.vhost failed "artifacts/junit/vhost-$1.xml")
   failed=${failed//$'\n'/ }  # (the substitution dropped the trailing newline: none failed is empty)
+  if [ -z "$failed" ] && [ -f "artifacts/junit/vhost-$1.xml" ]; then
+    failed="no inner test failed: the L0 test's verdict on the run failed (above)"
+  fi
   echo "$4::$2 in the virtual host failed (exit $3):" \
        "${failed:-no inner JUnit XML came back (L1 died: see the L0 test failure above)}"
 }

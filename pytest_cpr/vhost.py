@@ -1037,8 +1037,8 @@ def first_lines(failure: ET.Element | None, lines: int = 3, limit: int = 600) ->
 def gate_problems(junit: Path, args: Sequence[str], backends: Sequence[str], core: Sequence[str]) -> list[str]:
     """What an inner run of the gate lacks, one sentence each; [] when it holds. It holds when no
     test failed (each failure named with its message's first lines), a test passed on each backend
-    L1 offers with cpr_ numbers, and each core test the run selected passed on every backend with
-    its t1 downtime and blackout. A retry (`args` name node ids, or --deselect what the first
+    L1 offers with cpr_ numbers, and each core test the run selected (a set may select none) passed
+    on every backend with its t1 downtime and blackout. A retry (`args` name node ids, or --deselect what the first
     attempt finished) is asked this of the tests it ran, not of those it left out."""
     cases = list(ET.parse(junit).getroot().iter("testcase"))  # noqa: S314 (our own pytest's JUnit XML)
     names = [c.get("name") or "" for c in cases]
@@ -1055,9 +1055,8 @@ def gate_problems(junit: Path, args: Sequence[str], backends: Sequence[str], cor
         ok = [n for n in numbers if f"[{backend}" in n]
         if not any(p.startswith("cpr_") for n in ok for p in numbers[n]):
             problems.append(f"no {backend} passthrough test passed in L1 with cpr_ numbers: {names}")
+    # a set without core tests (the rollback set) is held to the rest: something passed on each backend
     selected = [t for t in core if any(n.startswith(f"test_{t}[") for n in names)]
-    if not selected:
-        problems.append(f"no core passthrough test ({', '.join(core)}) ran in L1: {names}")
     for name in (f"test_{test}[{backend}]" for test in selected for backend in backends):
         if retry and name not in names:
             continue
