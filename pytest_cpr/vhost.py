@@ -902,6 +902,11 @@ L1_FAULTS: tuple[tuple[str, str], ...] = (
 )
 
 
+def first_class(text: str, classes: Sequence[tuple[str, str]] = L1_FAULTS) -> str | None:
+    """The name of the first of `classes` (name, pattern) whose pattern `text` matches, or None."""
+    return next((name for name, pattern in classes if re.search(pattern, text)), None)
+
+
 def l1_fault(junit: Path) -> str | None:
     """'<fault class>: <first lines>' of the first failure an L0 tier JUnit XML (vhost-l0-<run>.xml)
     records whose text names an L1 fault (L1_FAULTS), else None (no such failure, or no readable file)."""
@@ -912,10 +917,8 @@ def l1_fault(junit: Path) -> str | None:
     for case in root.iter("testcase"):
         if (failure := failure_of(case)) is None:
             continue
-        text = f"{failure.get('message') or ''}\n{failure.text or ''}"
-        for name, pattern in L1_FAULTS:
-            if re.search(pattern, text):
-                return f"{name}: {first_lines(failure, lines=2, limit=400)}"
+        if (name := first_class(f"{failure.get('message') or ''}\n{failure.text or ''}")) is not None:
+            return f"{name}: {first_lines(failure, lines=2, limit=400)}"
     return None
 
 

@@ -30,7 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_cpr.errors import CprError
-from pytest_cpr.vhost import L1_FAULTS, L1_OUT, SOURCE_TREE, InnerRun, VhostConfig, VirtualHost, failure_of, run_as_cli
+from pytest_cpr.vhost import (
+    L1_FAULTS,
+    L1_OUT,
+    SOURCE_TREE,
+    InnerRun,
+    VhostConfig,
+    VirtualHost,
+    failure_of,
+    first_class,
+    run_as_cli,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "docs" / "vhost-stability" / "rounds.jsonl"
 
@@ -75,10 +85,7 @@ CLASSES: tuple[tuple[str, str], ...] = (
 
 def classify(text: str) -> str:
     """The failure class of a failed round's text (the first matching class, else 'other')."""
-    for name, pattern in CLASSES:
-        if re.search(pattern, text):
-            return name
-    return "other"
+    return first_class(text, CLASSES) or "other"
 
 
 @dataclass
